@@ -1,0 +1,202 @@
+//! Subnet leases: what one host holds, as stored under `<prefix>/leases/<a.b.c.d>-<len>`.
+//!
+//! The subnet is the key, not part of the value, so a value can never disagree with the
+//! key it is stored under. Expiry is not in the value either: it lives in the etcd lease
+//! the key is attached to, which is renewed by keepalive without rewriting the value (a
+//! rewrite would wake every watcher on every renewal).
+
+use std::net::Ipv4Addr;
+use std::time::SystemTime;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::config::BackendType;
+use crate::mac::MacAddr;
+
+pub const MAX_NODE_NAME: usize = 253;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    #[error("invalid node name {0:?}: use 1-253 characters from a-z, A-Z, 0-9, '.', '-' and '_'")]
+    NodeName(String),
+    #[error("invalid public IP {0}: it must be a unicast IPv4 address")]
+    PublicIp(Ipv4Addr),
+    #[error("invalid public IP {ip}: it lies inside the overlay network {network}")]
+    PublicIpInOverlay { ip: Ipv4Addr, network: Ipv4Net },
+    #[error("invalid VTEP MAC {0}: it must be a unicast MAC address")]
+    VtepMac(MacAddr),
+    #[error("invalid lease value: {0}")]
+    Decode(String),
+}
+
+/// Backend-specific data a host publishes with its lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendData {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac: Option<MacAddr>,
+}
+
+/// The JSON value of a lease key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRecord {
+    pub node: String,
+    pub public_ip: Ipv4Addr,
+    pub backend: BackendType,
+    #[serde(default)]
+    pub backend_data: BackendData,
+    #[serde(default)]
+    pub reserved: bool,
+    #[serde(with = "rfc3339")]
+    pub created_at: SystemTime,
+    #[serde(with = "rfc3339")]
+    pub renewed_at: SystemTime,
+}
+
+/// A lease: a subnet and who holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub subnet: Ipv4Net,
+    pub record: LeaseRecord,
+}
+
+impl Lease {
+    pub fn node(&self) -> &str {
+        &self.record.node
+    }
+}
+
+impl LeaseRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("lease serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, LeaseError> {
+        let rec: LeaseRecord =
+            serde_json::from_slice(bytes).map_err(|e| LeaseError::Decode(e.to_string()))?;
+        validate_node_name(&rec.node)?;
+        validate_public_ip(rec.public_ip)?;
+        if let Some(mac) = rec.backend_data.vtep_mac {
+            validate_vtep_mac(mac)?;
+        }
+        Ok(rec)
+    }
+}
+
+pub fn validate_node_name(name: &str) -> Result<(), LeaseError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NODE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(LeaseError::NodeName(name.chars().take(64).collect()))
+    }
+}
+
+pub fn validate_public_ip(ip: Ipv4Addr) -> Result<(), LeaseError> {
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        Err(LeaseError::PublicIp(ip))
+    } else {
+        Ok(())
+    }
+}
+
+pub fn validate_vtep_mac(mac: MacAddr) -> Result<(), LeaseError> {
+    if mac.is_unicast() {
+        Ok(())
+    } else {
+        Err(LeaseError::VtepMac(mac))
+    }
+}
+
+/// Milliseconds since the Unix epoch (negative never happens for our timestamps).
+pub fn unix_millis(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn from_unix_millis(ms: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
+}
+
+/// RFC 3339 with millisecond precision, as etcd users expect to read it.
+pub fn format_rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+mod rfc3339 {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> LeaseRecord {
+        LeaseRecord {
+            node: "node-1".into(),
+            public_ip: "192.0.2.11".parse().unwrap(),
+            backend: BackendType::Vxlan,
+            backend_data: BackendData {
+                vtep_mac: Some("0a:58:0a:f4:07:00".parse().unwrap()),
+            },
+            reserved: false,
+            created_at: from_unix_millis(1_700_000_000_123),
+            renewed_at: from_unix_millis(1_700_000_000_456),
+        }
+    }
+
+    #[test]
+    fn encodes_and_decodes() {
+        let r = record();
+        let bytes = r.encode();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(
+            text.contains(r#""created_at":"2023-11-14T22:13:20.123Z""#),
+            "{text}"
+        );
+        assert!(text.contains(r#""vtep_mac":"0a:58:0a:f4:07:00""#), "{text}");
+        assert_eq!(LeaseRecord::decode(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn decode_rejects_bad_values() {
+        let good = String::from_utf8(record().encode()).unwrap();
+        for (from, to) in [
+            ("node-1", "node 1"),
+            ("192.0.2.11", "0.0.0.0"),
+            ("192.0.2.11", "224.0.0.1"),
+            ("0a:58:0a:f4:07:00", "01:58:0a:f4:07:00"),
+            ("0a:58:0a:f4:07:00", "nonsense"),
+            ("vxlan", "udp"),
+        ] {
+            let bad = good.replace(from, to);
+            assert!(LeaseRecord::decode(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(LeaseRecord::decode(b"{}").is_err());
+        assert!(LeaseRecord::decode(b"\xff").is_err());
+    }
+
+    #[test]
+    fn node_names() {
+        assert!(validate_node_name("worker-1.example_org").is_ok());
+        assert!(validate_node_name("").is_err());
+        assert!(validate_node_name(&"a".repeat(254)).is_err());
+        assert!(validate_node_name("a/b").is_err());
+    }
+}

@@ -1,0 +1,187 @@
+use std::time::Duration;
+
+use overlay_core::config::NetworkConfig;
+use overlay_core::lease::{from_unix_millis, unix_millis, BackendData, Lease, LeaseRecord};
+use overlay_core::watch::{ChangeKind, LeaseEvent};
+use overlay_core::BackendType;
+
+use crate::v1;
+
+/// A message from the other side that does not make sense.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidMessage(pub String);
+
+impl std::fmt::Display for InvalidMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidMessage {}
+
+pub fn backend_to_proto(b: BackendType) -> v1::BackendType {
+    match b {
+        BackendType::Vxlan => v1::BackendType::Vxlan,
+        BackendType::HostGw => v1::BackendType::HostGw,
+        BackendType::Alloc => v1::BackendType::Alloc,
+    }
+}
+
+pub fn backend_from_proto(raw: i32) -> Result<BackendType, InvalidMessage> {
+    match v1::BackendType::try_from(raw) {
+        Ok(v1::BackendType::Vxlan) => Ok(BackendType::Vxlan),
+        Ok(v1::BackendType::HostGw) => Ok(BackendType::HostGw),
+        Ok(v1::BackendType::Alloc) => Ok(BackendType::Alloc),
+        _ => Err(InvalidMessage(format!(
+            "backend: unknown backend type {raw}"
+        ))),
+    }
+}
+
+pub fn config_to_proto(c: &NetworkConfig) -> v1::NetworkConfig {
+    v1::NetworkConfig {
+        network: c.network.to_string(),
+        subnet_len: c.subnet_len.into(),
+        subnet_min: c.subnet_min.to_string(),
+        subnet_max: c.subnet_max.to_string(),
+        backend: backend_to_proto(c.backend.kind).into(),
+        vni: c.backend.vni,
+        port: c.backend.port.into(),
+        direct_routing: c.backend.direct_routing,
+        mtu: c.mtu,
+        lease_ttl_secs: c.lease_ttl.as_secs(),
+        json: c.to_json(),
+    }
+}
+
+/// The config is carried as its canonical JSON; the typed fields are a convenience.
+pub fn config_from_proto(c: &v1::NetworkConfig) -> Result<NetworkConfig, InvalidMessage> {
+    NetworkConfig::from_json(&c.json).map_err(|e| InvalidMessage(e.to_string()))
+}
+
+pub fn lease_to_proto(l: &Lease, expires_at_ms: Option<i64>) -> v1::Lease {
+    let r = &l.record;
+    v1::Lease {
+        subnet: l.subnet.to_string(),
+        node: r.node.clone(),
+        public_ip: r.public_ip.to_string(),
+        backend: backend_to_proto(r.backend).into(),
+        vtep_mac: r.backend_data.vtep_mac.map(|m| m.to_string()),
+        reserved: r.reserved,
+        created_at_ms: unix_millis(r.created_at),
+        renewed_at_ms: unix_millis(r.renewed_at),
+        expires_at_ms,
+    }
+}
+
+pub fn lease_from_proto(l: &v1::Lease) -> Result<Lease, InvalidMessage> {
+    let subnet = l
+        .subnet
+        .parse()
+        .map_err(|_| InvalidMessage(format!("subnet: {:?} is not an IPv4 CIDR", l.subnet)))?;
+    let public_ip = l.public_ip.parse().map_err(|_| {
+        InvalidMessage(format!(
+            "public_ip: {:?} is not an IPv4 address",
+            l.public_ip
+        ))
+    })?;
+    let vtep_mac = match &l.vtep_mac {
+        Some(m) => Some(
+            m.parse()
+                .map_err(|e| InvalidMessage(format!("vtep_mac: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok(Lease {
+        subnet,
+        record: LeaseRecord {
+            node: l.node.clone(),
+            public_ip,
+            backend: backend_from_proto(l.backend)?,
+            backend_data: BackendData { vtep_mac },
+            reserved: l.reserved,
+            created_at: from_unix_millis(l.created_at_ms),
+            renewed_at: from_unix_millis(l.renewed_at_ms),
+        },
+    })
+}
+
+pub fn event_to_proto(e: &LeaseEvent) -> v1::WatchLeasesResponse {
+    let kind = match e.kind {
+        ChangeKind::Added => v1::EventType::Added,
+        ChangeKind::Removed => v1::EventType::Removed,
+    };
+    v1::WatchLeasesResponse {
+        kind: Some(v1::watch_leases_response::Kind::Event(v1::LeaseEvent {
+            revision: e.revision,
+            r#type: kind.into(),
+            lease: Some(lease_to_proto(&e.lease, None)),
+        })),
+    }
+}
+
+pub fn event_from_proto(e: &v1::LeaseEvent) -> Result<LeaseEvent, InvalidMessage> {
+    let kind = match v1::EventType::try_from(e.r#type) {
+        Ok(v1::EventType::Added) => ChangeKind::Added,
+        Ok(v1::EventType::Removed) => ChangeKind::Removed,
+        _ => {
+            return Err(InvalidMessage(format!(
+                "event type {} is unknown",
+                e.r#type
+            )))
+        }
+    };
+    let lease = e
+        .lease
+        .as_ref()
+        .ok_or_else(|| InvalidMessage("event without a lease".into()))?;
+    Ok(LeaseEvent {
+        revision: e.revision,
+        kind,
+        lease: lease_from_proto(lease)?,
+    })
+}
+
+pub fn snapshot_to_proto(revision: i64, leases: &[Lease]) -> v1::WatchLeasesResponse {
+    v1::WatchLeasesResponse {
+        kind: Some(v1::watch_leases_response::Kind::Snapshot(
+            v1::LeaseSnapshot {
+                revision,
+                leases: leases.iter().map(|l| lease_to_proto(l, None)).collect(),
+            },
+        )),
+    }
+}
+
+pub fn ttl_from_proto(secs: u64) -> Duration {
+    Duration::from_secs(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_round_trips() {
+        let lease = Lease {
+            subnet: "10.244.7.0/24".parse().unwrap(),
+            record: LeaseRecord {
+                node: "n1".into(),
+                public_ip: "192.0.2.11".parse().unwrap(),
+                backend: BackendType::Vxlan,
+                backend_data: BackendData {
+                    vtep_mac: Some("0a:00:00:00:00:01".parse().unwrap()),
+                },
+                reserved: true,
+                created_at: from_unix_millis(1000),
+                renewed_at: from_unix_millis(2000),
+            },
+        };
+        let p = lease_to_proto(&lease, Some(5));
+        assert_eq!(p.expires_at_ms, Some(5));
+        assert_eq!(lease_from_proto(&p).unwrap(), lease);
+        let mut bad = p.clone();
+        bad.vtep_mac = Some("zz".into());
+        assert!(lease_from_proto(&bad).unwrap_err().0.contains("vtep_mac"));
+    }
+}
