@@ -1,1 +1,117 @@
-fn main() {}
+//! overlay-controller binary: flags, logging, and wiring of the library parts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use overlay_controller::fanout::Fanout;
+use overlay_controller::grpc::{Api, MAX_REQUEST_BYTES};
+use overlay_controller::health::{self, Readiness};
+use overlay_controller::leases::{Keys, LeaseManager};
+use overlay_controller::store::{EtcdStore, Store};
+use overlay_proto::v1::{admin_server::AdminServer, agent_server::AgentServer};
+use tracing::{error, info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "overlay-controller", version, about = "Overlay controller: subnet leases in etcd, served to agents over gRPC")]
+struct Args {
+    /// etcd endpoints, comma separated.
+    #[arg(long, env = "OVERLAY_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long, env = "OVERLAY_ETCD_PREFIX", default_value = "/overlay")]
+    etcd_prefix: String,
+    /// gRPC listen address.
+    #[arg(long, env = "OVERLAY_LISTEN", default_value = "0.0.0.0:7400")]
+    listen: SocketAddr,
+    /// Health endpoint (/healthz, /readyz); "off" disables it.
+    #[arg(long, env = "OVERLAY_HEALTH_LISTEN", default_value = "127.0.0.1:7401")]
+    health_listen: String,
+    /// Log format: text or json.
+    #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}
+
+async fn connect_etcd(endpoints: &[String]) -> EtcdStore {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match EtcdStore::connect(endpoints).await {
+            Ok(store) => return store,
+            Err(e) => {
+                warn!(endpoints = ?endpoints, error = %e, retry_in = ?backoff, "cannot connect to etcd");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
+        "off" => None,
+        a => Some(a.parse().with_context(|| format!("--health-listen: {a:?} is not an address:port or \"off\""))?),
+    };
+    // Bind first so a taken port fails at once, with the port in the message.
+    let grpc_listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen: cannot listen on {}", args.listen))?;
+
+    let fanout = Arc::new(Fanout::new());
+    let readiness = Arc::new(Readiness::default());
+    if let Some(addr) = health_addr {
+        let router = health::router(readiness.clone(), fanout.clone());
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                error!(error = %e, "health endpoint failed");
+            }
+        });
+    }
+
+    info!(endpoints = ?args.etcd_endpoints, prefix = %args.etcd_prefix, "connecting to etcd");
+    let store: Arc<dyn Store> = Arc::new(connect_etcd(&args.etcd_endpoints).await);
+    let manager = Arc::new(LeaseManager::new(store.clone(), Keys::new(&args.etcd_prefix)));
+    tokio::spawn(readiness.clone().watch_store(store.clone()));
+    tokio::spawn(fanout.clone().run(manager.clone()));
+
+    let api = Api { leases: manager, fanout };
+    info!(listen = %args.listen, "serving gRPC");
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(AgentServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(AdminServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), shutdown_signal())
+        .await
+        .context("gRPC server failed")?;
+    info!("stopped");
+    Ok(())
+}

@@ -125,6 +125,12 @@ pub fn from_unix_millis(ms: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
 }
 
+/// Now, at the millisecond precision leases are stored with (so a lease handed out equals
+/// the same lease read back).
+pub fn now_millis() -> SystemTime {
+    from_unix_millis(unix_millis(SystemTime::now()))
+}
+
 /// RFC 3339 with millisecond precision, as etcd users expect to read it.
 pub fn format_rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()

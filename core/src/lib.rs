@@ -6,6 +6,7 @@
 //! events" exists, and each can be unit-tested without any I/O.
 
 pub mod config;
+pub mod datapath;
 pub mod lease;
 pub mod mac;
 pub mod subnet;

@@ -1,0 +1,54 @@
+//! The controller's errors, and their one mapping to gRPC status codes.
+
+use overlay_core::config::ConfigError;
+use overlay_core::lease::LeaseError;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no network config is set: run `overlayctl config set --network CIDR` first")]
+    NoConfig,
+    #[error("the stored network config is unreadable: {0}")]
+    BadStoredConfig(ConfigError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("subnet range exhausted: all {total} subnets of {range} are leased")]
+    Exhausted { total: u64, range: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("node {node:?} may not change the lease of {subnet}, held by node {holder:?}")]
+    NotHolder { node: String, subnet: String, holder: String },
+    #[error("gave up after {0} attempts: the store kept changing under us; retry")]
+    Contention(u32),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ControlError> for tonic::Status {
+    fn from(e: ControlError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            ControlError::NoConfig => Code::FailedPrecondition,
+            ControlError::BadStoredConfig(_) => Code::Internal,
+            ControlError::Config(_) | ControlError::Lease(_) | ControlError::InvalidArgument(_) => {
+                Code::InvalidArgument
+            }
+            ControlError::Exhausted { .. } => Code::ResourceExhausted,
+            ControlError::NotFound(_) => Code::NotFound,
+            ControlError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ControlError::NotHolder { .. } => Code::PermissionDenied,
+            ControlError::Contention(_) => Code::Aborted,
+            ControlError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
+            ControlError::Store(StoreError::LeaseNotFound(_)) => Code::NotFound,
+            ControlError::Store(_) => Code::Internal,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}

@@ -1,0 +1,321 @@
+//! Watch fan-out: one etcd watch, any number of agent streams.
+//!
+//! N agents each watching etcd would mean N watchers and N copies of every event inside
+//! etcd; Calico built Typha to avoid exactly that. Here the controller holds a single
+//! watch, keeps the current leases in a [`LeaseCache`], and broadcasts each event once,
+//! already encoded as the gRPC message, to every client stream.
+//!
+//! The broadcast channel never blocks the sender: a client that falls more than
+//! [`BROADCAST_CAPACITY`] events behind is told it lagged, and its stream is resent a fresh
+//! snapshot instead of the missed events. So a slow agent costs only itself, and every
+//! client ends up with exactly the right state.
+//!
+//! Snapshot-then-subscribe happens under the cache's read lock and apply-then-broadcast
+//! under its write lock, so no event falls between a snapshot and the live stream.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use overlay_core::watch::{LeaseCache, LeaseEvent, Replay};
+use overlay_proto::v1::WatchLeasesResponse;
+use overlay_proto::{event_to_proto, snapshot_to_proto};
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+
+use crate::leases::LeaseManager;
+use crate::store::{StoreError, StoreEvent};
+
+/// Events kept for clients that fall behind before they are resynced with a snapshot.
+pub const BROADCAST_CAPACITY: usize = 4096;
+/// Events kept for clients resuming by revision.
+pub const HISTORY_CAPACITY: usize = 8192;
+
+struct Fanned {
+    message: WatchLeasesResponse,
+}
+
+pub struct Fanout {
+    cache: RwLock<LeaseCache>,
+    tx: broadcast::Sender<Arc<Fanned>>,
+    synced: AtomicBool,
+    clients: AtomicUsize,
+    events: AtomicU64,
+    resyncs: AtomicU64,
+}
+
+impl Default for Fanout {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fanout {
+    pub fn new() -> Self {
+        Fanout {
+            cache: RwLock::new(LeaseCache::new(HISTORY_CAPACITY)),
+            tx: broadcast::channel(BROADCAST_CAPACITY).0,
+            synced: AtomicBool::new(false),
+            clients: AtomicUsize::new(0),
+            events: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the cache holds a listing (clients can be served).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Events broadcast since start.
+    pub fn events_fanned_out(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// Snapshots sent to clients that fell behind or could not be replayed.
+    pub fn snapshots_sent(&self) -> u64 {
+        self.resyncs.load(Ordering::Relaxed)
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.cache.read().expect("cache lock").revision()
+    }
+
+    fn broadcast(&self, events: &[Arc<LeaseEvent>]) {
+        for e in events {
+            self.events.fetch_add(1, Ordering::Relaxed);
+            // No receivers is fine.
+            let _ = self.tx.send(Arc::new(Fanned { message: event_to_proto(e) }));
+        }
+    }
+
+    /// Feeds the cache from the store until the process ends: list, watch from the next
+    /// revision, and on compaction or a broken watch list again (sending clients only
+    /// the difference).
+    pub async fn run(self: Arc<Self>, manager: Arc<LeaseManager>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.sync_once(&manager).await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "lease watch interrupted");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One list-then-watch cycle; returns when the watch ends.
+    async fn sync_once(&self, manager: &LeaseManager) -> Result<(), StoreError> {
+        let store = manager.store();
+        let prefix = manager.keys().leases();
+        let (kvs, revision) = store.list(&prefix).await?;
+        let leases = kvs.iter().filter_map(|kv| manager.decode(kv)).collect();
+        let events = {
+            let mut cache = self.cache.write().expect("cache lock");
+            let events = cache.resync(leases, revision);
+            self.broadcast(&events);
+            events
+        };
+        self.synced.store(true, Ordering::Relaxed);
+        info!(revision, changes = events.len(), "lease cache synced");
+
+        let mut watch = store.watch(&prefix, revision + 1).await?;
+        while let Some(batch) = watch.next().await {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(StoreError::Compacted { compact_revision, .. }) => {
+                    info!(compact_revision, "lease watch compacted; relisting");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            let mut cache = self.cache.write().expect("cache lock");
+            let mut events = Vec::new();
+            for ev in &batch.events {
+                let changed = match ev {
+                    StoreEvent::Put(kv) => manager.decode(kv).and_then(|l| cache.put(l, kv.mod_revision)),
+                    StoreEvent::Delete { key, revision } => {
+                        manager.keys().subnet_of(key).and_then(|s| cache.remove(&s, *revision))
+                    }
+                };
+                events.extend(changed);
+            }
+            cache.advance(batch.revision);
+            self.broadcast(&events);
+            debug!(revision = batch.revision, events = events.len(), "lease events fanned out");
+        }
+        Err(StoreError::Unavailable("the lease watch ended".into()))
+    }
+
+    /// A client's stream: a snapshot (or a replay when resuming after `after_revision`),
+    /// then live events; a fresh snapshot whenever the client falls behind.
+    pub fn subscribe(self: &Arc<Self>, after_revision: i64) -> impl Stream<Item = WatchLeasesResponse> + Send + 'static {
+        let (initial, rx) = {
+            let cache = self.cache.read().expect("cache lock");
+            let rx = self.tx.subscribe();
+            let initial = match (after_revision, cache.replay_after(after_revision)) {
+                (r, Replay::Events(events)) if r > 0 => events.iter().map(|e| event_to_proto(e)).collect(),
+                _ => {
+                    let (rev, leases) = cache.snapshot();
+                    vec![snapshot_to_proto(rev, &leases)]
+                }
+            };
+            (initial, rx)
+        };
+        let guard = ClientGuard(self.clone());
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        let me = self.clone();
+        async_stream(initial, rx, me, guard)
+    }
+}
+
+struct ClientGuard(Arc<Fanout>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn async_stream(
+    initial: Vec<WatchLeasesResponse>,
+    rx: broadcast::Receiver<Arc<Fanned>>,
+    fanout: Arc<Fanout>,
+    guard: ClientGuard,
+) -> impl Stream<Item = WatchLeasesResponse> + Send + 'static {
+    struct State {
+        rx: broadcast::Receiver<Arc<Fanned>>,
+        fanout: Arc<Fanout>,
+        _guard: ClientGuard,
+    }
+    let live = futures::stream::unfold(State { rx, fanout, _guard: guard }, |mut st| async move {
+        match st.rx.recv().await {
+            Ok(f) => Some((f.message.clone(), st)),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                let snapshot = {
+                    let cache = st.fanout.cache.read().expect("cache lock");
+                    st.rx = st.fanout.tx.subscribe();
+                    let (rev, leases) = cache.snapshot();
+                    snapshot_to_proto(rev, &leases)
+                };
+                st.fanout.resyncs.fetch_add(1, Ordering::Relaxed);
+                debug!(missed, "watch client fell behind; sending a snapshot");
+                Some((snapshot, st))
+            }
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    });
+    futures::stream::iter(initial).chain(live)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::leases::{AcquireRequest, Keys};
+    use crate::store::{MemoryStore, Store};
+    use overlay_proto::v1::watch_leases_response::Kind;
+    use overlay_proto::v1::EventType;
+
+    async fn setup() -> (Arc<Fanout>, Arc<LeaseManager>) {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let m = Arc::new(LeaseManager::new(store, Keys::new("/f")));
+        m.set_config(r#"{"network":"10.244.0.0/16","backend":{"type":"alloc"}}"#, false).await.unwrap();
+        let f = Arc::new(Fanout::new());
+        tokio::spawn(f.clone().run(m.clone()));
+        while !f.is_synced() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (f, m)
+    }
+
+    fn req(node: &str) -> AcquireRequest {
+        AcquireRequest {
+            node: node.into(),
+            public_ip: "192.0.2.1".parse().unwrap(),
+            backend: overlay_core::BackendType::Alloc,
+            vtep_mac: None,
+            preferred: None,
+        }
+    }
+
+    async fn next(s: &mut (impl Stream<Item = WatchLeasesResponse> + Unpin)) -> Kind {
+        tokio::time::timeout(Duration::from_secs(5), s.next()).await.expect("message").expect("open").kind.unwrap()
+    }
+
+    #[tokio::test]
+    async fn clients_get_a_snapshot_then_events() {
+        let (f, m) = setup().await;
+        let a = m.acquire(&req("a")).await.unwrap().lease;
+        while f.revision() == 0 || f.cache.read().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut s = Box::pin(f.subscribe(0));
+        let Kind::Snapshot(snap) = next(&mut s).await else { panic!("snapshot first") };
+        assert_eq!(snap.leases.len(), 1);
+        assert_eq!(f.clients(), 1);
+        m.revoke(a.subnet).await.unwrap();
+        let Kind::Event(e) = next(&mut s).await else { panic!("event") };
+        assert_eq!(e.r#type, EventType::Removed as i32);
+        assert_eq!(e.lease.unwrap().node, "a");
+        drop(s);
+        assert_eq!(f.clients(), 0);
+    }
+
+    #[tokio::test]
+    async fn resuming_clients_are_replayed_what_they_missed() {
+        let (f, m) = setup().await;
+        let rev = f.revision();
+        m.acquire(&req("a")).await.unwrap();
+        m.acquire(&req("b")).await.unwrap();
+        while f.cache.read().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut s = Box::pin(f.subscribe(rev));
+        for node in ["a", "b"] {
+            let Kind::Event(e) = next(&mut s).await else { panic!("replayed event") };
+            assert_eq!(e.lease.unwrap().node, node);
+        }
+        // From before the cache's first listing: a snapshot.
+        let mut s = Box::pin(f.subscribe(1));
+        assert!(matches!(next(&mut s).await, Kind::Snapshot(_)));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_falls_behind_gets_a_fresh_snapshot_and_blocks_nobody() {
+        let (f, m) = setup().await;
+        let mut slow = Box::pin(f.subscribe(0));
+        let mut fast = Box::pin(f.subscribe(0));
+        assert!(matches!(next(&mut slow).await, Kind::Snapshot(_)));
+        assert!(matches!(next(&mut fast).await, Kind::Snapshot(_)));
+        // Flood events directly through the cache, more than the broadcast holds.
+        let template = m.acquire(&req("seed")).await.unwrap().lease;
+        let mut fast_seen = 0;
+        for i in 0..(BROADCAST_CAPACITY + 10) {
+            let mut l = template.clone();
+            l.record.node = format!("n{i}");
+            let events: Vec<_> = {
+                let mut c = f.cache.write().unwrap();
+                let rev = c.revision() + 1;
+                c.put(l, rev).into_iter().collect()
+            };
+            f.broadcast(&events);
+            // The fast client keeps up (unconstrained: tokio's co-op budget would otherwise
+            // make a busy loop like this one yield every 128 messages).
+            while let Some(Some(_)) = futures::FutureExt::now_or_never(tokio::task::unconstrained(fast.next())) {
+                fast_seen += 1;
+            }
+        }
+        assert!(fast_seen >= BROADCAST_CAPACITY, "fast client kept up: {fast_seen}");
+        let Kind::Snapshot(snap) = next(&mut slow).await else { panic!("the slow client is resynced") };
+        assert_eq!(snap.revision, f.revision());
+        assert_eq!(snap.leases.len(), 1);
+        assert_eq!(f.snapshots_sent(), 1);
+    }
+}

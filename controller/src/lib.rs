@@ -1,0 +1,11 @@
+//! overlay-controller: the only etcd client of an Overlay cluster.
+//!
+//! It stores the network config and the subnet leases in etcd, hands leases out to agents,
+//! and serves every agent's watch from one in-memory cache fed by a single etcd watch.
+
+pub mod error;
+pub mod fanout;
+pub mod grpc;
+pub mod health;
+pub mod leases;
+pub mod store;

@@ -1,0 +1,545 @@
+//! [`Store`] on a real etcd (v3 API, via `etcd-client`).
+//!
+//! Design notes:
+//! - Every unary request runs under our own deadline ([`REQUEST_TIMEOUT`]) on top of
+//!   tonic's per-request timeout. tonic's timeout only starts once a connection was picked,
+//!   and etcd-client's balanced channel parks a request while no endpoint is reachable, so
+//!   without the outer deadline a down etcd would hang callers instead of returning
+//!   [`StoreError::Unavailable`].
+//! - [`EtcdStore::connect`] does not wait for etcd: the channel connects lazily, so the
+//!   controller can start before etcd and report "not ready" through [`Store::ping`].
+//! - HTTP/2 keepalive pings run only while a stream (watch) is open: etcd's default
+//!   enforcement policy answers idle pings with GOAWAY ("too many pings"). The pings make a
+//!   watch on a silently dead etcd fail instead of waiting forever.
+//! - Compare-and-set writes are single etcd transactions, so the revision returned is the
+//!   one etcd assigned and watchers see exactly one event per write.
+//! - `keep_alive` opens a keepalive stream per call. etcd-client's `keep_alive` already sends
+//!   one request and checks its answer but does not hand out the TTL, so we send a second
+//!   request on the same stream to learn the TTL granted. Callers refresh every few seconds,
+//!   so the extra message is noise, and it keeps the API free of long-lived keeper state.
+//! - Watches wait for etcd's "created" answer before returning, so a write made after
+//!   `watch()` returned is always seen by a watch from revision 0. The created answer itself
+//!   is not passed on; progress notifications are, as batches with no events, so callers can
+//!   advance their revision while nothing changes.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType,
+    GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse,
+};
+use futures::StreamExt;
+use tonic::Code;
+
+use super::{KeyValue, LeaseId, Store, StoreError, StoreEvent, WatchBatch, WatchStream, Written};
+
+/// Time allowed to open a TCP connection to an etcd endpoint.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for one request (including waiting for a reachable endpoint).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for [`Store::ping`]: readiness checks want a quick answer.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// HTTP/2 keepalive while a stream is open (above etcd's 5 s minimum ping interval).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A [`Store`] backed by etcd. Cheap to clone (clones share the connection).
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+}
+
+impl EtcdStore {
+    /// Creates a client for `endpoints` (`http://host:port`). Does not contact etcd.
+    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Other("no etcd endpoints given".into()));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+            .with_keep_alive_while_idle(false);
+        let client = within(
+            REQUEST_TIMEOUT,
+            "connect",
+            Client::connect(endpoints, Some(options)),
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::Other(m) => StoreError::Other(format!("etcd endpoints {endpoints:?}: {m}")),
+            e => e,
+        })?;
+        Ok(EtcdStore { client })
+    }
+
+    /// The underlying etcd client, for what the [`Store`] trait does not cover.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Runs one etcd request under `limit`, mapping its error.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    within_lease(limit, what, None, request).await
+}
+
+/// Like [`within`], for requests naming a lease (so "lease not found" maps to
+/// [`StoreError::LeaseNotFound`]).
+async fn within_lease<T>(
+    limit: Duration,
+    what: &str,
+    lease: Option<LeaseId>,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(result) => result.map_err(|e| store_error(e, lease)),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "etcd {what} timed out after {limit:?}"
+        ))),
+    }
+}
+
+fn is_lease_not_found(message: &str) -> bool {
+    message.contains("lease not found")
+}
+
+/// Maps an etcd-client error: unreachable etcd -> `Unavailable`, a missing lease ->
+/// `LeaseNotFound` (when the request named one), anything else -> `Other` with the message.
+fn store_error(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(status) => {
+            let message = status.message();
+            match (status.code(), lease) {
+                (Code::NotFound, Some(id)) if is_lease_not_found(message) => {
+                    StoreError::LeaseNotFound(id)
+                }
+                (
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted,
+                    _,
+                ) => StoreError::Unavailable(format!("etcd: {message}")),
+                // Connection-level failures surface as Unknown with the transport's text.
+                (Code::Unknown, _)
+                    if message.contains("transport") || message.contains("connect") =>
+                {
+                    StoreError::Unavailable(format!("etcd: {message}"))
+                }
+                (code, _) => StoreError::Other(format!("etcd: {message} ({code:?})")),
+            }
+        }
+        E::LeaseKeepAliveError(m) if is_lease_not_found(&m) => match lease {
+            Some(id) => StoreError::LeaseNotFound(id),
+            None => StoreError::Other(format!("etcd: {m}")),
+        },
+        E::TransportError(e) => StoreError::Unavailable(format!("etcd transport: {e}")),
+        E::IoError(e) => StoreError::Unavailable(format!("etcd i/o: {e}")),
+        // Stream plumbing errors: the stream to etcd broke.
+        E::LeaseKeepAliveError(m) | E::WatchError(m) => {
+            StoreError::Unavailable(format!("etcd stream: {m}"))
+        }
+        other => StoreError::Other(format!("etcd: {other}")),
+    }
+}
+
+fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        lease: kv.lease(),
+    }
+}
+
+fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Result<i64, StoreError> {
+    header
+        .map(|h| h.revision())
+        .ok_or_else(|| StoreError::Other("etcd response without a header".into()))
+}
+
+fn put_options(lease: LeaseId) -> Option<PutOptions> {
+    (lease != 0).then(|| PutOptions::new().with_lease(lease))
+}
+
+/// Whole seconds, rounded up, at least 1 (etcd's lease TTL unit).
+fn ttl_seconds(ttl: Duration) -> i64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    secs.clamp(1, i64::MAX as u64) as i64
+}
+
+fn seconds(ttl: i64) -> Duration {
+    Duration::from_secs(ttl.max(0) as u64)
+}
+
+impl EtcdStore {
+    /// Runs a one-comparison transaction whose success branch is `then`.
+    async fn txn(
+        &self,
+        compare: Compare,
+        then: TxnOp,
+        lease: Option<LeaseId>,
+    ) -> Result<etcd_client::TxnResponse, StoreError> {
+        let txn = Txn::new().when([compare]).and_then([then]);
+        let mut kv = self.client.kv_client();
+        within_lease(REQUEST_TIMEOUT, "txn", lease, kv.txn(txn)).await
+    }
+}
+
+/// What one etcd watch response means for our stream.
+enum WatchStep {
+    /// Nothing for the caller (the "created" acknowledgement).
+    Skip,
+    Batch(WatchBatch),
+    /// The watch is over; the error is the last item.
+    End(StoreError),
+}
+
+fn watch_step(resp: &WatchResponse, requested: i64) -> WatchStep {
+    if resp.compact_revision() > 0 {
+        return WatchStep::End(StoreError::Compacted {
+            requested,
+            compact_revision: resp.compact_revision(),
+        });
+    }
+    if resp.canceled() {
+        let reason = match resp.cancel_reason() {
+            "" => "no reason given",
+            r => r,
+        };
+        return WatchStep::End(StoreError::Unavailable(format!(
+            "etcd canceled the watch: {reason}"
+        )));
+    }
+    if resp.created() && resp.events().is_empty() {
+        return WatchStep::Skip;
+    }
+    let events = resp
+        .events()
+        .iter()
+        .filter_map(|event| {
+            let kv = event.kv()?;
+            Some(match event.event_type() {
+                EventType::Put => StoreEvent::Put(key_value(kv)),
+                EventType::Delete => StoreEvent::Delete {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    revision: kv.mod_revision(),
+                },
+            })
+        })
+        .collect::<Vec<_>>();
+    let header = resp.header().map(|h| h.revision()).unwrap_or_default();
+    let revision = events
+        .iter()
+        .map(StoreEvent::revision)
+        .fold(header, i64::max);
+    WatchStep::Batch(WatchBatch { events, revision })
+}
+
+/// The state of one watch stream: the etcd stream (dropping it cancels the etcd watch) and
+/// an answer already read while waiting for "created".
+struct WatchState {
+    etcd: etcd_client::WatchStream,
+    requested: i64,
+    first: Option<WatchStep>,
+}
+
+async fn next_watch_item(
+    state: Option<WatchState>,
+) -> Option<(Result<WatchBatch, StoreError>, Option<WatchState>)> {
+    // `None` once the stream yielded its final error.
+    let mut state = state?;
+    let mut step = state.first.take();
+    loop {
+        let current = match step.take() {
+            Some(s) => s,
+            None => match state.etcd.message().await {
+                Ok(Some(resp)) => watch_step(&resp, state.requested),
+                Ok(None) => WatchStep::End(StoreError::Unavailable(
+                    "etcd closed the watch stream".into(),
+                )),
+                Err(e) => WatchStep::End(StoreError::Unavailable(format!(
+                    "etcd watch stream broke: {e}"
+                ))),
+            },
+        };
+        match current {
+            WatchStep::Skip => continue,
+            WatchStep::Batch(batch) => return Some((Ok(batch), Some(state))),
+            WatchStep::End(e) => return Some((Err(e), None)),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let resp = within(REQUEST_TIMEOUT, "get", kv.get(key, None)).await?;
+        Ok(resp.kvs().first().map(key_value))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let mut kv = self.client.kv_client();
+        let resp = within(
+            REQUEST_TIMEOUT,
+            "list",
+            kv.get(prefix, Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let revision = header_revision(resp.header())?;
+        // etcd returns a range sorted by key already.
+        Ok((resp.kvs().iter().map(key_value).collect(), revision))
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64, StoreError> {
+        let mut kv = self.client.kv_client();
+        let resp = within(REQUEST_TIMEOUT, "put", kv.put(key, value, None)).await?;
+        header_revision(resp.header())
+    }
+
+    async fn create(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<Written, StoreError> {
+        let resp = self
+            .txn(
+                Compare::create_revision(key, CompareOp::Equal, 0),
+                TxnOp::put(key, value, put_options(lease)),
+                Some(lease),
+            )
+            .await?;
+        if !resp.succeeded() {
+            return Ok(Written::Conflict);
+        }
+        Ok(Written::Yes(header_revision(resp.header())?))
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected_mod_revision: i64,
+        lease: LeaseId,
+    ) -> Result<Written, StoreError> {
+        let compare = if expected_mod_revision == 0 {
+            Compare::create_revision(key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key, CompareOp::Equal, expected_mod_revision)
+        };
+        let resp = self
+            .txn(
+                compare,
+                TxnOp::put(key, value, put_options(lease)),
+                Some(lease),
+            )
+            .await?;
+        if !resp.succeeded() {
+            return Ok(Written::Conflict);
+        }
+        Ok(Written::Yes(header_revision(resp.header())?))
+    }
+
+    async fn delete(
+        &self,
+        key: &str,
+        expected_mod_revision: Option<i64>,
+    ) -> Result<Written, StoreError> {
+        let Some(expected) = expected_mod_revision else {
+            let mut kv = self.client.kv_client();
+            let resp = within(REQUEST_TIMEOUT, "delete", kv.delete(key, None)).await?;
+            if resp.deleted() == 0 {
+                return Ok(Written::Conflict);
+            }
+            return Ok(Written::Yes(header_revision(resp.header())?));
+        };
+        let resp = self
+            .txn(
+                Compare::mod_revision(key, CompareOp::Equal, expected),
+                TxnOp::delete(key, None::<DeleteOptions>),
+                None,
+            )
+            .await?;
+        // `expected` 0 matches a missing key: then nothing was deleted, which is a conflict too.
+        let deleted: i64 = resp
+            .op_responses()
+            .iter()
+            .map(|r| match r {
+                TxnOpResponse::Delete(d) => d.deleted(),
+                _ => 0,
+            })
+            .sum();
+        if !resp.succeeded() || deleted == 0 {
+            return Ok(Written::Conflict);
+        }
+        Ok(Written::Yes(header_revision(resp.header())?))
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let mut leases = self.client.lease_client();
+        let resp = within(
+            REQUEST_TIMEOUT,
+            "lease grant",
+            leases.grant(ttl_seconds(ttl), None),
+        )
+        .await?;
+        if !resp.error().is_empty() {
+            return Err(StoreError::Other(format!(
+                "etcd lease grant: {}",
+                resp.error()
+            )));
+        }
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let mut leases = self.client.lease_client();
+        let id = Some(lease);
+        // Sends the first keepalive and fails with "lease not found" when its TTL is 0.
+        let (mut keeper, mut responses) = within_lease(
+            REQUEST_TIMEOUT,
+            "lease keepalive",
+            id,
+            leases.keep_alive(lease),
+        )
+        .await?;
+        within_lease(REQUEST_TIMEOUT, "lease keepalive", id, keeper.keep_alive()).await?;
+        match within_lease(REQUEST_TIMEOUT, "lease keepalive", id, responses.message()).await? {
+            Some(resp) if resp.ttl() > 0 => Ok(seconds(resp.ttl())),
+            Some(_) => Err(StoreError::LeaseNotFound(lease)),
+            None => Err(StoreError::Unavailable(
+                "etcd closed the lease keepalive stream".into(),
+            )),
+        }
+    }
+
+    async fn time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, StoreError> {
+        let mut leases = self.client.lease_client();
+        match within_lease(
+            REQUEST_TIMEOUT,
+            "lease time-to-live",
+            Some(lease),
+            leases.time_to_live(lease, None),
+        )
+        .await
+        {
+            // etcd answers -1 for a lease it does not know.
+            Ok(resp) if resp.ttl() < 0 => Ok(None),
+            Ok(resp) => Ok(Some(seconds(resp.ttl()))),
+            Err(StoreError::LeaseNotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let mut leases = self.client.lease_client();
+        match within_lease(
+            REQUEST_TIMEOUT,
+            "lease revoke",
+            Some(lease),
+            leases.revoke(lease),
+        )
+        .await
+        {
+            Ok(_) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream, StoreError> {
+        let mut options = WatchOptions::new().with_prefix().with_progress_notify();
+        if start_revision > 0 {
+            options = options.with_start_revision(start_revision);
+        }
+        let mut watches = self.client.watch_client();
+        let mut etcd = within(
+            REQUEST_TIMEOUT,
+            "watch",
+            watches.watch(prefix, Some(options)),
+        )
+        .await?;
+        // Wait for "created" (or the cancellation that replaces it), see the module notes.
+        let first = match within(REQUEST_TIMEOUT, "watch", etcd.message()).await? {
+            Some(resp) => watch_step(&resp, start_revision),
+            None => {
+                return Err(StoreError::Unavailable(
+                    "etcd closed the watch stream before it was created".into(),
+                ))
+            }
+        };
+        let state = WatchState {
+            etcd,
+            requested: start_revision,
+            first: Some(first),
+        };
+        Ok(futures::stream::unfold(Some(state), next_watch_item).boxed())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut maintenance = self.client.maintenance_client();
+        within(PING_TIMEOUT, "status", maintenance.status())
+            .await
+            .map(|_| ())
+    }
+
+    async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        let mut kv = self.client.kv_client();
+        let options = CompactionOptions::new().with_physical();
+        match within(
+            REQUEST_TIMEOUT,
+            "compact",
+            kv.compact(revision, Some(options)),
+        )
+        .await
+        {
+            Ok(_) => Ok(()),
+            // Compacting what is already compacted is a no-op, not a failure.
+            Err(StoreError::Other(m)) if m.contains("required revision has been compacted") => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_rounds_up_to_whole_seconds() {
+        assert_eq!(ttl_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(ttl_seconds(Duration::ZERO), 1);
+        assert_eq!(ttl_seconds(Duration::from_secs(2)), 2);
+        assert_eq!(ttl_seconds(Duration::from_millis(2001)), 3);
+    }
+
+    #[test]
+    fn lease_not_found_maps_only_for_lease_requests() {
+        let status = || tonic::Status::not_found("etcdserver: requested lease not found");
+        assert!(matches!(
+            store_error(etcd_client::Error::GRpcStatus(status()), Some(7)),
+            StoreError::LeaseNotFound(7)
+        ));
+        assert!(matches!(
+            store_error(etcd_client::Error::GRpcStatus(status()), None),
+            StoreError::Other(_)
+        ));
+        assert!(matches!(
+            store_error(
+                etcd_client::Error::GRpcStatus(tonic::Status::unavailable("no leader")),
+                None
+            ),
+            StoreError::Unavailable(_)
+        ));
+    }
+}

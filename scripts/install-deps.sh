@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the system packages Overlay's build, tests and demo need, when missing.
+# Debian/Ubuntu only (apt-get); run as root. Safe to run again: it installs nothing
+# when everything is there.
+set -euo pipefail
+
+declare -A pkg_for=(
+  [etcd]=etcd-server
+  [etcdctl]=etcd-client
+  [protoc]=protobuf-compiler
+  [ip]=iproute2
+  [iptables]=iptables
+  [nft]=nftables
+  [ping]=iputils-ping
+  [iperf3]=iperf3
+)
+missing=()
+for cmd in "${!pkg_for[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_for[$cmd]}")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing packages: ${missing[*]} (run as root, or install them yourself)" >&2
+  exit 1
+fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,208 @@
+//! The project's real binaries as test fixtures: controllers, agents and `overlayctl`.
+//!
+//! Each fixture gets its own directory for logs and state, loopback ports chosen free, and
+//! is killed on drop. Logs stay readable through `log()` for assertion messages.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::etcd::Etcd;
+use crate::proc::{bin_path, free_port, wait_until, Child};
+
+/// GET `path` from `127.0.0.1:port`; the status code and body.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+fn log_file(dir: &Path, name: &str) -> (PathBuf, std::fs::File) {
+    std::fs::create_dir_all(dir).expect("fixture dir");
+    let path = dir.join(format!("{name}.log"));
+    let file = std::fs::File::create(&path).expect("log file");
+    (path, file)
+}
+
+pub struct Controller {
+    pub child: Child,
+    pub url: String,
+    pub port: u16,
+    pub health_port: u16,
+    pub log_path: PathBuf,
+    args: Vec<String>,
+}
+
+impl Controller {
+    /// Starts a controller on `etcd` under `prefix` and waits until it is ready.
+    pub fn start(etcd: &Etcd, prefix: &str, dir: &Path, name: &str) -> Controller {
+        let port = free_port();
+        let health_port = free_port();
+        let args = vec![
+            format!("--etcd-endpoints={}", etcd.endpoint),
+            format!("--etcd-prefix={prefix}"),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--health-listen=127.0.0.1:{health_port}"),
+        ];
+        let (log_path, _) = log_file(dir, name);
+        let mut c = Controller {
+            child: spawn_logged(name, "overlay-controller", &args, &log_path),
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            health_port,
+            log_path,
+            args,
+        };
+        c.wait_ready();
+        c
+    }
+
+    pub fn wait_ready(&mut self) {
+        let port = self.health_port;
+        wait_until(Duration::from_secs(20), || matches!(http_get(port, "/readyz"), Some((200, _))).then_some(()))
+            .unwrap_or_else(|| panic!("controller did not become ready; log:\n{}", self.log()));
+    }
+
+    /// Restarts the process with the same flags and ports.
+    pub fn restart(&mut self) {
+        self.child.kill();
+        self.child = spawn_logged(&self.child.name.clone(), "overlay-controller", &self.args, &self.log_path);
+        self.wait_ready();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+fn spawn_logged(name: &str, bin: &str, args: &[String], log_path: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).expect("log file");
+    let mut cmd = Command::new(bin_path(bin));
+    cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+    Child::spawn(name, &mut cmd).expect("spawn")
+}
+
+/// An `overlay-agent` process with its own run and state dirs.
+pub struct Agent {
+    pub child: Child,
+    pub name: String,
+    pub dir: PathBuf,
+    pub health_port: u16,
+    args: Vec<String>,
+    log_path: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent (alloc backend needs no root) for `controllers` (comma list).
+    pub fn start(controllers: &str, name: &str, public_ip: &str, dir: &Path, extra: &[&str]) -> Agent {
+        let dir = dir.join(name);
+        let health_port = free_port();
+        let mut args = vec![
+            format!("--controller={controllers}"),
+            format!("--node-name={name}"),
+            format!("--public-ip={public_ip}"),
+            format!("--run-dir={}", dir.join("run").display()),
+            format!("--state-dir={}", dir.join("state").display()),
+            format!("--health-listen=127.0.0.1:{health_port}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (log_path, _) = log_file(&dir, "agent");
+        Agent {
+            child: spawn_logged(name, "overlay-agent", &args, &log_path),
+            name: name.to_string(),
+            dir,
+            health_port,
+            args,
+            log_path,
+        }
+    }
+
+    pub fn subnet_env_path(&self) -> PathBuf {
+        self.dir.join("run/subnet.env")
+    }
+
+    /// `OVERLAY_SUBNET` from subnet.env, once written.
+    pub fn subnet_env(&self) -> Option<String> {
+        std::fs::read_to_string(self.subnet_env_path()).ok()
+    }
+
+    /// The leased subnet (e.g. "10.244.7.0/24"), once the agent is ready.
+    pub fn subnet(&self) -> Option<String> {
+        let env = self.subnet_env()?;
+        let line = env.lines().find_map(|l| l.strip_prefix("OVERLAY_SUBNET="))?;
+        let (ip, len) = line.split_once('/')?;
+        let mut octets: Vec<u32> = ip.split('.').filter_map(|o| o.parse().ok()).collect();
+        let len: u32 = len.parse().ok()?;
+        let addr = octets.iter().fold(0u32, |a, o| a << 8 | o) - 1;
+        octets = (0..4).rev().map(|i| (addr >> (8 * i)) & 0xff).collect();
+        Some(format!("{}.{}.{}.{}/{len}", octets[0], octets[1], octets[2], octets[3]))
+    }
+
+    pub fn wait_subnet(&self, timeout: Duration) -> String {
+        wait_until(timeout, || self.subnet())
+            .unwrap_or_else(|| panic!("agent {} got no subnet; log:\n{}", self.name, self.log()))
+    }
+
+    pub fn ready(&self) -> bool {
+        matches!(http_get(self.health_port, "/readyz"), Some((200, _)))
+    }
+
+    /// The agent's `/status` JSON.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let (code, body) = http_get(self.health_port, "/status")?;
+        (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+    }
+
+    /// Restarts with the same flags, dirs and ports.
+    pub fn restart(&mut self) {
+        self.child.kill();
+        self.child = spawn_logged(&self.name.clone(), "overlay-agent", &self.args, &self.log_path);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+/// Runs `overlayctl --controller URL ARGS...`.
+pub fn overlayctl(controller: &str, args: &[&str]) -> Output {
+    Command::new(bin_path("overlayctl"))
+        .arg(format!("--controller={controller}"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run overlayctl")
+}
+
+/// Runs `overlayctl` and parses its stdout as JSON, panicking with stderr on failure.
+pub fn overlayctl_json(controller: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = overlayctl(controller, &all);
+    assert!(
+        out.status.success(),
+        "overlayctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("overlayctl {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Runs `etcdctl` against `etcd`.
+pub fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoint))
+        .args(args)
+        .output()
+        .expect("run etcdctl (apt-get install etcd-client)");
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
