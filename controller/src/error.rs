@@ -24,7 +24,11 @@ pub enum ControlError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("node {node:?} may not change the lease of {subnet}, held by node {holder:?}")]
-    NotHolder { node: String, subnet: String, holder: String },
+    NotHolder {
+        node: String,
+        subnet: String,
+        holder: String,
+    },
     #[error("gave up after {0} attempts: the store kept changing under us; retry")]
     Contention(u32),
     #[error(transparent)]

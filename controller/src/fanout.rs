@@ -90,7 +90,9 @@ impl Fanout {
         for e in events {
             self.events.fetch_add(1, Ordering::Relaxed);
             // No receivers is fine.
-            let _ = self.tx.send(Arc::new(Fanned { message: event_to_proto(e) }));
+            let _ = self.tx.send(Arc::new(Fanned {
+                message: event_to_proto(e),
+            }));
         }
     }
 
@@ -130,7 +132,9 @@ impl Fanout {
         while let Some(batch) = watch.next().await {
             let batch = match batch {
                 Ok(b) => b,
-                Err(StoreError::Compacted { compact_revision, .. }) => {
+                Err(StoreError::Compacted {
+                    compact_revision, ..
+                }) => {
                     info!(compact_revision, "lease watch compacted; relisting");
                     return Ok(());
                 }
@@ -140,28 +144,40 @@ impl Fanout {
             let mut events = Vec::new();
             for ev in &batch.events {
                 let changed = match ev {
-                    StoreEvent::Put(kv) => manager.decode(kv).and_then(|l| cache.put(l, kv.mod_revision)),
-                    StoreEvent::Delete { key, revision } => {
-                        manager.keys().subnet_of(key).and_then(|s| cache.remove(&s, *revision))
-                    }
+                    StoreEvent::Put(kv) => manager
+                        .decode(kv)
+                        .and_then(|l| cache.put(l, kv.mod_revision)),
+                    StoreEvent::Delete { key, revision } => manager
+                        .keys()
+                        .subnet_of(key)
+                        .and_then(|s| cache.remove(&s, *revision)),
                 };
                 events.extend(changed);
             }
             cache.advance(batch.revision);
             self.broadcast(&events);
-            debug!(revision = batch.revision, events = events.len(), "lease events fanned out");
+            debug!(
+                revision = batch.revision,
+                events = events.len(),
+                "lease events fanned out"
+            );
         }
         Err(StoreError::Unavailable("the lease watch ended".into()))
     }
 
     /// A client's stream: a snapshot (or a replay when resuming after `after_revision`),
     /// then live events; a fresh snapshot whenever the client falls behind.
-    pub fn subscribe(self: &Arc<Self>, after_revision: i64) -> impl Stream<Item = WatchLeasesResponse> + Send + 'static {
+    pub fn subscribe(
+        self: &Arc<Self>,
+        after_revision: i64,
+    ) -> impl Stream<Item = WatchLeasesResponse> + Send + 'static {
         let (initial, rx) = {
             let cache = self.cache.read().expect("cache lock");
             let rx = self.tx.subscribe();
             let initial = match (after_revision, cache.replay_after(after_revision)) {
-                (r, Replay::Events(events)) if r > 0 => events.iter().map(|e| event_to_proto(e)).collect(),
+                (r, Replay::Events(events)) if r > 0 => {
+                    events.iter().map(|e| event_to_proto(e)).collect()
+                }
                 _ => {
                     let (rev, leases) = cache.snapshot();
                     vec![snapshot_to_proto(rev, &leases)]
@@ -195,23 +211,30 @@ fn async_stream(
         fanout: Arc<Fanout>,
         _guard: ClientGuard,
     }
-    let live = futures::stream::unfold(State { rx, fanout, _guard: guard }, |mut st| async move {
-        match st.rx.recv().await {
-            Ok(f) => Some((f.message.clone(), st)),
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                let snapshot = {
-                    let cache = st.fanout.cache.read().expect("cache lock");
-                    st.rx = st.fanout.tx.subscribe();
-                    let (rev, leases) = cache.snapshot();
-                    snapshot_to_proto(rev, &leases)
-                };
-                st.fanout.resyncs.fetch_add(1, Ordering::Relaxed);
-                debug!(missed, "watch client fell behind; sending a snapshot");
-                Some((snapshot, st))
+    let live = futures::stream::unfold(
+        State {
+            rx,
+            fanout,
+            _guard: guard,
+        },
+        |mut st| async move {
+            match st.rx.recv().await {
+                Ok(f) => Some((f.message.clone(), st)),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    let snapshot = {
+                        let cache = st.fanout.cache.read().expect("cache lock");
+                        st.rx = st.fanout.tx.subscribe();
+                        let (rev, leases) = cache.snapshot();
+                        snapshot_to_proto(rev, &leases)
+                    };
+                    st.fanout.resyncs.fetch_add(1, Ordering::Relaxed);
+                    debug!(missed, "watch client fell behind; sending a snapshot");
+                    Some((snapshot, st))
+                }
+                Err(broadcast::error::RecvError::Closed) => None,
             }
-            Err(broadcast::error::RecvError::Closed) => None,
-        }
-    });
+        },
+    );
     futures::stream::iter(initial).chain(live)
 }
 
@@ -226,7 +249,12 @@ mod tests {
     async fn setup() -> (Arc<Fanout>, Arc<LeaseManager>) {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let m = Arc::new(LeaseManager::new(store, Keys::new("/f")));
-        m.set_config(r#"{"network":"10.244.0.0/16","backend":{"type":"alloc"}}"#, false).await.unwrap();
+        m.set_config(
+            r#"{"network":"10.244.0.0/16","backend":{"type":"alloc"}}"#,
+            false,
+        )
+        .await
+        .unwrap();
         let f = Arc::new(Fanout::new());
         tokio::spawn(f.clone().run(m.clone()));
         while !f.is_synced() {
@@ -246,7 +274,12 @@ mod tests {
     }
 
     async fn next(s: &mut (impl Stream<Item = WatchLeasesResponse> + Unpin)) -> Kind {
-        tokio::time::timeout(Duration::from_secs(5), s.next()).await.expect("message").expect("open").kind.unwrap()
+        tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .expect("message")
+            .expect("open")
+            .kind
+            .unwrap()
     }
 
     #[tokio::test]
@@ -257,11 +290,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let mut s = Box::pin(f.subscribe(0));
-        let Kind::Snapshot(snap) = next(&mut s).await else { panic!("snapshot first") };
+        let Kind::Snapshot(snap) = next(&mut s).await else {
+            panic!("snapshot first")
+        };
         assert_eq!(snap.leases.len(), 1);
         assert_eq!(f.clients(), 1);
         m.revoke(a.subnet).await.unwrap();
-        let Kind::Event(e) = next(&mut s).await else { panic!("event") };
+        let Kind::Event(e) = next(&mut s).await else {
+            panic!("event")
+        };
         assert_eq!(e.r#type, EventType::Removed as i32);
         assert_eq!(e.lease.unwrap().node, "a");
         drop(s);
@@ -279,7 +316,9 @@ mod tests {
         }
         let mut s = Box::pin(f.subscribe(rev));
         for node in ["a", "b"] {
-            let Kind::Event(e) = next(&mut s).await else { panic!("replayed event") };
+            let Kind::Event(e) = next(&mut s).await else {
+                panic!("replayed event")
+            };
             assert_eq!(e.lease.unwrap().node, node);
         }
         // From before the cache's first listing: a snapshot.
@@ -308,12 +347,19 @@ mod tests {
             f.broadcast(&events);
             // The fast client keeps up (unconstrained: tokio's co-op budget would otherwise
             // make a busy loop like this one yield every 128 messages).
-            while let Some(Some(_)) = futures::FutureExt::now_or_never(tokio::task::unconstrained(fast.next())) {
+            while let Some(Some(_)) =
+                futures::FutureExt::now_or_never(tokio::task::unconstrained(fast.next()))
+            {
                 fast_seen += 1;
             }
         }
-        assert!(fast_seen >= BROADCAST_CAPACITY, "fast client kept up: {fast_seen}");
-        let Kind::Snapshot(snap) = next(&mut slow).await else { panic!("the slow client is resynced") };
+        assert!(
+            fast_seen >= BROADCAST_CAPACITY,
+            "fast client kept up: {fast_seen}"
+        );
+        let Kind::Snapshot(snap) = next(&mut slow).await else {
+            panic!("the slow client is resynced")
+        };
         assert_eq!(snap.revision, f.revision());
         assert_eq!(snap.leases.len(), 1);
         assert_eq!(f.snapshots_sent(), 1);

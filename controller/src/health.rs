@@ -29,7 +29,10 @@ impl Readiness {
     /// Pings the store forever, logging only transitions.
     pub async fn watch_store(self: Arc<Self>, store: Arc<dyn Store>) {
         loop {
-            let ok = matches!(tokio::time::timeout(PING_INTERVAL * 2, store.ping()).await, Ok(Ok(())));
+            let ok = matches!(
+                tokio::time::timeout(PING_INTERVAL * 2, store.ping()).await,
+                Ok(Ok(()))
+            );
             let was = self.etcd_ok.swap(ok, Ordering::Relaxed);
             if ok != was {
                 if ok {
@@ -44,19 +47,21 @@ impl Readiness {
 }
 
 pub fn router(readiness: Arc<Readiness>, fanout: Arc<Fanout>) -> Router {
-    Router::new().route("/healthz", get(|| async { "ok\n" })).route(
-        "/readyz",
-        get(move || {
-            let (readiness, fanout) = (readiness.clone(), fanout.clone());
-            async move {
-                if !readiness.etcd_ok() {
-                    (StatusCode::SERVICE_UNAVAILABLE, "etcd unreachable\n")
-                } else if !fanout.is_synced() {
-                    (StatusCode::SERVICE_UNAVAILABLE, "lease cache not loaded\n")
-                } else {
-                    (StatusCode::OK, "ready\n")
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let (readiness, fanout) = (readiness.clone(), fanout.clone());
+                async move {
+                    if !readiness.etcd_ok() {
+                        (StatusCode::SERVICE_UNAVAILABLE, "etcd unreachable\n")
+                    } else if !fanout.is_synced() {
+                        (StatusCode::SERVICE_UNAVAILABLE, "lease cache not loaded\n")
+                    } else {
+                        (StatusCode::OK, "ready\n")
+                    }
                 }
-            }
-        }),
-    )
+            }),
+        )
 }

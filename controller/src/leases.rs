@@ -26,8 +26,8 @@ use futures::stream::{self, StreamExt};
 use ipnet::Ipv4Net;
 use overlay_core::config::NetworkConfig;
 use overlay_core::lease::{
-    now_millis, validate_node_name, validate_public_ip, validate_vtep_mac, BackendData, Lease, LeaseError,
-    LeaseRecord,
+    now_millis, validate_node_name, validate_public_ip, validate_vtep_mac, BackendData, Lease,
+    LeaseError, LeaseRecord,
 };
 use overlay_core::subnet::{parse_subnet_key, subnet_key};
 use overlay_core::{BackendType, MacAddr};
@@ -48,7 +48,13 @@ pub struct Keys {
 impl Keys {
     pub fn new(prefix: &str) -> Keys {
         let prefix = prefix.trim_end_matches('/');
-        Keys { prefix: if prefix.starts_with('/') { prefix.to_string() } else { format!("/{prefix}") } }
+        Keys {
+            prefix: if prefix.starts_with('/') {
+                prefix.to_string()
+            } else {
+                format!("/{prefix}")
+            },
+        }
     }
 
     pub fn config(&self) -> String {
@@ -120,7 +126,11 @@ impl LeaseManager {
     }
 
     pub async fn config(&self) -> Result<NetworkConfig, ControlError> {
-        let kv = self.store.get(&self.keys.config()).await?.ok_or(ControlError::NoConfig)?;
+        let kv = self
+            .store
+            .get(&self.keys.config())
+            .await?
+            .ok_or(ControlError::NoConfig)?;
         let text = String::from_utf8_lossy(&kv.value);
         NetworkConfig::from_json(&text).map_err(ControlError::BadStoredConfig)
     }
@@ -164,7 +174,11 @@ impl LeaseManager {
         }
         let config = self.config().await?;
         if config.network.contains(&req.public_ip) {
-            return Err(LeaseError::PublicIpInOverlay { ip: req.public_ip, network: config.network }.into());
+            return Err(LeaseError::PublicIpInOverlay {
+                ip: req.public_ip,
+                network: config.network,
+            }
+            .into());
         }
         if req.backend != config.backend.kind {
             return Err(ControlError::InvalidArgument(format!(
@@ -195,7 +209,10 @@ impl LeaseManager {
         let range = config.range();
         for attempt in 1..=MAX_ATTEMPTS {
             let (stored, taken) = self.list_stored().await?;
-            let mut own: Vec<&Stored> = stored.iter().filter(|s| s.lease.record.node == req.node).collect();
+            let mut own: Vec<&Stored> = stored
+                .iter()
+                .filter(|s| s.lease.record.node == req.node)
+                .collect();
             // Reservations first, then the oldest lease.
             own.sort_by_key(|s| (!s.lease.record.reserved, s.kv.create_revision));
             if let Some((keep, extra)) = own.split_first() {
@@ -213,9 +230,15 @@ impl LeaseManager {
                     None => continue,
                 }
             }
-            let preferred = req.preferred.filter(|p| range.contains(*p) && !taken.contains(p));
-            let Some(subnet) = preferred.or_else(|| range.pick_free(&taken, &mut rand::rng())) else {
-                return Err(ControlError::Exhausted { total: range.len(), range: format!("{}-{}", config.subnet_min, config.subnet_max) });
+            let preferred = req
+                .preferred
+                .filter(|p| range.contains(*p) && !taken.contains(p));
+            let Some(subnet) = preferred.or_else(|| range.pick_free(&taken, &mut rand::rng()))
+            else {
+                return Err(ControlError::Exhausted {
+                    total: range.len(),
+                    range: format!("{}-{}", config.subnet_min, config.subnet_max),
+                });
             };
             let lease_id = match *granted {
                 Some(id) => id,
@@ -230,16 +253,29 @@ impl LeaseManager {
                 node: req.node.clone(),
                 public_ip: req.public_ip,
                 backend: req.backend,
-                backend_data: BackendData { vtep_mac: req.vtep_mac },
+                backend_data: BackendData {
+                    vtep_mac: req.vtep_mac,
+                },
                 reserved: false,
                 created_at: now,
                 renewed_at: now,
             };
-            match self.store.create(&self.keys.lease(subnet), record.encode(), lease_id).await {
+            match self
+                .store
+                .create(&self.keys.lease(subnet), record.encode(), lease_id)
+                .await
+            {
                 Ok(Written::Yes(_)) => {
                     info!(node = %req.node, %subnet, attempt, "leased a new subnet");
                     let lease = Lease { subnet, record };
-                    return Ok((Acquired { lease, config: config.clone(), ttl: Some(config.lease_ttl) }, lease_id));
+                    return Ok((
+                        Acquired {
+                            lease,
+                            config: config.clone(),
+                            ttl: Some(config.lease_ttl),
+                        },
+                        lease_id,
+                    ));
                 }
                 Ok(Written::Conflict) => continue,
                 Err(StoreError::LeaseNotFound(_)) => {
@@ -264,7 +300,9 @@ impl LeaseManager {
         let mut record = s.lease.record.clone();
         record.public_ip = req.public_ip;
         record.backend = req.backend;
-        record.backend_data = BackendData { vtep_mac: req.vtep_mac };
+        record.backend_data = BackendData {
+            vtep_mac: req.vtep_mac,
+        };
         let changed = record != s.lease.record;
         let ttl = if record.reserved {
             None
@@ -279,7 +317,11 @@ impl LeaseManager {
         if changed {
             record.renewed_at = now_millis();
             let lease_id = if record.reserved { 0 } else { s.kv.lease };
-            match self.store.update(&s.kv.key, record.encode(), s.kv.mod_revision, lease_id).await {
+            match self
+                .store
+                .update(&s.kv.key, record.encode(), s.kv.mod_revision, lease_id)
+                .await
+            {
                 Ok(Written::Yes(_)) => {}
                 Ok(Written::Conflict) | Err(StoreError::LeaseNotFound(_)) => return Ok(None),
                 Err(e) => return Err(e.into()),
@@ -288,16 +330,29 @@ impl LeaseManager {
         } else {
             info!(node = %req.node, subnet = %s.lease.subnet, "node took its lease back");
         }
-        Ok(Some(Acquired { lease: Lease { subnet: s.lease.subnet, record }, config: config.clone(), ttl }))
+        Ok(Some(Acquired {
+            lease: Lease {
+                subnet: s.lease.subnet,
+                record,
+            },
+            config: config.clone(),
+            ttl,
+        }))
     }
 
     async fn get_stored(&self, subnet: Ipv4Net) -> Result<Option<Stored>, ControlError> {
-        let Some(kv) = self.store.get(&self.keys.lease(subnet)).await? else { return Ok(None) };
+        let Some(kv) = self.store.get(&self.keys.lease(subnet)).await? else {
+            return Ok(None);
+        };
         Ok(self.decode(&kv).map(|lease| Stored { lease, kv }))
     }
 
     async fn delete_stored(&self, s: &Stored) -> Result<bool, ControlError> {
-        let deleted = self.store.delete(&s.kv.key, Some(s.kv.mod_revision)).await?.ok();
+        let deleted = self
+            .store
+            .delete(&s.kv.key, Some(s.kv.mod_revision))
+            .await?
+            .ok();
         if s.kv.lease != 0 {
             if let Err(e) = self.store.revoke(s.kv.lease).await {
                 warn!(lease = s.kv.lease, error = %e, "could not revoke the etcd lease of a deleted key");
@@ -308,20 +363,23 @@ impl LeaseManager {
 
     /// Keeps `node`'s lease of `subnet` alive. `NotFound` when it expired or was revoked:
     /// the agent then acquires again, preferring the same subnet.
-    pub async fn renew(&self, node: &str, subnet: Ipv4Net) -> Result<Option<Duration>, ControlError> {
-        let s = self
-            .get_stored(subnet)
-            .await?
-            .ok_or_else(|| ControlError::NotFound(format!("no lease for {subnet}: it expired or was revoked")))?;
+    pub async fn renew(
+        &self,
+        node: &str,
+        subnet: Ipv4Net,
+    ) -> Result<Option<Duration>, ControlError> {
+        let s = self.get_stored(subnet).await?.ok_or_else(|| {
+            ControlError::NotFound(format!("no lease for {subnet}: it expired or was revoked"))
+        })?;
         check_holder(&s, node)?;
         if s.lease.record.reserved {
             return Ok(None);
         }
         match self.store.keep_alive(s.kv.lease).await {
             Ok(ttl) => Ok(Some(ttl)),
-            Err(StoreError::LeaseNotFound(_)) => {
-                Err(ControlError::NotFound(format!("the lease for {subnet} has expired")))
-            }
+            Err(StoreError::LeaseNotFound(_)) => Err(ControlError::NotFound(format!(
+                "the lease for {subnet} has expired"
+            ))),
             Err(e) => Err(e.into()),
         }
     }
@@ -329,7 +387,9 @@ impl LeaseManager {
     /// Gives a lease up. Releasing a lease that is already gone succeeds; a reservation
     /// stays (it belongs to the operator, not the agent).
     pub async fn release(&self, node: &str, subnet: Ipv4Net) -> Result<(), ControlError> {
-        let Some(s) = self.get_stored(subnet).await? else { return Ok(()) };
+        let Some(s) = self.get_stored(subnet).await? else {
+            return Ok(());
+        };
         check_holder(&s, node)?;
         if !s.lease.record.reserved {
             self.delete_stored(&s).await?;
@@ -341,8 +401,10 @@ impl LeaseManager {
     pub async fn list(&self) -> Result<(Vec<ListedLease>, i64), ControlError> {
         let (kvs, revision) = self.store.list(&self.keys.leases()).await?;
         let now = now_millis();
-        let decoded: Vec<(Lease, LeaseId)> =
-            kvs.iter().filter_map(|kv| self.decode(kv).map(|lease| (lease, kv.lease))).collect();
+        let decoded: Vec<(Lease, LeaseId)> = kvs
+            .iter()
+            .filter_map(|kv| self.decode(kv).map(|lease| (lease, kv.lease)))
+            .collect();
         let store = self.store.clone();
         let lookups = decoded.into_iter().map(|(lease, id)| {
             let store = store.clone();
@@ -356,20 +418,34 @@ impl LeaseManager {
                 Ok::<_, StoreError>(ListedLease { lease, expires_at })
             }
         });
-        let listed: Vec<ListedLease> =
-            stream::iter(lookups).buffered(32).collect::<Vec<_>>().await.into_iter().collect::<Result<_, _>>()?;
+        let listed: Vec<ListedLease> = stream::iter(lookups)
+            .buffered(32)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
         Ok((listed, revision))
     }
 
     /// Stores a new config. Leases that no longer fit are refused unless `force`, which
     /// revokes them (their agents then acquire a subnet that fits).
-    pub async fn set_config(&self, json: &str, force: bool) -> Result<(NetworkConfig, Vec<Lease>), ControlError> {
+    pub async fn set_config(
+        &self,
+        json: &str,
+        force: bool,
+    ) -> Result<(NetworkConfig, Vec<Lease>), ControlError> {
         let config = NetworkConfig::from_json(json)?;
         let (stored, _) = self.list_stored().await?;
-        let misfits: Vec<&Stored> = stored.iter().filter(|s| !config.fits(s.lease.subnet)).collect();
+        let misfits: Vec<&Stored> = stored
+            .iter()
+            .filter(|s| !config.fits(s.lease.subnet))
+            .collect();
         if !misfits.is_empty() && !force {
-            let names: Vec<String> =
-                misfits.iter().take(5).map(|s| format!("{} ({})", s.lease.subnet, s.lease.record.node)).collect();
+            let names: Vec<String> = misfits
+                .iter()
+                .take(5)
+                .map(|s| format!("{} ({})", s.lease.subnet, s.lease.record.node))
+                .collect();
             return Err(ControlError::FailedPrecondition(format!(
                 "{} existing lease(s) would not fit the new config: {}{}; pass --force to revoke them",
                 misfits.len(),
@@ -377,7 +453,9 @@ impl LeaseManager {
                 if misfits.len() > 5 { ", ..." } else { "" }
             )));
         }
-        self.store.put(&self.keys.config(), config.to_json().into_bytes()).await?;
+        self.store
+            .put(&self.keys.config(), config.to_json().into_bytes())
+            .await?;
         info!(config = %config.to_json(), "network config stored");
         let mut revoked = Vec::new();
         for s in misfits {
@@ -389,7 +467,12 @@ impl LeaseManager {
     }
 
     /// Reserves `subnet` for `node`: a lease without expiry.
-    pub async fn reserve(&self, subnet: Ipv4Net, node: &str, public_ip: Ipv4Addr) -> Result<Lease, ControlError> {
+    pub async fn reserve(
+        &self,
+        subnet: Ipv4Net,
+        node: &str,
+        public_ip: Ipv4Addr,
+    ) -> Result<Lease, ControlError> {
         validate_node_name(node)?;
         validate_public_ip(public_ip)?;
         let config = self.config().await?;
@@ -402,11 +485,17 @@ impl LeaseManager {
             )));
         }
         if config.network.contains(&public_ip) {
-            return Err(LeaseError::PublicIpInOverlay { ip: public_ip, network: config.network }.into());
+            return Err(LeaseError::PublicIpInOverlay {
+                ip: public_ip,
+                network: config.network,
+            }
+            .into());
         }
         for _ in 0..MAX_ATTEMPTS {
             let (stored, _) = self.list_stored().await?;
-            if let Some(other) = stored.iter().find(|s| s.lease.record.node == node && s.lease.record.reserved && s.lease.subnet != subnet) {
+            if let Some(other) = stored.iter().find(|s| {
+                s.lease.record.node == node && s.lease.record.reserved && s.lease.subnet != subnet
+            }) {
                 return Err(ControlError::FailedPrecondition(format!(
                     "node {node} already has a reservation for {}; revoke it first",
                     other.lease.subnet
@@ -427,7 +516,10 @@ impl LeaseManager {
                     record.reserved = true;
                     record.public_ip = public_ip;
                     record.renewed_at = now;
-                    let w = self.store.update(&s.kv.key, record.encode(), s.kv.mod_revision, 0).await?;
+                    let w = self
+                        .store
+                        .update(&s.kv.key, record.encode(), s.kv.mod_revision, 0)
+                        .await?;
                     if w.ok() && s.kv.lease != 0 {
                         let _ = self.store.revoke(s.kv.lease).await;
                     }
@@ -443,7 +535,11 @@ impl LeaseManager {
                         created_at: now,
                         renewed_at: now,
                     };
-                    self.store.create(&self.keys.lease(subnet), record.encode(), 0).await?.ok().then_some(record)
+                    self.store
+                        .create(&self.keys.lease(subnet), record.encode(), 0)
+                        .await?
+                        .ok()
+                        .then_some(record)
                 }
             };
             if let Some(record) = written {
@@ -487,7 +583,8 @@ mod tests {
     use super::*;
     use crate::store::MemoryStore;
 
-    const CONFIG: &str = r#"{"network":"10.244.0.0/16","backend":{"type":"alloc"},"lease_ttl":"60s"}"#;
+    const CONFIG: &str =
+        r#"{"network":"10.244.0.0/16","backend":{"type":"alloc"},"lease_ttl":"60s"}"#;
 
     async fn manager(config: &str) -> LeaseManager {
         let m = LeaseManager::new(Arc::new(MemoryStore::new()), Keys::new("/t"));
@@ -509,8 +606,14 @@ mod tests {
     async fn keys_are_laid_out_under_the_prefix() {
         let k = Keys::new("overlay/");
         assert_eq!(k.config(), "/overlay/config");
-        assert_eq!(k.lease("10.244.7.0/24".parse().unwrap()), "/overlay/leases/10.244.7.0-24");
-        assert_eq!(k.subnet_of("/overlay/leases/10.244.7.0-24"), Some("10.244.7.0/24".parse().unwrap()));
+        assert_eq!(
+            k.lease("10.244.7.0/24".parse().unwrap()),
+            "/overlay/leases/10.244.7.0-24"
+        );
+        assert_eq!(
+            k.subnet_of("/overlay/leases/10.244.7.0-24"),
+            Some("10.244.7.0/24".parse().unwrap())
+        );
         assert_eq!(k.subnet_of("/overlay/config"), None);
     }
 
@@ -530,7 +633,10 @@ mod tests {
         assert_ne!(a.lease.subnet, b.lease.subnet);
         assert_eq!(a.ttl, Some(Duration::from_secs(60)));
         let again = m.acquire(&req("a")).await.unwrap();
-        assert_eq!(again.lease, a.lease, "unchanged lease is handed back as it was");
+        assert_eq!(
+            again.lease, a.lease,
+            "unchanged lease is handed back as it was"
+        );
         let mut moved = req("a");
         moved.public_ip = "192.0.2.99".parse().unwrap();
         let updated = m.acquire(&moved).await.unwrap();
@@ -544,13 +650,27 @@ mod tests {
         let m = manager(CONFIG).await;
         let mut r = req("a");
         r.preferred = Some("10.244.42.0/24".parse().unwrap());
-        assert_eq!(m.acquire(&r).await.unwrap().lease.subnet, r.preferred.unwrap());
+        assert_eq!(
+            m.acquire(&r).await.unwrap().lease.subnet,
+            r.preferred.unwrap()
+        );
         let mut r = req("b");
         r.preferred = Some("10.244.42.0/24".parse().unwrap());
-        assert_ne!(m.acquire(&r).await.unwrap().lease.subnet, r.preferred.unwrap(), "taken: not honoured");
+        assert_ne!(
+            m.acquire(&r).await.unwrap().lease.subnet,
+            r.preferred.unwrap(),
+            "taken: not honoured"
+        );
         let mut r = req("c");
         r.preferred = Some("10.99.0.0/24".parse().unwrap());
-        assert!(m.acquire(&r).await.unwrap().lease.subnet.to_string().starts_with("10.244."));
+        assert!(m
+            .acquire(&r)
+            .await
+            .unwrap()
+            .lease
+            .subnet
+            .to_string()
+            .starts_with("10.244."));
     }
 
     #[tokio::test]
@@ -564,7 +684,10 @@ mod tests {
         let e = m.acquire(&req("c")).await.unwrap_err();
         assert!(matches!(e, ControlError::Exhausted { total: 2, .. }), "{e}");
         assert!(e.to_string().contains("subnet range exhausted"));
-        assert_eq!(tonic::Status::from(e).code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            tonic::Status::from(e).code(),
+            tonic::Code::ResourceExhausted
+        );
         assert_eq!(m.list().await.unwrap().0.len(), 2);
     }
 
@@ -572,8 +695,9 @@ mod tests {
     async fn concurrent_managers_never_hand_out_one_subnet_twice() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let small = r#"{"network":"10.244.0.0/24","subnet_len":28,"backend":{"type":"alloc"}}"#;
-        let managers: Vec<Arc<LeaseManager>> =
-            (0..4).map(|_| Arc::new(LeaseManager::new(store.clone(), Keys::new("/t")))).collect();
+        let managers: Vec<Arc<LeaseManager>> = (0..4)
+            .map(|_| Arc::new(LeaseManager::new(store.clone(), Keys::new("/t"))))
+            .collect();
         managers[0].set_config(small, false).await.unwrap();
         let tasks: Vec<_> = (0..20)
             .map(|i| {
@@ -592,7 +716,11 @@ mod tests {
         }
         assert_eq!(got.len(), 15, "a /24 in /28s minus the first is 15 subnets");
         assert_eq!(exhausted, 5);
-        assert_eq!(got.iter().collect::<HashSet<_>>().len(), got.len(), "duplicates: {got:?}");
+        assert_eq!(
+            got.iter().collect::<HashSet<_>>().len(),
+            got.len(),
+            "duplicates: {got:?}"
+        );
     }
 
     #[tokio::test]
@@ -600,14 +728,32 @@ mod tests {
         let m = manager(CONFIG).await;
         let a = m.acquire(&req("a")).await.unwrap();
         let s = a.lease.subnet;
-        assert_eq!(m.renew("a", s).await.unwrap(), Some(Duration::from_secs(60)));
+        assert_eq!(
+            m.renew("a", s).await.unwrap(),
+            Some(Duration::from_secs(60))
+        );
         let e = m.renew("b", s).await.unwrap_err();
         assert!(matches!(e, ControlError::NotHolder { .. }), "{e}");
         m.revoke(s).await.unwrap();
-        assert!(matches!(m.renew("a", s).await.unwrap_err(), ControlError::NotFound(_)));
-        assert!(matches!(m.revoke(s).await.unwrap_err(), ControlError::NotFound(_)));
-        let again = m.acquire(&AcquireRequest { preferred: Some(s), ..req("a") }).await.unwrap();
-        assert_eq!(again.lease.subnet, s, "re-acquired the same subnet after a revoke");
+        assert!(matches!(
+            m.renew("a", s).await.unwrap_err(),
+            ControlError::NotFound(_)
+        ));
+        assert!(matches!(
+            m.revoke(s).await.unwrap_err(),
+            ControlError::NotFound(_)
+        ));
+        let again = m
+            .acquire(&AcquireRequest {
+                preferred: Some(s),
+                ..req("a")
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            again.lease.subnet, s,
+            "re-acquired the same subnet after a revoke"
+        );
         m.release("a", s).await.unwrap();
         m.release("a", s).await.unwrap();
         assert!(m.list().await.unwrap().0.is_empty());
@@ -617,7 +763,10 @@ mod tests {
     async fn reservations_are_honoured_and_survive_release() {
         let m = manager(CONFIG).await;
         let s: Ipv4Net = "10.244.200.0/24".parse().unwrap();
-        let r = m.reserve(s, "pinned", "192.0.2.5".parse().unwrap()).await.unwrap();
+        let r = m
+            .reserve(s, "pinned", "192.0.2.5".parse().unwrap())
+            .await
+            .unwrap();
         assert!(r.record.reserved);
         let a = m.acquire(&req("pinned")).await.unwrap();
         assert_eq!(a.lease.subnet, s);
@@ -629,15 +778,31 @@ mod tests {
         assert!(listed[0].lease.record.reserved && listed[0].expires_at.is_none());
         // Taken by another node: refused, naming the holder.
         let other = m.acquire(&req("other")).await.unwrap();
-        let e = m.reserve(other.lease.subnet, "x", "192.0.2.6".parse().unwrap()).await.unwrap_err();
+        let e = m
+            .reserve(other.lease.subnet, "x", "192.0.2.6".parse().unwrap())
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("other"), "{e}");
         // Outside the range: refused.
-        let e = m.reserve("10.244.0.0/24".parse().unwrap(), "x", "192.0.2.6".parse().unwrap()).await.unwrap_err();
+        let e = m
+            .reserve(
+                "10.244.0.0/24".parse().unwrap(),
+                "x",
+                "192.0.2.6".parse().unwrap(),
+            )
+            .await
+            .unwrap_err();
         assert!(matches!(e, ControlError::InvalidArgument(_)), "{e}");
         // Reserving a node's current lease pins it in place.
-        let pinned = m.reserve(other.lease.subnet, "other", "192.0.2.1".parse().unwrap()).await.unwrap();
+        let pinned = m
+            .reserve(other.lease.subnet, "other", "192.0.2.1".parse().unwrap())
+            .await
+            .unwrap();
         assert!(pinned.record.reserved);
-        assert_eq!(m.acquire(&req("other")).await.unwrap().lease.subnet, other.lease.subnet);
+        assert_eq!(
+            m.acquire(&req("other")).await.unwrap().lease.subnet,
+            other.lease.subnet
+        );
     }
 
     #[tokio::test]
@@ -645,9 +810,18 @@ mod tests {
         let m = manager(CONFIG).await;
         let old = m.acquire(&req("n")).await.unwrap().lease.subnet;
         let s: Ipv4Net = "10.244.201.0/24".parse().unwrap();
-        m.reserve(s, "n", "192.0.2.1".parse().unwrap()).await.unwrap();
+        m.reserve(s, "n", "192.0.2.1".parse().unwrap())
+            .await
+            .unwrap();
         assert_eq!(m.acquire(&req("n")).await.unwrap().lease.subnet, s);
-        let subnets: Vec<Ipv4Net> = m.list().await.unwrap().0.iter().map(|l| l.lease.subnet).collect();
+        let subnets: Vec<Ipv4Net> = m
+            .list()
+            .await
+            .unwrap()
+            .0
+            .iter()
+            .map(|l| l.lease.subnet)
+            .collect();
         assert_eq!(subnets, vec![s], "the old lease {old} was released");
     }
 
@@ -655,11 +829,41 @@ mod tests {
     async fn bad_requests_are_refused_before_anything_is_written() {
         let m = manager(CONFIG).await;
         for (r, what) in [
-            (AcquireRequest { node: "bad name".into(), ..req("x") }, "node name"),
-            (AcquireRequest { public_ip: "0.0.0.0".parse().unwrap(), ..req("x") }, "public IP"),
-            (AcquireRequest { public_ip: "10.244.3.3".parse().unwrap(), ..req("x") }, "inside the overlay"),
-            (AcquireRequest { backend: BackendType::Vxlan, ..req("x") }, "backend"),
-            (AcquireRequest { vtep_mac: Some("01:00:00:00:00:01".parse().unwrap()), ..req("x") }, "MAC"),
+            (
+                AcquireRequest {
+                    node: "bad name".into(),
+                    ..req("x")
+                },
+                "node name",
+            ),
+            (
+                AcquireRequest {
+                    public_ip: "0.0.0.0".parse().unwrap(),
+                    ..req("x")
+                },
+                "public IP",
+            ),
+            (
+                AcquireRequest {
+                    public_ip: "10.244.3.3".parse().unwrap(),
+                    ..req("x")
+                },
+                "inside the overlay",
+            ),
+            (
+                AcquireRequest {
+                    backend: BackendType::Vxlan,
+                    ..req("x")
+                },
+                "backend",
+            ),
+            (
+                AcquireRequest {
+                    vtep_mac: Some("01:00:00:00:00:01".parse().unwrap()),
+                    ..req("x")
+                },
+                "MAC",
+            ),
         ] {
             let e = m.acquire(&r).await.unwrap_err();
             assert!(e.to_string().contains(what), "{e} should mention {what}");
@@ -674,9 +878,22 @@ mod tests {
         let a = m.acquire(&req("a")).await.unwrap();
         let moved = r#"{"network":"10.245.0.0/16","backend":{"type":"alloc"}}"#;
         let e = m.set_config(moved, false).await.unwrap_err();
-        assert!(e.to_string().contains(&a.lease.subnet.to_string()) && e.to_string().contains("--force"), "{e}");
-        assert_eq!(m.config().await.unwrap().network.to_string(), "10.244.0.0/16");
-        let e = m.set_config(r#"{"network":"10.245.0.0/16","backend":{"type":"nope"}}"#, true).await.unwrap_err();
+        assert!(
+            e.to_string().contains(&a.lease.subnet.to_string())
+                && e.to_string().contains("--force"),
+            "{e}"
+        );
+        assert_eq!(
+            m.config().await.unwrap().network.to_string(),
+            "10.244.0.0/16"
+        );
+        let e = m
+            .set_config(
+                r#"{"network":"10.245.0.0/16","backend":{"type":"nope"}}"#,
+                true,
+            )
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("backend.type"), "{e}");
         let (config, revoked) = m.set_config(moved, true).await.unwrap();
         assert_eq!(config.network.to_string(), "10.245.0.0/16");
@@ -684,6 +901,11 @@ mod tests {
         let b = m.acquire(&req("a")).await.unwrap();
         assert!(b.lease.subnet.to_string().starts_with("10.245."));
         // A change that keeps every lease valid needs no force.
-        m.set_config(r#"{"network":"10.245.0.0/16","backend":{"type":"alloc"},"lease_ttl":"2h"}"#, false).await.unwrap();
+        m.set_config(
+            r#"{"network":"10.245.0.0/16","backend":{"type":"alloc"},"lease_ttl":"2h"}"#,
+            false,
+        )
+        .await
+        .unwrap();
     }
 }

@@ -15,10 +15,19 @@ use overlay_proto::v1::{admin_server::AdminServer, agent_server::AgentServer};
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
-#[command(name = "overlay-controller", version, about = "Overlay controller: subnet leases in etcd, served to agents over gRPC")]
+#[command(
+    name = "overlay-controller",
+    version,
+    about = "Overlay controller: subnet leases in etcd, served to agents over gRPC"
+)]
 struct Args {
     /// etcd endpoints, comma separated.
-    #[arg(long, env = "OVERLAY_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "OVERLAY_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
     etcd_endpoints: Vec<String>,
     /// Key prefix of this cluster in etcd.
     #[arg(long, env = "OVERLAY_ETCD_PREFIX", default_value = "/overlay")]
@@ -37,7 +46,9 @@ struct Args {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -75,7 +86,9 @@ async fn main() -> anyhow::Result<()> {
     init_logging(&args.log_format);
     let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
         "off" => None,
-        a => Some(a.parse().with_context(|| format!("--health-listen: {a:?} is not an address:port or \"off\""))?),
+        a => Some(a.parse().with_context(|| {
+            format!("--health-listen: {a:?} is not an address:port or \"off\"")
+        })?),
     };
     // Bind first so a taken port fails at once, with the port in the message.
     let grpc_listener = tokio::net::TcpListener::bind(args.listen)
@@ -98,18 +111,27 @@ async fn main() -> anyhow::Result<()> {
 
     info!(endpoints = ?args.etcd_endpoints, prefix = %args.etcd_prefix, "connecting to etcd");
     let store: Arc<dyn Store> = Arc::new(connect_etcd(&args.etcd_endpoints).await);
-    let manager = Arc::new(LeaseManager::new(store.clone(), Keys::new(&args.etcd_prefix)));
+    let manager = Arc::new(LeaseManager::new(
+        store.clone(),
+        Keys::new(&args.etcd_prefix),
+    ));
     tokio::spawn(readiness.clone().watch_store(store.clone()));
     tokio::spawn(fanout.clone().run(manager.clone()));
 
-    let api = Api { leases: manager, fanout };
+    let api = Api {
+        leases: manager,
+        fanout,
+    };
     info!(listen = %args.listen, "serving gRPC");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(AgentServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_service(AdminServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), shutdown_signal())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            shutdown_signal(),
+        )
         .await
         .context("gRPC server failed")?;
     info!("stopped");

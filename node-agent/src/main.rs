@@ -1,1 +1,131 @@
-fn main() {}
+//! overlay-agent binary: flags (each with an OVERLAY_* environment variable), logging,
+//! signals, and the health endpoint around [`overlay_agent::agent::Agent`].
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use overlay_agent::agent::{Agent, AgentOptions, SharedStatus};
+use overlay_agent::client::Controllers;
+use overlay_agent::health;
+use tracing::{error, info};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "overlay-agent",
+    version,
+    about = "Overlay agent: leases this host's subnet and programs the datapath"
+)]
+struct Args {
+    /// Controller URL(s), comma separated; tried in turn.
+    #[arg(
+        long,
+        env = "OVERLAY_CONTROLLER",
+        default_value = "http://127.0.0.1:7400",
+        value_delimiter = ','
+    )]
+    controller: Vec<String>,
+    /// This node's name (default: the hostname).
+    #[arg(long, env = "OVERLAY_NODE_NAME")]
+    node_name: Option<String>,
+    /// The underlay IP other hosts reach this one at.
+    #[arg(long, env = "OVERLAY_PUBLIC_IP")]
+    public_ip: Option<Ipv4Addr>,
+    /// The underlay interface (default: the interface of the default route).
+    #[arg(long, env = "OVERLAY_IFACE")]
+    iface: Option<String>,
+    #[arg(long, env = "OVERLAY_RUN_DIR", default_value = "/run/overlay")]
+    run_dir: PathBuf,
+    #[arg(long, env = "OVERLAY_STATE_DIR", default_value = "/var/lib/overlay")]
+    state_dir: PathBuf,
+    /// The workloads' bridge; "none" leaves it to another runtime (e.g. Docker's --bip).
+    #[arg(long, env = "OVERLAY_BRIDGE", default_value = "ovl0")]
+    bridge: String,
+    /// Masquerade traffic from the overlay to outside the cluster network.
+    #[arg(long, env = "OVERLAY_IP_MASQ")]
+    ip_masq: bool,
+    /// Health endpoint (/healthz, /readyz, /status); "off" disables it.
+    #[arg(long, env = "OVERLAY_HEALTH_LISTEN", default_value = "127.0.0.1:7402")]
+    health_listen: String,
+    /// Full reconcile interval even without events.
+    #[arg(long, env = "OVERLAY_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    resync_interval: std::time::Duration,
+    /// Log format: text or json.
+    #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    overlay_core::config::parse_duration(s)
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping; the lease and the datapath stay in place"),
+        _ = int.recv() => info!("SIGINT: stopping; the lease and the datapath stay in place"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    let node = args.node_name.clone().unwrap_or_else(hostname);
+    overlay_core::lease::validate_node_name(&node).context("--node-name")?;
+    let controllers = Controllers::new(&args.controller).context("--controller")?;
+    let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
+        "off" => None,
+        a => Some(a.parse().with_context(|| {
+            format!("--health-listen: {a:?} is not an address:port or \"off\"")
+        })?),
+    };
+    let status = SharedStatus::default();
+    if let Some(addr) = health_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
+        let router = health::router(status.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                error!(error = %e, "health endpoint failed");
+            }
+        });
+    }
+    let opts = AgentOptions {
+        node,
+        public_ip: args.public_ip,
+        iface: args.iface,
+        run_dir: args.run_dir,
+        state_dir: args.state_dir,
+        bridge: (args.bridge != "none").then_some(args.bridge),
+        ip_masq: args.ip_masq,
+        resync_interval: args.resync_interval,
+    };
+    let agent = Agent::new(opts, controllers, Arc::clone(&status));
+    agent.run(shutdown_signal()).await?;
+    Ok(())
+}

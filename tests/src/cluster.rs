@@ -20,7 +20,10 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
@@ -66,14 +69,21 @@ impl Controller {
 
     pub fn wait_ready(&mut self) {
         let port = self.health_port;
-        wait_until(Duration::from_secs(20), || matches!(http_get(port, "/readyz"), Some((200, _))).then_some(()))
-            .unwrap_or_else(|| panic!("controller did not become ready; log:\n{}", self.log()));
+        wait_until(Duration::from_secs(20), || {
+            matches!(http_get(port, "/readyz"), Some((200, _))).then_some(())
+        })
+        .unwrap_or_else(|| panic!("controller did not become ready; log:\n{}", self.log()));
     }
 
     /// Restarts the process with the same flags and ports.
     pub fn restart(&mut self) {
         self.child.kill();
-        self.child = spawn_logged(&self.child.name.clone(), "overlay-controller", &self.args, &self.log_path);
+        self.child = spawn_logged(
+            &self.child.name.clone(),
+            "overlay-controller",
+            &self.args,
+            &self.log_path,
+        );
         self.wait_ready();
     }
 
@@ -83,9 +93,16 @@ impl Controller {
 }
 
 fn spawn_logged(name: &str, bin: &str, args: &[String], log_path: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).expect("log file");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("log file");
     let mut cmd = Command::new(bin_path(bin));
-    cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
     Child::spawn(name, &mut cmd).expect("spawn")
 }
 
@@ -101,7 +118,13 @@ pub struct Agent {
 
 impl Agent {
     /// Starts an agent (alloc backend needs no root) for `controllers` (comma list).
-    pub fn start(controllers: &str, name: &str, public_ip: &str, dir: &Path, extra: &[&str]) -> Agent {
+    pub fn start(
+        controllers: &str,
+        name: &str,
+        public_ip: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Agent {
         let dir = dir.join(name);
         let health_port = free_port();
         let mut args = vec![
@@ -136,13 +159,18 @@ impl Agent {
     /// The leased subnet (e.g. "10.244.7.0/24"), once the agent is ready.
     pub fn subnet(&self) -> Option<String> {
         let env = self.subnet_env()?;
-        let line = env.lines().find_map(|l| l.strip_prefix("OVERLAY_SUBNET="))?;
+        let line = env
+            .lines()
+            .find_map(|l| l.strip_prefix("OVERLAY_SUBNET="))?;
         let (ip, len) = line.split_once('/')?;
         let mut octets: Vec<u32> = ip.split('.').filter_map(|o| o.parse().ok()).collect();
         let len: u32 = len.parse().ok()?;
         let addr = octets.iter().fold(0u32, |a, o| a << 8 | o) - 1;
         octets = (0..4).rev().map(|i| (addr >> (8 * i)) & 0xff).collect();
-        Some(format!("{}.{}.{}.{}/{len}", octets[0], octets[1], octets[2], octets[3]))
+        Some(format!(
+            "{}.{}.{}.{}/{len}",
+            octets[0], octets[1], octets[2], octets[3]
+        ))
     }
 
     pub fn wait_subnet(&self, timeout: Duration) -> String {
@@ -157,13 +185,20 @@ impl Agent {
     /// The agent's `/status` JSON.
     pub fn status(&self) -> Option<serde_json::Value> {
         let (code, body) = http_get(self.health_port, "/status")?;
-        (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+        (code == 200)
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten()
     }
 
     /// Restarts with the same flags, dirs and ports.
     pub fn restart(&mut self) {
         self.child.kill();
-        self.child = spawn_logged(&self.name.clone(), "overlay-agent", &self.args, &self.log_path);
+        self.child = spawn_logged(
+            &self.name.clone(),
+            "overlay-agent",
+            &self.args,
+            &self.log_path,
+        );
     }
 
     pub fn log(&self) -> String {
@@ -191,8 +226,12 @@ pub fn overlayctl_json(controller: &str, args: &[&str]) -> serde_json::Value {
         "overlayctl {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("overlayctl {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "overlayctl {args:?}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// Runs `etcdctl` against `etcd`.
@@ -203,6 +242,10 @@ pub fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run etcdctl (apt-get install etcd-client)");
-    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -22,7 +22,9 @@ pub fn etcd_binary() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|d| d.join("etcd")).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|d| d.join("etcd"))
+            .find(|p| p.is_file())
     })
 }
 
@@ -58,20 +60,31 @@ impl Etcd {
         let log = std::fs::File::create(self.data.path().join("etcd.log")).expect("etcd log");
         let mut cmd = Command::new(bin);
         cmd.arg("--name=test")
-            .arg(format!("--data-dir={}", self.data.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.data.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=test={peer}"))
-            .args(["--heartbeat-interval=10", "--election-timeout=50", "--log-level=error"])
+            .args([
+                "--heartbeat-interval=10",
+                "--election-timeout=50",
+                "--log-level=error",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
         self.child = Some(Child::spawn("etcd", &mut cmd).expect("start etcd"));
         let port = self.client_port;
-        wait_until(Duration::from_secs(20), || healthy(port).then_some(()))
-            .unwrap_or_else(|| panic!("etcd on port {port} did not become healthy; log: {}", self.log()));
+        wait_until(Duration::from_secs(20), || healthy(port).then_some(())).unwrap_or_else(|| {
+            panic!(
+                "etcd on port {port} did not become healthy; log: {}",
+                self.log()
+            )
+        });
     }
 
     pub fn log(&self) -> String {
@@ -98,9 +111,13 @@ impl Etcd {
 
 /// Whether etcd answers `/health` with `"health":"true"`.
 fn healthy(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut body = String::new();

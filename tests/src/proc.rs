@@ -14,7 +14,9 @@ pub struct Child {
 impl Child {
     pub fn spawn(name: impl Into<String>, cmd: &mut Command) -> std::io::Result<Child> {
         let name = name.into();
-        let inner = cmd.spawn().map_err(|e| std::io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
+        let inner = cmd
+            .spawn()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
         Ok(Child { name, inner })
     }
 
@@ -61,7 +63,10 @@ impl Drop for Child {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind an ephemeral port").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
 }
 
 /// The path of one of the workspace's binaries, built next to the running test.

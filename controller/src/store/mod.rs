@@ -37,7 +37,10 @@ pub struct KeyValue {
 pub enum StoreEvent {
     Put(KeyValue),
     /// A deleted key, with the revision of the delete.
-    Delete { key: String, revision: i64 },
+    Delete {
+        key: String,
+        revision: i64,
+    },
 }
 
 impl StoreEvent {
@@ -70,7 +73,10 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchBatch, StoreError>>
 pub enum StoreError {
     /// The requested start revision has been compacted away: relist, then watch again.
     #[error("revision {requested} has been compacted (compact revision {compact_revision})")]
-    Compacted { requested: i64, compact_revision: i64 },
+    Compacted {
+        requested: i64,
+        compact_revision: i64,
+    },
     /// The etcd lease no longer exists (expired or revoked).
     #[error("etcd lease {0:x} not found")]
     LeaseNotFound(LeaseId),
@@ -106,7 +112,12 @@ pub trait Store: Send + Sync + 'static {
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64, StoreError>;
 
     /// Creates `key` only if it does not exist.
-    async fn create(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<Written, StoreError>;
+    async fn create(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<Written, StoreError>;
 
     /// Writes `key` only if its mod revision is still `expected_mod_revision`
     /// (0: only if absent). `lease` 0 detaches the key from any lease.
@@ -120,7 +131,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes `key`, if `expected_mod_revision` is given only when it still matches.
     /// `Conflict` also means "did not exist".
-    async fn delete(&self, key: &str, expected_mod_revision: Option<i64>) -> Result<Written, StoreError>;
+    async fn delete(
+        &self,
+        key: &str,
+        expected_mod_revision: Option<i64>,
+    ) -> Result<Written, StoreError>;
 
     /// Grants a lease of `ttl` (rounded up to whole seconds).
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError>;

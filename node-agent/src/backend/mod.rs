@@ -1,0 +1,82 @@
+//! Backends: how this host's lease and its peers' leases become forwarding.
+//!
+//! Each backend is a [`Backend`] and one entry in [`create`], the name-to-constructor
+//! registry (Flannel's backend.Register): the agent never matches on backend types
+//! anywhere else, so adding one touches this file and its own module only.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use overlay_core::config::NetworkConfig;
+use overlay_core::lease::{BackendData, Lease};
+use overlay_core::BackendType;
+use serde::Serialize;
+
+use crate::hostnet::HostInfo;
+
+pub mod alloc;
+
+/// What every backend may need from the agent.
+#[derive(Debug, Clone)]
+pub struct BackendContext {
+    pub config: NetworkConfig,
+    pub host: HostInfo,
+    pub state_dir: PathBuf,
+    /// `None` with `--bridge none`.
+    pub bridge: Option<String>,
+    pub ip_masq: bool,
+}
+
+/// The outcome of one reconcile, reported on `/status`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Entries desired / found in the kernel before the run.
+    pub desired: usize,
+    pub observed: usize,
+    /// Writes issued to bring the kernel to the desired state (0 when nothing drifted).
+    pub writes: u64,
+    /// Peers that could not be programmed, with the reason.
+    pub skipped: Vec<(String, String)>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} backend: {message}")]
+pub struct BackendError {
+    pub backend: &'static str,
+    pub message: String,
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendType;
+
+    /// The MTU workloads should use.
+    fn mtu(&self) -> u32;
+
+    /// Runs before the lease is acquired: creates what must exist first and returns the
+    /// data to publish with the lease (e.g. the VTEP MAC).
+    async fn prepare(&mut self) -> Result<BackendData, BackendError>;
+
+    /// Makes the kernel match the desired state for `own` and `peers`, removing what is
+    /// not desired. Idempotent: an unchanged world means zero writes.
+    async fn reconcile(
+        &mut self,
+        own: &Lease,
+        peers: &[Lease],
+    ) -> Result<ReconcileReport, BackendError>;
+}
+
+/// The registry: a backend by type.
+pub async fn create(
+    kind: BackendType,
+    ctx: BackendContext,
+) -> Result<Box<dyn Backend>, BackendError> {
+    match kind {
+        BackendType::Alloc => Ok(Box::new(alloc::AllocBackend::new(ctx))),
+        other => Err(BackendError {
+            backend: other.as_str(),
+            message: "not available in this build of the agent".into(),
+        }),
+    }
+}

@@ -1,0 +1,202 @@
+//! Files the agent owns: `subnet.env` in the run dir, and its state in the state dir.
+//!
+//! Every write goes to a temp file in the same directory, is synced, then renamed over the
+//! target, so a reader (dockerd's wrapper, the CNI plugin, a crash) never sees half a file.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use overlay_core::subnet::gateway;
+use overlay_core::MacAddr;
+use serde::{Deserialize, Serialize};
+
+pub const SUBNET_ENV: &str = "subnet.env";
+pub const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {path}: {source}")]
+pub struct FileError {
+    action: &'static str,
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+/// Writes `contents` to `path` atomically (temp file + fsync + rename).
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), FileError> {
+    let err = |action, source| FileError {
+        action,
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| err("creating the directory of", e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| err("creating a temp file for", e))?;
+    f.write_all(contents)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| err("writing", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err("renaming into place", e)
+    })
+}
+
+/// The contents of `subnet.env`, as read by `dockerd --bip`, the CNI plugin and operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetEnv {
+    pub network: Ipv4Net,
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
+    pub ip_masq: bool,
+}
+
+impl SubnetEnv {
+    pub fn render(&self) -> String {
+        format!(
+            "OVERLAY_NETWORK={}\nOVERLAY_SUBNET={}\nOVERLAY_MTU={}\nOVERLAY_IPMASQ={}\n",
+            self.network,
+            gateway(self.subnet),
+            self.mtu,
+            self.ip_masq
+        )
+    }
+
+    /// Parses a `subnet.env`; unknown keys are ignored, missing ones are an error.
+    pub fn parse(text: &str) -> Result<SubnetEnv, String> {
+        let mut network = None;
+        let mut subnet = None;
+        let mut mtu = None;
+        let mut ip_masq = None;
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| format!("line {line:?} is not KEY=VALUE"))?;
+            let bad = |what: &str| format!("{k}={v}: not {what}");
+            match k {
+                "OVERLAY_NETWORK" => {
+                    network = Some(v.parse::<Ipv4Net>().map_err(|_| bad("a CIDR"))?)
+                }
+                "OVERLAY_SUBNET" => {
+                    subnet = Some(v.parse::<Ipv4Net>().map_err(|_| bad("a CIDR"))?.trunc())
+                }
+                "OVERLAY_MTU" => mtu = Some(v.parse::<u32>().map_err(|_| bad("a number"))?),
+                "OVERLAY_IPMASQ" => {
+                    ip_masq = Some(v.parse::<bool>().map_err(|_| bad("true or false"))?)
+                }
+                _ => {}
+            }
+        }
+        Ok(SubnetEnv {
+            network: network.ok_or("OVERLAY_NETWORK is missing")?,
+            subnet: subnet.ok_or("OVERLAY_SUBNET is missing")?,
+            mtu: mtu.ok_or("OVERLAY_MTU is missing")?,
+            ip_masq: ip_masq.unwrap_or(false),
+        })
+    }
+
+    pub fn read(path: &Path) -> Option<SubnetEnv> {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| SubnetEnv::parse(&t).ok())
+    }
+}
+
+/// What the agent remembers across restarts and reboots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    /// The node name the subnet was leased for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// The VTEP MAC, kept stable across restarts (Flannel's issues #1795/#1828).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac: Option<MacAddr>,
+}
+
+impl AgentState {
+    pub fn load(dir: &Path) -> AgentState {
+        let path = dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable state file");
+                AgentState::default()
+            }),
+            Err(_) => AgentState::default(),
+        }
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), FileError> {
+        write_atomic(
+            &dir.join(STATE_FILE),
+            &serde_json::to_vec_pretty(self).expect("state serializes"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_env_renders_the_gateway_and_parses_back() {
+        let env = SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.7.0/24".parse().unwrap(),
+            mtu: 1450,
+            ip_masq: false,
+        };
+        let text = env.render();
+        assert_eq!(
+            text,
+            "OVERLAY_NETWORK=10.244.0.0/16\nOVERLAY_SUBNET=10.244.7.1/24\nOVERLAY_MTU=1450\nOVERLAY_IPMASQ=false\n"
+        );
+        assert_eq!(SubnetEnv::parse(&text).unwrap(), env);
+        assert!(SubnetEnv::parse("OVERLAY_NETWORK=10.244.0.0/16\n").is_err());
+        assert!(SubnetEnv::parse("OVERLAY_MTU=big\n")
+            .unwrap_err()
+            .contains("OVERLAY_MTU"));
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/subnet.env");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "two");
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["subnet.env"]);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(AgentState::load(dir.path()), AgentState::default());
+        let s = AgentState {
+            node: Some("n1".into()),
+            subnet: Some("10.244.3.0/24".parse().unwrap()),
+            public_ip: Some("192.0.2.1".parse().unwrap()),
+            vtep_mac: Some("0a:00:00:00:00:01".parse().unwrap()),
+        };
+        s.save(dir.path()).unwrap();
+        assert_eq!(AgentState::load(dir.path()), s);
+        std::fs::write(dir.path().join(STATE_FILE), "garbage").unwrap();
+        assert_eq!(AgentState::load(dir.path()), AgentState::default());
+    }
+}

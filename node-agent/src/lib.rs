@@ -1,0 +1,10 @@
+//! overlay-agent: holds this host's subnet lease and keeps the kernel's forwarding state
+//! equal to what the leases of all hosts call for.
+
+pub mod agent;
+pub mod backend;
+pub mod client;
+pub mod datapath;
+pub mod files;
+pub mod health;
+pub mod hostnet;
