@@ -18,6 +18,19 @@ impl MacAddr {
         self.0[0] & 1 == 0 && self.0 != [0; 6]
     }
 
+    /// A locally administered unicast MAC derived from `seed` (FNV-1a, stable across
+    /// releases and machines): the same node gets the same MAC after a reboot even if its
+    /// state dir is lost, so peers' FDB and neighbour entries stay valid.
+    pub fn derive(seed: &str) -> Self {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in seed.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        let b = h.to_be_bytes();
+        MacAddr::local_unicast([b[0], b[1], b[2], b[3], b[4], b[5]])
+    }
+
     /// Marks a MAC as locally administered unicast.
     pub fn local_unicast(mut bytes: [u8; 6]) -> Self {
         bytes[0] = (bytes[0] & 0xfe) | 0x02;
@@ -89,5 +102,11 @@ mod tests {
         }
         assert!(!"01:00:5e:00:00:01".parse::<MacAddr>().unwrap().is_unicast());
         assert!(MacAddr::local_unicast([0xff; 6]).is_unicast());
+        let a = MacAddr::derive("vtep/node-1/1");
+        assert_eq!(a, MacAddr::derive("vtep/node-1/1"));
+        assert_ne!(a, MacAddr::derive("vtep/node-2/1"));
+        assert!(a.is_unicast() && a.0[0] & 2 == 2);
+        // Pinned: a change here would change every VTEP MAC in every cluster on upgrade.
+        assert_eq!(MacAddr::derive("").to_string(), "ca:f2:9c:e4:84:22");
     }
 }

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{self, Backend, BackendContext, ReconcileReport};
 use crate::client::{error_chain, is_transport_failure, Controllers};
+use crate::datapath::Datapath;
 use crate::files::{write_atomic, AgentState, SubnetEnv, SUBNET_ENV};
 use crate::hostnet::{self, HostInfo};
 
@@ -68,6 +69,9 @@ pub struct AgentStatus {
     pub peers: usize,
     pub watch_revision: i64,
     pub reconciles: u64,
+    /// Datapath writes issued since the agent started (0 after a restart into an
+    /// unchanged world).
+    pub datapath_writes: u64,
     pub last_reconcile: Option<ReconcileReport>,
     pub last_error: Option<String>,
 }
@@ -105,6 +109,7 @@ pub struct Agent {
     opts: AgentOptions,
     controllers: Arc<Controllers>,
     status: SharedStatus,
+    datapath: Option<Arc<dyn Datapath>>,
 }
 
 impl Agent {
@@ -114,7 +119,14 @@ impl Agent {
             opts,
             controllers: Arc::new(controllers),
             status,
+            datapath: None,
         }
+    }
+
+    /// Programs `datapath` instead of the kernel (tests use the in-memory fake).
+    pub fn with_datapath(mut self, datapath: Arc<dyn Datapath>) -> Self {
+        self.datapath = Some(datapath);
+        self
     }
 
     fn set_status(&self, f: impl FnOnce(&mut AgentStatus)) {
@@ -156,13 +168,15 @@ impl Agent {
         let config = self.fetch_config().await;
         info!(network = %config.network, backend = %config.backend.kind, "network config received");
         let ctx = BackendContext {
+            node: self.opts.node.clone(),
+            datapath: self.datapath.clone(),
             config: config.clone(),
             host: host.clone(),
             state_dir: self.opts.state_dir.clone(),
             bridge: self.opts.bridge.clone(),
             ip_masq: self.opts.ip_masq,
         };
-        let mut backend = backend::create(config.backend.kind, ctx).await?;
+        let mut backend = backend::create(config.backend.kind, ctx)?;
         let data = backend.prepare().await?;
         self.set_status(|s| {
             s.backend = Some(config.backend.kind.to_string());
@@ -189,6 +203,7 @@ impl Agent {
         let mut dirty = true;
         let mut retry_at: Option<Instant> = None;
         let mut written_env: Option<SubnetEnv> = None;
+        let mut device_changes = backend.device_changes();
         let mut resync = tokio::time::interval(self.opts.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -248,6 +263,10 @@ impl Agent {
             tokio::select! {
                 _ = view.changed.notified() => dirty = true,
                 _ = resync.tick() => dirty = true,
+                Some(()) = next_change(&mut device_changes) => {
+                    info!("a datapath device changed under us; reconciling");
+                    dirty = true;
+                }
                 _ = retry => dirty = true,
                 _ = tokio::time::sleep_until(next_renew) => {
                     match self.renew(&held).await {
@@ -320,6 +339,7 @@ impl Agent {
         self.set_status(|s| {
             s.peers = peers.len();
             s.reconciles += 1;
+            s.datapath_writes += report.writes;
             s.last_reconcile = Some(report);
         });
         Ok(())
@@ -455,6 +475,14 @@ enum RenewFailure {
     Gone(String),
     /// The controller could not answer: keep everything, retry.
     Retry(String),
+}
+
+async fn next_change(changes: &mut Option<futures::stream::BoxStream<'static, ()>>) -> Option<()> {
+    use futures::StreamExt;
+    match changes {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -6,5 +6,6 @@ pub mod backend;
 pub mod client;
 pub mod datapath;
 pub mod files;
+pub mod firewall;
 pub mod health;
 pub mod hostnet;

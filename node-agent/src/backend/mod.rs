@@ -5,26 +5,43 @@
 //! anywhere else, so adding one touches this file and its own module only.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::stream::BoxStream;
 use overlay_core::config::NetworkConfig;
+use overlay_core::datapath::Route;
 use overlay_core::lease::{BackendData, Lease};
 use overlay_core::BackendType;
 use serde::Serialize;
 
+use crate::datapath::Datapath;
 use crate::hostnet::HostInfo;
 
 pub mod alloc;
+mod forwarding;
+pub mod hostgw;
+pub mod vxlan;
 
 /// What every backend may need from the agent.
 #[derive(Debug, Clone)]
 pub struct BackendContext {
+    pub node: String,
     pub config: NetworkConfig,
     pub host: HostInfo,
     pub state_dir: PathBuf,
     /// `None` with `--bridge none`.
     pub bridge: Option<String>,
     pub ip_masq: bool,
+    /// The datapath to program; `None` connects to the kernel (and lets the backend manage
+    /// host-wide settings such as sysctls and firewall rules, which a fake must not).
+    pub datapath: Option<Arc<dyn Datapath>>,
+}
+
+impl std::fmt::Debug for dyn Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Datapath")
+    }
 }
 
 /// The outcome of one reconcile, reported on `/status`.
@@ -35,6 +52,10 @@ pub struct ReconcileReport {
     pub observed: usize,
     /// Writes issued to bring the kernel to the desired state (0 when nothing drifted).
     pub writes: u64,
+    /// The operations that were needed (what had drifted), at most 50.
+    pub drift: Vec<String>,
+    /// The routes this host should have (what `overlayctl agent status` compares).
+    pub routes: Vec<Route>,
     /// Peers that could not be programmed, with the reason.
     pub skipped: Vec<(String, String)>,
     pub errors: Vec<String>,
@@ -65,18 +86,19 @@ pub trait Backend: Send + Sync {
         own: &Lease,
         peers: &[Lease],
     ) -> Result<ReconcileReport, BackendError>;
+
+    /// Notifications that the backend's devices changed under it (someone deleted the
+    /// VTEP): each one triggers a reconcile.
+    fn device_changes(&self) -> Option<BoxStream<'static, ()>> {
+        None
+    }
 }
 
 /// The registry: a backend by type.
-pub async fn create(
-    kind: BackendType,
-    ctx: BackendContext,
-) -> Result<Box<dyn Backend>, BackendError> {
+pub fn create(kind: BackendType, ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
     match kind {
         BackendType::Alloc => Ok(Box::new(alloc::AllocBackend::new(ctx))),
-        other => Err(BackendError {
-            backend: other.as_str(),
-            message: "not available in this build of the agent".into(),
-        }),
+        BackendType::Vxlan => Ok(Box::new(vxlan::VxlanBackend::new(ctx)?)),
+        BackendType::HostGw => Ok(Box::new(hostgw::HostGwBackend::new(ctx)?)),
     }
 }

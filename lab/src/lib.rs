@@ -1,0 +1,705 @@
+//! A complete Overlay cluster on one Linux machine, made of network namespaces.
+//!
+//! ```text
+//!            underlay namespace <prefix>-ul: bridge br0 192.0.2.1/24, etcd, controller
+//!             |                |                |
+//!   <prefix>-h1 eth0   <prefix>-h2 eth0   <prefix>-h3 eth0      192.0.2.11, .12, .13
+//!   overlay-agent      overlay-agent      overlay-agent         bridge ovl0, VTEP ovl.1
+//!     |                  |                  |
+//!   <prefix>-h1-w1     <prefix>-h2-w1     <prefix>-h3-w1        workloads, eth0 on ovl0
+//! ```
+//!
+//! The same code serves `overlayctl lab` (processes detached, state in `lab.json` so later
+//! commands find them) and the end-to-end tests (processes are children that die with the
+//! test). Nothing is created in the root namespace: every link is made inside a namespace
+//! the lab owns, and etcd and the controller listen inside the underlay namespace, so two
+//! labs never collide on ports. Tearing down deletes the namespaces, which also kills
+//! every process still inside them and drops every rule and route they held; it works from
+//! the namespace prefix alone, so a lab half-made by a crash is cleaned up too.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub mod netns;
+
+pub const UNDERLAY_GATEWAY: &str = "192.0.2.1";
+pub const CONTROLLER_PORT: u16 = 7400;
+pub const AGENT_HEALTH_PORT: u16 = 7402;
+pub const STATE_FILE: &str = "lab.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("{cmd}: {message}")]
+    Command { cmd: String, message: String },
+    #[error("namespace {ns}: {message}")]
+    Namespace { ns: String, message: String },
+    #[error("lab {0:?} already exists: run `overlayctl lab down --name {0}` first")]
+    Exists(String),
+    #[error("lab {0:?} does not exist (start one with `overlayctl lab up`)")]
+    Missing(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    pub name: String,
+    /// Prefix of every namespace the lab makes.
+    pub ns_prefix: String,
+    /// Logs, state, etcd data.
+    pub dir: PathBuf,
+    /// Where the overlay binaries are.
+    pub bin_dir: PathBuf,
+    pub hosts: usize,
+    pub backend: String,
+    pub network: String,
+    pub lease_ttl: Option<String>,
+    pub direct_routing: bool,
+    pub ip_masq: bool,
+    pub workloads_per_host: usize,
+    /// Processes outlive this process (`overlayctl lab up`) rather than being children.
+    pub detach: bool,
+    /// Extra agent flags.
+    pub agent_args: Vec<String>,
+}
+
+impl LabSpec {
+    pub fn new(name: &str, ns_prefix: &str, dir: &Path, bin_dir: &Path) -> LabSpec {
+        LabSpec {
+            name: name.into(),
+            ns_prefix: ns_prefix.into(),
+            dir: dir.into(),
+            bin_dir: bin_dir.into(),
+            hosts: 3,
+            backend: "vxlan".into(),
+            network: "10.244.0.0/16".into(),
+            lease_ttl: None,
+            direct_routing: false,
+            ip_masq: false,
+            workloads_per_host: 1,
+            detach: false,
+            agent_args: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostState {
+    pub name: String,
+    pub ns: String,
+    pub underlay_ip: String,
+    pub dir: PathBuf,
+    pub agent_pid: Option<u32>,
+    pub agent_log: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkloadState {
+    pub name: String,
+    pub host: String,
+    pub ns: String,
+    pub ip: String,
+}
+
+/// What `lab.json` holds: enough for any later command to find everything.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabState {
+    pub name: String,
+    pub ns_prefix: String,
+    pub dir: PathBuf,
+    pub bin_dir: PathBuf,
+    pub backend: String,
+    pub network: String,
+    pub underlay_ns: String,
+    pub controller_url: String,
+    pub etcd_pid: Option<u32>,
+    pub controller_pid: Option<u32>,
+    pub etcd_log: PathBuf,
+    pub controller_log: PathBuf,
+    pub agent_args: Vec<String>,
+    pub hosts: Vec<HostState>,
+    pub workloads: Vec<WorkloadState>,
+}
+
+pub struct Lab {
+    pub state: LabState,
+    /// Child processes when not detached (killed on drop).
+    children: Vec<(String, Child)>,
+    detach: bool,
+    /// Tear everything down on drop (tests).
+    pub down_on_drop: bool,
+}
+
+/// GET `path` on `port` inside namespace `ns`: status code and body.
+pub fn http_get_in(ns: &str, addr: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    let (addr, path) = (addr.to_string(), path.to_string());
+    netns::run_in(ns, move || {
+        let mut s = TcpStream::connect((addr.as_str(), port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        Some((
+            code,
+            text.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default(),
+        ))
+    })
+    .ok()
+    .flatten()
+}
+
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, LabError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            return Err(LabError::Timeout(what.to_string()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> LabError {
+    LabError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Reads `KEY=VALUE` from a subnet.env-style file.
+fn env_value(path: &Path, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+}
+
+impl LabState {
+    pub fn load(dir: &Path) -> Result<LabState, LabError> {
+        let path = dir.join(STATE_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| file_err(&path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| file_err(&path, e))
+    }
+
+    fn save(&self) -> Result<(), LabError> {
+        let path = self.dir.join(STATE_FILE);
+        let tmp = self.dir.join(".lab.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serializes"))
+            .map_err(|e| file_err(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| file_err(&path, e))
+    }
+
+    pub fn host(&self, name: &str) -> Result<&HostState, LabError> {
+        self.hosts.iter().find(|h| h.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.hosts.iter().map(|h| h.name.as_str()).collect();
+            LabError::Invalid(format!(
+                "no host {name:?} in lab {} (hosts: {})",
+                self.name,
+                names.join(", ")
+            ))
+        })
+    }
+
+    /// The namespace of `h1` or `h1/w1`.
+    pub fn target_ns(&self, target: &str) -> Result<String, LabError> {
+        match target.split_once('/') {
+            None => Ok(self.host(target)?.ns.clone()),
+            Some((h, w)) => self
+                .workloads
+                .iter()
+                .find(|x| x.host == h && x.name == w)
+                .map(|x| x.ns.clone())
+                .ok_or_else(|| {
+                    LabError::Invalid(format!("no workload {target:?} in lab {}", self.name))
+                }),
+        }
+    }
+
+    /// The host's leased subnet (from its subnet.env), e.g. "10.244.7.0/24".
+    pub fn host_subnet(&self, host: &HostState) -> Option<String> {
+        let gw = env_value(&host.dir.join("run/subnet.env"), "OVERLAY_SUBNET")?;
+        let (ip, len) = gw.split_once('/')?;
+        let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+        Some(format!(
+            "{}/{len}",
+            std::net::Ipv4Addr::from(u32::from(ip) - 1)
+        ))
+    }
+
+    pub fn agent_ready(&self, host: &HostState) -> bool {
+        matches!(
+            http_get_in(&host.ns, "127.0.0.1", AGENT_HEALTH_PORT, "/readyz"),
+            Some((200, _))
+        )
+    }
+
+    /// The agent's `/status` JSON.
+    pub fn agent_status(&self, host: &HostState) -> Option<serde_json::Value> {
+        let (code, body) = http_get_in(&host.ns, "127.0.0.1", AGENT_HEALTH_PORT, "/status")?;
+        (code == 200)
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten()
+    }
+}
+
+impl Lab {
+    /// Builds the whole lab and waits until every agent is ready. `progress` is told each
+    /// step as it starts.
+    pub fn up(spec: &LabSpec, progress: &mut dyn FnMut(&str)) -> Result<Lab, LabError> {
+        if spec.hosts == 0 || spec.hosts > 200 {
+            return Err(LabError::Invalid(format!(
+                "--hosts {}: use 1 to 200",
+                spec.hosts
+            )));
+        }
+        if spec.dir.join(STATE_FILE).exists()
+            || !netns::list_with_prefix(&format!("{}-", spec.ns_prefix)).is_empty()
+        {
+            return Err(LabError::Exists(spec.name.clone()));
+        }
+        std::fs::create_dir_all(&spec.dir).map_err(|e| file_err(&spec.dir, e))?;
+        let ul = format!("{}-ul", spec.ns_prefix);
+        let mut lab = Lab {
+            state: LabState {
+                name: spec.name.clone(),
+                ns_prefix: spec.ns_prefix.clone(),
+                dir: spec.dir.clone(),
+                bin_dir: spec.bin_dir.clone(),
+                backend: spec.backend.clone(),
+                network: spec.network.clone(),
+                underlay_ns: ul.clone(),
+                controller_url: format!("http://{UNDERLAY_GATEWAY}:{CONTROLLER_PORT}"),
+                etcd_pid: None,
+                controller_pid: None,
+                etcd_log: spec.dir.join("etcd.log"),
+                controller_log: spec.dir.join("controller.log"),
+                agent_args: spec.agent_args.clone(),
+                hosts: Vec::new(),
+                workloads: Vec::new(),
+            },
+            children: Vec::new(),
+            detach: spec.detach,
+            down_on_drop: !spec.detach,
+        };
+        // From here on, a failure tears down what was made.
+        match lab.build(spec, progress) {
+            Ok(()) => Ok(lab),
+            Err(e) => {
+                lab.down_on_drop = false;
+                let _ = lab.teardown();
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&mut self, spec: &LabSpec, progress: &mut dyn FnMut(&str)) -> Result<(), LabError> {
+        let ul = self.state.underlay_ns.clone();
+        progress(&format!(
+            "underlay: namespace {ul}, bridge br0 {UNDERLAY_GATEWAY}/24"
+        ));
+        netns::create(&ul)?;
+        self.state.save()?;
+        netns::ip_in(
+            &ul,
+            &[
+                "link",
+                "add",
+                "br0",
+                "address",
+                "02:42:c0:00:02:01",
+                "type",
+                "bridge",
+            ],
+        )?;
+        netns::ip_in(
+            &ul,
+            &[
+                "addr",
+                "add",
+                &format!("{UNDERLAY_GATEWAY}/24"),
+                "dev",
+                "br0",
+            ],
+        )?;
+        netns::ip_in(&ul, &["link", "set", "br0", "up"])?;
+
+        progress("etcd: starting in the underlay namespace");
+        let etcd_dir = spec.dir.join("etcd");
+        let etcd_args: Vec<String> = vec![
+            "--name=lab".into(),
+            format!("--data-dir={}", etcd_dir.display()),
+            "--listen-client-urls=http://127.0.0.1:2379".into(),
+            "--advertise-client-urls=http://127.0.0.1:2379".into(),
+            "--listen-peer-urls=http://127.0.0.1:2380".into(),
+            "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
+            "--initial-cluster=lab=http://127.0.0.1:2380".into(),
+            "--heartbeat-interval=10".into(),
+            "--election-timeout=50".into(),
+            "--log-level=error".into(),
+        ];
+        let etcd_log = self.state.etcd_log.clone();
+        self.state.etcd_pid =
+            Some(self.spawn("etcd", &ul, Path::new("etcd"), &etcd_args, &etcd_log)?);
+        wait_for("etcd to become healthy", Duration::from_secs(20), || {
+            http_get_in(&ul, "127.0.0.1", 2379, "/health").filter(|(_, b)| b.contains("true"))
+        })?;
+
+        progress(&format!(
+            "controller: listening on {}",
+            self.state.controller_url
+        ));
+        let ctl_args: Vec<String> = vec![
+            "--etcd-endpoints=http://127.0.0.1:2379".into(),
+            format!("--listen={UNDERLAY_GATEWAY}:{CONTROLLER_PORT}"),
+            "--health-listen=127.0.0.1:7401".into(),
+        ];
+        let ctl_bin = spec.bin_dir.join("overlay-controller");
+        let ctl_log = self.state.controller_log.clone();
+        self.state.controller_pid =
+            Some(self.spawn("controller", &ul, &ctl_bin, &ctl_args, &ctl_log)?);
+        wait_for(
+            "the controller to become ready",
+            Duration::from_secs(20),
+            || http_get_in(&ul, "127.0.0.1", 7401, "/readyz").filter(|(c, _)| *c == 200),
+        )?;
+        let mut config = vec![
+            "config".to_string(),
+            "set".into(),
+            "--network".into(),
+            spec.network.clone(),
+            "--backend".into(),
+            spec.backend.clone(),
+        ];
+        if let Some(ttl) = &spec.lease_ttl {
+            config.extend(["--lease-ttl".into(), ttl.clone()]);
+        }
+        if spec.direct_routing {
+            config.push("--direct-routing".into());
+        }
+        self.overlayctl(&config)?;
+        self.state.save()?;
+
+        for i in 1..=spec.hosts {
+            let name = format!("h{i}");
+            progress(&format!(
+                "host {name}: namespace, underlay 192.0.2.{}, agent",
+                10 + i
+            ));
+            self.add_host(&name, i)?;
+        }
+        for h in 0..spec.hosts {
+            let host = self.state.hosts[h].clone();
+            wait_for(
+                &format!(
+                    "the agent on {} to become ready (log: {})",
+                    host.name,
+                    host.agent_log.display()
+                ),
+                Duration::from_secs(60),
+                || self.state.agent_ready(&host).then_some(()),
+            )?;
+        }
+        for h in 0..spec.hosts {
+            for j in 1..=spec.workloads_per_host {
+                let host = self.state.hosts[h].name.clone();
+                progress(&format!("workload {host}/w{j}"));
+                self.add_workload(&host, &format!("w{j}"))?;
+            }
+        }
+        self.state.save()
+    }
+
+    /// Runs `overlayctl --controller URL ARGS` inside the underlay namespace.
+    pub fn overlayctl(&self, args: &[String]) -> Result<String, LabError> {
+        let bin = self.state.bin_dir.join("overlayctl");
+        let mut all = vec![format!("--controller={}", self.state.controller_url)];
+        all.extend(args.iter().cloned());
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = netns::exec(&self.state.underlay_ns, &bin.to_string_lossy(), &all)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn spawn(
+        &mut self,
+        role: &str,
+        ns: &str,
+        bin: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<u32, LabError> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| file_err(log, e))?;
+        let err = out.try_clone().map_err(|e| file_err(log, e))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        netns::in_netns(&mut cmd, ns)?;
+        if self.detach {
+            // SAFETY: setsid is async-signal-safe; the daemon leaves our session.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().map_err(|e| LabError::Command {
+            cmd: bin.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let pid = child.id();
+        if self.detach {
+            std::mem::forget(child);
+        } else {
+            self.children.push((role.to_string(), child));
+        }
+        Ok(pid)
+    }
+
+    fn add_host(&mut self, name: &str, index: usize) -> Result<(), LabError> {
+        let ns = format!("{}-{name}", self.state.ns_prefix);
+        let ip = format!("192.0.2.{}", 10 + index);
+        let ul = self.state.underlay_ns.clone();
+        netns::create(&ns)?;
+        netns::veth(&ns, "eth0", &ul, name, None)?;
+        netns::ip_in(&ul, &["link", "set", name, "master", "br0", "up"])?;
+        netns::ip_in(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns::ip_in(&ns, &["link", "set", "eth0", "up"])?;
+        netns::ip_in(&ns, &["route", "add", "default", "via", UNDERLAY_GATEWAY])?;
+        let dir = self.state.dir.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| file_err(&dir, e))?;
+        let host = HostState {
+            name: name.into(),
+            ns,
+            underlay_ip: ip,
+            agent_log: dir.join("agent.log"),
+            dir,
+            agent_pid: None,
+        };
+        self.state.hosts.push(host);
+        self.start_agent(name)?;
+        self.state.save()
+    }
+
+    fn agent_args(&self, host: &HostState) -> Vec<String> {
+        let mut args = vec![
+            format!("--controller={}", self.state.controller_url),
+            format!("--node-name={}", host.name),
+            "--iface=eth0".into(),
+            format!("--run-dir={}", host.dir.join("run").display()),
+            format!("--state-dir={}", host.dir.join("state").display()),
+            format!("--health-listen=127.0.0.1:{AGENT_HEALTH_PORT}"),
+        ];
+        args.extend(self.state.agent_args.iter().cloned());
+        args
+    }
+
+    /// Starts the agent of `host` (after `stop_agent`, or a crash).
+    pub fn start_agent(&mut self, host: &str) -> Result<(), LabError> {
+        let h = self.state.host(host)?.clone();
+        let args = self.agent_args(&h);
+        let bin = self.state.bin_dir.join("overlay-agent");
+        let pid = self.spawn(&format!("agent-{host}"), &h.ns, &bin, &args, &h.agent_log)?;
+        self.state
+            .hosts
+            .iter_mut()
+            .find(|x| x.name == host)
+            .expect("host")
+            .agent_pid = Some(pid);
+        self.state.save()
+    }
+
+    /// Stops the agent of `host` with `signal` and waits for it to exit.
+    pub fn stop_agent(&mut self, host: &str, signal: i32) -> Result<(), LabError> {
+        let h = self.state.host(host)?.clone();
+        let Some(pid) = h.agent_pid else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) on the pid we started.
+        unsafe { libc::kill(pid as i32, signal) };
+        let role = format!("agent-{host}");
+        if let Some(pos) = self.children.iter().position(|(r, _)| *r == role) {
+            let (_, mut child) = self.children.remove(pos);
+            let _ = child.wait();
+        } else {
+            wait_for(
+                &format!("agent {host} to exit"),
+                Duration::from_secs(10),
+                || {
+                    // SAFETY: signal 0 only checks whether the pid exists.
+                    (unsafe { libc::kill(pid as i32, 0) } != 0).then_some(())
+                },
+            )?;
+        }
+        self.state
+            .hosts
+            .iter_mut()
+            .find(|x| x.name == host)
+            .expect("host")
+            .agent_pid = None;
+        self.state.save()
+    }
+
+    pub fn wait_agent_ready(&self, host: &str, timeout: Duration) -> Result<(), LabError> {
+        let h = self.state.host(host)?.clone();
+        wait_for(&format!("agent {host} ready"), timeout, || {
+            self.state.agent_ready(&h).then_some(())
+        })
+    }
+
+    /// Adds a workload namespace attached to the host's bridge, with the next free address
+    /// of the host's subnet and a default route via the bridge gateway.
+    pub fn add_workload(&mut self, host: &str, name: &str) -> Result<WorkloadState, LabError> {
+        let h = self.state.host(host)?.clone();
+        if self
+            .state
+            .workloads
+            .iter()
+            .any(|w| w.host == host && w.name == name)
+        {
+            return Err(LabError::Invalid(format!(
+                "workload {host}/{name} exists already"
+            )));
+        }
+        let env = h.dir.join("run/subnet.env");
+        let gw = env_value(&env, "OVERLAY_SUBNET").ok_or_else(|| {
+            LabError::Invalid(format!(
+                "{host} has no subnet yet ({} missing)",
+                env.display()
+            ))
+        })?;
+        let mtu: u32 = env_value(&env, "OVERLAY_MTU")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(1450);
+        let (gw_ip, len) = gw.split_once('/').expect("CIDR");
+        let gw_ip: std::net::Ipv4Addr = gw_ip
+            .parse()
+            .map_err(|_| LabError::Invalid(format!("bad OVERLAY_SUBNET {gw}")))?;
+        let used: Vec<&str> = self
+            .state
+            .workloads
+            .iter()
+            .filter(|w| w.host == host)
+            .map(|w| w.ip.as_str())
+            .collect();
+        let ip = (10u32..250)
+            .map(|k| std::net::Ipv4Addr::from(u32::from(gw_ip) + k).to_string())
+            .find(|c| !used.contains(&c.as_str()))
+            .ok_or_else(|| LabError::Invalid(format!("no free address on {host}")))?;
+        let ns = format!("{}-{host}-{name}", self.state.ns_prefix);
+        let host_if = format!("v{host}{name}");
+        if host_if.len() > 15 {
+            return Err(LabError::Invalid(format!(
+                "workload name {name:?} is too long"
+            )));
+        }
+        netns::create(&ns)?;
+        let bridge = "ovl0";
+        netns::veth(&ns, "eth0", &h.ns, &host_if, Some(mtu))?;
+        netns::ip_in(&h.ns, &["link", "set", &host_if, "master", bridge, "up"])?;
+        netns::ip_in(&ns, &["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
+        netns::ip_in(&ns, &["link", "set", "eth0", "up"])?;
+        netns::ip_in(&ns, &["route", "add", "default", "via", &gw_ip.to_string()])?;
+        let w = WorkloadState {
+            name: name.into(),
+            host: host.into(),
+            ns,
+            ip,
+        };
+        self.state.workloads.push(w.clone());
+        self.state.save()?;
+        Ok(w)
+    }
+
+    pub fn remove_workload(&mut self, host: &str, name: &str) -> Result<(), LabError> {
+        let pos = self
+            .state
+            .workloads
+            .iter()
+            .position(|w| w.host == host && w.name == name)
+            .ok_or_else(|| LabError::Invalid(format!("no workload {host}/{name}")))?;
+        let w = self.state.workloads.remove(pos);
+        netns::delete(&w.ns)?;
+        self.state.save()
+    }
+
+    /// Runs a command in a host or workload namespace.
+    pub fn exec(
+        &self,
+        target: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<std::process::Output, LabError> {
+        let ns = self.state.target_ns(target)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null());
+        netns::in_netns(&mut cmd, &ns)?;
+        cmd.output().map_err(|e| LabError::Command {
+            cmd: program.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Removes everything; reports every failure but keeps going.
+    pub fn teardown(&mut self) -> Vec<LabError> {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+        }
+        for (_, mut child) in self.children.drain(..) {
+            let _ = child.wait();
+        }
+        teardown_prefix(&self.state.ns_prefix, &self.state.dir)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.down_on_drop {
+            for e in self.teardown() {
+                eprintln!("lab teardown: {e}");
+            }
+        }
+    }
+}
+
+/// Deletes every namespace named `<prefix>-*` (killing what runs inside) and `dir`.
+/// Safe to run twice and on a half-made lab.
+pub fn teardown_prefix(prefix: &str, dir: &Path) -> Vec<LabError> {
+    let mut errors = Vec::new();
+    // Workloads first, then hosts, then the underlay (whose bridge ports vanish with them).
+    let mut names = netns::list_with_prefix(&format!("{prefix}-"));
+    names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    for ns in names {
+        if let Err(e) = netns::delete(&ns) {
+            errors.push(e);
+        }
+    }
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            errors.push(file_err(dir, e));
+        }
+    }
+    errors
+}

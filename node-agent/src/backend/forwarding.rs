@@ -1,0 +1,189 @@
+//! What the vxlan and host-gw backends share: the workloads' bridge, IP forwarding, the
+//! firewall chains, and the plan → observe → diff → apply cycle for per-peer entries.
+//!
+//! A reconcile always reads the kernel back ([`Datapath::observe`]) instead of trusting
+//! what it wrote last time: entries removed by someone else, or left by peers that vanished
+//! while the agent was down, are found and fixed the same way. Only entries the agent marks
+//! as its own (route protocol, devices it owns) are ever considered, so it never touches
+//! routes it did not make. Every "ensure" writes nothing when the kernel already matches,
+//! which is what makes a restart with an unchanged world free of writes.
+
+use std::sync::Arc;
+
+use futures::stream::{BoxStream, StreamExt};
+use ipnet::Ipv4Net;
+use overlay_core::config::NetworkConfig;
+use overlay_core::datapath::{diff, plan, HostNet, ObservedState};
+use overlay_core::lease::Lease;
+use overlay_core::subnet::gateway;
+use overlay_core::MacAddr;
+use tracing::{info, warn};
+
+use super::{BackendContext, BackendError, ReconcileReport};
+use crate::datapath::{set_sysctl, Datapath, Netlink};
+use crate::firewall;
+
+pub struct Forwarding {
+    pub backend: &'static str,
+    pub config: NetworkConfig,
+    pub host: HostNet,
+    pub bridge: Option<String>,
+    pub bridge_mac: MacAddr,
+    pub ip_masq: bool,
+    pub mtu: u32,
+    pub datapath: Arc<dyn Datapath>,
+    /// The VTEP name, for backends that have one (its entries are observed too).
+    pub vtep: Option<String>,
+    /// Whether to manage host-wide settings (sysctl, firewall): only against the real
+    /// kernel, never with an injected (fake) datapath.
+    manage_host: bool,
+    last_skipped: Vec<(Ipv4Net, String)>,
+}
+
+impl Forwarding {
+    /// Connects to the kernel (or takes the datapath given in `ctx`) and checks that the
+    /// host has what a forwarding backend needs: an interface holding the public IP.
+    pub fn new(
+        backend: &'static str,
+        ctx: &BackendContext,
+        mtu: u32,
+    ) -> Result<Self, BackendError> {
+        let err = |message: String| BackendError { backend, message };
+        let (Some(iface), Some(underlay)) = (ctx.host.iface.clone(), ctx.host.underlay) else {
+            return Err(err(format!(
+                "the public IP {} is not on any interface of this host; pass --iface or a --public-ip the host has",
+                ctx.host.public_ip
+            )));
+        };
+        let manage_host = ctx.datapath.is_none();
+        let datapath: Arc<dyn Datapath> = match &ctx.datapath {
+            Some(d) => d.clone(),
+            None => Arc::new(Netlink::connect().map_err(|e| err(format!("netlink: {e}")))?),
+        };
+        Ok(Forwarding {
+            backend,
+            config: ctx.config.clone(),
+            host: HostNet {
+                public_ip: ctx.host.public_ip,
+                iface,
+                underlay,
+            },
+            bridge: ctx.bridge.clone(),
+            bridge_mac: MacAddr::derive(&format!("overlay-bridge/{}", ctx.node)),
+            ip_masq: ctx.ip_masq,
+            mtu,
+            datapath,
+            vtep: None,
+            manage_host,
+            last_skipped: Vec::new(),
+        })
+    }
+
+    fn err(&self, what: &str, e: impl std::fmt::Display) -> BackendError {
+        BackendError {
+            backend: self.backend,
+            message: format!("{what}: {e}"),
+        }
+    }
+
+    /// Host-level state: forwarding on, the bridge with the gateway address, firewall.
+    async fn ensure_host(&self, own: &Lease) -> Result<(), BackendError> {
+        if let Some(bridge) = &self.bridge {
+            self.datapath
+                .ensure_bridge(bridge, self.bridge_mac, self.mtu)
+                .await
+                .map_err(|e| self.err(&format!("bridge {bridge}"), e))?;
+            self.datapath
+                .ensure_addresses(bridge, &[gateway(own.subnet)])
+                .await
+                .map_err(|e| self.err(&format!("address of bridge {bridge}"), e))?;
+        }
+        if !self.manage_host {
+            return Ok(());
+        }
+        set_sysctl("net/ipv4/ip_forward", "1")
+            .map_err(|e| self.err("enabling IP forwarding", e))?;
+        let (network, ip_masq) = (self.config.network, self.ip_masq);
+        let result =
+            tokio::task::spawn_blocking(move || -> Result<bool, firewall::FirewallError> {
+                let mut wrote = firewall::ensure_chain(&firewall::forward_rules(network))?;
+                if ip_masq {
+                    wrote |= firewall::ensure_chain(&firewall::masq_rules(network))?;
+                } else {
+                    for e in firewall::remove_chain("nat", "POSTROUTING", firewall::MASQ_CHAIN) {
+                        warn!(error = %e, "could not remove old masquerade rules");
+                    }
+                }
+                Ok(wrote)
+            })
+            .await
+            .map_err(|e| self.err("firewall task", e))?;
+        if result.map_err(|e| self.err("firewall rules", e))? {
+            info!(%network, ip_masq, "firewall rules installed");
+        }
+        Ok(())
+    }
+
+    /// Brings per-peer entries to the plan for `own` and `peers`.
+    pub async fn reconcile(
+        &mut self,
+        own: &Lease,
+        peers: &[Lease],
+    ) -> Result<ReconcileReport, BackendError> {
+        let before = self.datapath.writes();
+        self.ensure_host(own).await?;
+        let desired = plan(&self.config, own, peers, &self.host);
+        let observed: ObservedState = self
+            .datapath
+            .observe(self.vtep.as_deref(), &self.host.iface)
+            .await
+            .map_err(|e| self.err("reading the kernel's entries", e))?;
+        let ops = diff(&desired, &observed);
+        let applied = self.datapath.apply(&ops).await;
+        if desired.skipped != self.last_skipped {
+            for (subnet, why) in &desired.skipped {
+                warn!(%subnet, reason = %why, "peer not programmed");
+            }
+            self.last_skipped = desired.skipped.clone();
+        }
+        let entries = desired.entries();
+        Ok(ReconcileReport {
+            desired: entries.routes.len() + entries.neighbours.len() + entries.fdb.len(),
+            observed: observed.routes.len() + observed.neighbours.len() + observed.fdb.len(),
+            writes: self.datapath.writes() - before,
+            drift: ops.iter().take(50).map(|o| o.to_string()).collect(),
+            skipped: desired
+                .skipped
+                .iter()
+                .map(|(s, why)| (s.to_string(), why.clone()))
+                .collect(),
+            errors: applied
+                .failed
+                .iter()
+                .map(|(op, e)| format!("{op}: {e}"))
+                .collect(),
+            routes: entries.routes.into_values().collect(),
+        })
+    }
+
+    /// Notifications that one of our devices changed or vanished.
+    pub fn device_changes(&self) -> Option<BoxStream<'static, ()>> {
+        let mine: Vec<String> = self
+            .bridge
+            .iter()
+            .chain(self.vtep.iter())
+            .cloned()
+            .collect();
+        match self.datapath.subscribe_link_changes() {
+            Ok(s) => Some(
+                s.filter(move |c| futures::future::ready(mine.contains(&c.name)))
+                    .map(|_| ())
+                    .boxed(),
+            ),
+            Err(e) => {
+                warn!(error = %e, "cannot watch link changes; relying on periodic reconciles");
+                None
+            }
+        }
+    }
+}

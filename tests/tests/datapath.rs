@@ -1,0 +1,329 @@
+//! End-to-end datapath tests: three hosts made of network namespaces on an underlay
+//! bridge, a real etcd and controller, one real `overlay-agent` per host, and a workload
+//! namespace per host. Needs root (skipped with a message otherwise).
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use overlay_lab::{netns, Lab, LabSpec};
+use overlay_tests::{bin_path, is_root, skip, wait_until};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn lab(
+    test: &str,
+    backend: &str,
+    tweak: impl FnOnce(&mut LabSpec),
+) -> Option<(Lab, tempfile::TempDir)> {
+    if !is_root() {
+        skip(test, "needs root for network namespaces");
+        return None;
+    }
+    if overlay_tests::etcd::etcd_binary().is_none() {
+        skip(test, "etcd is not installed (apt-get install etcd-server)");
+        return None;
+    }
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prefix = format!(
+        "ovlt-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_path_buf();
+    let mut spec = LabSpec::new(test, &prefix, &dir.path().join("lab"), &bin_dir);
+    spec.backend = backend.into();
+    spec.agent_args = vec!["--resync-interval=2s".into()];
+    tweak(&mut spec);
+    let lab = Lab::up(&spec, &mut |_| {}).unwrap_or_else(|e| panic!("lab up: {e}"));
+    Some((lab, dir))
+}
+
+fn ping(lab: &Lab, from: &str, to: &str) -> bool {
+    lab.exec(from, "ping", &["-c", "1", "-W", "2", to])
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn ping_eventually(lab: &Lab, from: &str, to: &str) -> bool {
+    wait_until(PATIENCE, || ping(lab, from, to).then_some(())).is_some()
+}
+
+fn workload_ip(lab: &Lab, target: &str) -> String {
+    let (h, w) = target.split_once('/').unwrap();
+    lab.state
+        .workloads
+        .iter()
+        .find(|x| x.host == h && x.name == w)
+        .unwrap()
+        .ip
+        .clone()
+}
+
+fn subnet_of(lab: &Lab, host: &str) -> String {
+    lab.state
+        .host_subnet(lab.state.host(host).unwrap())
+        .expect("host has a subnet")
+}
+
+/// The agent-owned kernel state of a host, as `ip`/`bridge` print it.
+fn dump(lab: &Lab, host: &str) -> String {
+    let run = |args: &[&str]| {
+        let out = lab.exec(host, args[0], &args[1..]).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut s = run(&["ip", "route", "show", "proto", "79"]);
+    s += &run(&["ip", "neigh", "show", "nud", "permanent"]);
+    s += &run(&["bridge", "fdb", "show", "dev", "ovl.1"]);
+    s += &run(&["ip", "-d", "link", "show", "ovl.1"]);
+    s += &run(&["ip", "-4", "addr", "show", "ovl0"]);
+    s
+}
+
+fn routes(lab: &Lab, host: &str) -> String {
+    let out = lab
+        .exec(host, "ip", &["route", "show", "proto", "79"])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn status(lab: &Lab, host: &str) -> serde_json::Value {
+    lab.state
+        .agent_status(lab.state.host(host).unwrap())
+        .expect("agent status")
+}
+
+fn all_workloads_reach_each_other(lab: &Lab) {
+    let targets: Vec<String> = lab
+        .state
+        .workloads
+        .iter()
+        .map(|w| format!("{}/{}", w.host, w.name))
+        .collect();
+    for from in &targets {
+        for to in &targets {
+            if from != to {
+                let ip = workload_ip(lab, to);
+                assert!(
+                    ping_eventually(lab, from, &ip),
+                    "{from} cannot reach {to} ({ip})"
+                );
+            }
+        }
+    }
+}
+
+/// Starts `ping -i 0.05` in a workload; returns (sent, received) when stopped.
+struct Pinger(std::process::Child);
+
+impl Pinger {
+    fn start(lab: &Lab, from: &str, to: &str) -> Pinger {
+        let ns = lab.state.target_ns(from).unwrap();
+        let mut cmd = Command::new("ping");
+        cmd.args(["-i", "0.05", "-W", "1", to])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        netns::in_netns(&mut cmd, &ns).unwrap();
+        Pinger(cmd.spawn().expect("ping"))
+    }
+
+    fn stop(mut self) -> (u64, u64) {
+        // SIGINT makes ping print its summary.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let out = self.0.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("ping: {text}"));
+        let nums: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        (nums[0], nums[1])
+    }
+}
+
+fn datapath_scenario(test: &str, backend: &str) {
+    let Some((mut lab, _dir)) = lab(test, backend, |_| {}) else {
+        return;
+    };
+    all_workloads_reach_each_other(&lab);
+    let s3 = subnet_of(&lab, "h3");
+    let s2 = subnet_of(&lab, "h2");
+    for h in ["h1", "h2"] {
+        assert!(
+            routes(&lab, h).contains(&s3),
+            "{h} has a route to h3's subnet:\n{}",
+            routes(&lab, h)
+        );
+    }
+
+    // An agent restart with an unchanged world: no entry changes, no write, no packet lost.
+    let before = dump(&lab, "h1");
+    let w1 = workload_ip(&lab, "h1/w1");
+    let w2 = workload_ip(&lab, "h2/w1");
+    let out = Pinger::start(&lab, "h2/w1", &w1);
+    let back = Pinger::start(&lab, "h1/w1", &w2);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.stop_agent("h1", libc::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_agent("h1").unwrap();
+    lab.wait_agent_ready("h1", PATIENCE).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (sent, received) = out.stop();
+    let (sent_back, received_back) = back.stop();
+    assert!(sent > 20, "ping ran: {sent}");
+    assert_eq!(
+        received, sent,
+        "h2/w1 -> h1/w1 lost packets across the agent restart"
+    );
+    assert_eq!(
+        received_back, sent_back,
+        "h1/w1 -> h2/w1 lost packets across the agent restart"
+    );
+    assert_eq!(dump(&lab, "h1"), before, "the restart changed kernel state");
+    assert_eq!(
+        status(&lab, "h1")["datapath_writes"],
+        0,
+        "the restarted agent wrote to the kernel"
+    );
+
+    // A revoked peer's entries leave every host.
+    lab.stop_agent("h3", libc::SIGTERM).unwrap();
+    lab.overlayctl(&["lease".into(), "revoke".into(), s3.clone()])
+        .unwrap();
+    for h in ["h1", "h2"] {
+        wait_until(PATIENCE, || (!routes(&lab, h).contains(&s3)).then_some(()))
+            .unwrap_or_else(|| panic!("{h} kept the route to revoked {s3}:\n{}", routes(&lab, h)));
+    }
+    // A peer revoked while this host's agent was down is cleaned when it comes back.
+    lab.stop_agent("h1", libc::SIGTERM).unwrap();
+    lab.stop_agent("h2", libc::SIGTERM).unwrap();
+    lab.overlayctl(&["lease".into(), "revoke".into(), s2.clone()])
+        .unwrap();
+    assert!(
+        routes(&lab, "h1").contains(&s2),
+        "nothing removes entries while the agent is down"
+    );
+    lab.start_agent("h1").unwrap();
+    lab.wait_agent_ready("h1", PATIENCE).unwrap();
+    wait_until(PATIENCE, || {
+        (!routes(&lab, "h1").contains(&s2)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("h1 kept the stale route to {s2}:\n{}", routes(&lab, "h1")));
+    if backend == "vxlan" {
+        let neigh = lab
+            .exec("h1", "ip", &["neigh", "show", "dev", "ovl.1"])
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&neigh.stdout).trim().is_empty(),
+            "stale neighbours on h1"
+        );
+        let fdb = lab
+            .exec("h1", "bridge", &["fdb", "show", "dev", "ovl.1"])
+            .unwrap();
+        let fdb = String::from_utf8_lossy(&fdb.stdout);
+        assert!(
+            !fdb.contains("192.0.2.12") && !fdb.contains("192.0.2.13"),
+            "stale FDB entries on h1:\n{fdb}"
+        );
+    }
+    // The revoked hosts come back (with their subnets, now free again) and traffic resumes.
+    lab.start_agent("h2").unwrap();
+    lab.start_agent("h3").unwrap();
+    lab.wait_agent_ready("h2", PATIENCE).unwrap();
+    lab.wait_agent_ready("h3", PATIENCE).unwrap();
+    all_workloads_reach_each_other(&lab);
+}
+
+#[test]
+fn vxlan_connects_hosts_and_keeps_the_kernel_equal_to_the_leases() {
+    datapath_scenario(
+        "vxlan_connects_hosts_and_keeps_the_kernel_equal_to_the_leases",
+        "vxlan",
+    );
+}
+
+#[test]
+fn host_gw_connects_hosts_and_keeps_the_kernel_equal_to_the_leases() {
+    datapath_scenario(
+        "host_gw_connects_hosts_and_keeps_the_kernel_equal_to_the_leases",
+        "host-gw",
+    );
+}
+
+#[test]
+fn a_deleted_vtep_comes_back() {
+    let Some((lab, _dir)) = lab("a_deleted_vtep_comes_back", "vxlan", |s| s.hosts = 2) else {
+        return;
+    };
+    let to = workload_ip(&lab, "h2/w1");
+    assert!(ping_eventually(&lab, "h1/w1", &to));
+    let mac_before = dump(&lab, "h1");
+    lab.exec("h1", "ip", &["link", "del", "ovl.1"]).unwrap();
+    wait_until(PATIENCE, || {
+        lab.exec("h1", "ip", &["link", "show", "ovl.1"])
+            .ok()
+            .filter(|o| o.status.success())
+    })
+    .expect("the VTEP was recreated");
+    assert!(
+        ping_eventually(&lab, "h1/w1", &to),
+        "traffic resumed after the VTEP came back"
+    );
+    assert_eq!(
+        dump(&lab, "h1")
+            .lines()
+            .filter(|l| l.contains("link/ether"))
+            .collect::<Vec<_>>(),
+        mac_before
+            .lines()
+            .filter(|l| l.contains("link/ether"))
+            .collect::<Vec<_>>(),
+        "same VTEP MAC"
+    );
+}
+
+#[test]
+fn ip_masq_masquerades_only_traffic_leaving_the_cluster() {
+    // Without masquerading the underlay has no route back to workloads.
+    let Some((plain, _d1)) = lab("ip_masq_off", "vxlan", |s| s.hosts = 1) else {
+        return;
+    };
+    assert!(
+        !ping(&plain, "h1/w1", "192.0.2.1"),
+        "without --ip-masq the underlay cannot answer a workload"
+    );
+    drop(plain);
+    let Some((lab, _d2)) = lab("ip_masq_on", "vxlan", |s| {
+        s.hosts = 2;
+        s.agent_args.push("--ip-masq".into());
+    }) else {
+        return;
+    };
+    assert!(
+        ping_eventually(&lab, "h1/w1", "192.0.2.1"),
+        "masqueraded traffic leaves the cluster"
+    );
+    all_workloads_reach_each_other(&lab);
+    let rules = lab
+        .exec(
+            "h1",
+            "iptables",
+            &["-t", "nat", "-S", "OVERLAY-POSTROUTING"],
+        )
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("-d 10.244.0.0/16 -j RETURN") && rules.contains("MASQUERADE"),
+        "{rules}"
+    );
+    let mut seen = HashSet::new();
+    for w in &lab.state.workloads {
+        seen.insert(w.ip.clone());
+    }
+    assert_eq!(seen.len(), 2);
+}
