@@ -25,6 +25,7 @@ use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
 use crate::leases::LeaseManager;
+use crate::metrics::Metrics;
 use crate::store::{StoreError, StoreEvent};
 
 /// Events kept for clients that fall behind before they are resynced with a snapshot.
@@ -34,6 +35,8 @@ pub const HISTORY_CAPACITY: usize = 8192;
 
 struct Fanned {
     message: WatchLeasesResponse,
+    /// When the event reached the controller, for the fan-out lag metric.
+    at: std::time::Instant,
 }
 
 pub struct Fanout {
@@ -43,6 +46,7 @@ pub struct Fanout {
     clients: AtomicUsize,
     events: AtomicU64,
     resyncs: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl Default for Fanout {
@@ -53,7 +57,12 @@ impl Default for Fanout {
 
 impl Fanout {
     pub fn new() -> Self {
+        Self::with_metrics(Arc::new(Metrics::new()))
+    }
+
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
         Fanout {
+            metrics,
             cache: RwLock::new(LeaseCache::new(HISTORY_CAPACITY)),
             tx: broadcast::channel(BROADCAST_CAPACITY).0,
             synced: AtomicBool::new(false),
@@ -82,6 +91,15 @@ impl Fanout {
         self.resyncs.load(Ordering::Relaxed)
     }
 
+    /// Leases in the cache, and how many of them fit `range`.
+    pub fn count_leases(&self, range: Option<&overlay_core::SubnetRange>) -> (usize, usize) {
+        let cache = self.cache.read().expect("cache lock");
+        let fitting = range.map_or(0, |r| {
+            cache.leases().filter(|l| r.contains(l.subnet)).count()
+        });
+        (cache.len(), fitting)
+    }
+
     pub fn revision(&self) -> i64 {
         self.cache.read().expect("cache lock").revision()
     }
@@ -89,9 +107,11 @@ impl Fanout {
     fn broadcast(&self, events: &[Arc<LeaseEvent>]) {
         for e in events {
             self.events.fetch_add(1, Ordering::Relaxed);
+            self.metrics.events_fanned_out.inc();
             // No receivers is fine.
             let _ = self.tx.send(Arc::new(Fanned {
                 message: event_to_proto(e),
+                at: std::time::Instant::now(),
             }));
         }
     }
@@ -219,7 +239,13 @@ fn async_stream(
         },
         |mut st| async move {
             match st.rx.recv().await {
-                Ok(f) => Some((f.message.clone(), st)),
+                Ok(f) => {
+                    st.fanout
+                        .metrics
+                        .fanout_lag
+                        .observe(f.at.elapsed().as_secs_f64());
+                    Some((f.message.clone(), st))
+                }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     let snapshot = {
                         let cache = st.fanout.cache.read().expect("cache lock");
@@ -228,6 +254,7 @@ fn async_stream(
                         snapshot_to_proto(rev, &leases)
                     };
                     st.fanout.resyncs.fetch_add(1, Ordering::Relaxed);
+                    st.fanout.metrics.snapshots_resent.inc();
                     debug!(missed, "watch client fell behind; sending a snapshot");
                     Some((snapshot, st))
                 }

@@ -1,5 +1,6 @@
 //! gRPC handlers. Each one converts the request, delegates to [`LeaseManager`] or
-//! [`Fanout`], and converts the answer; errors become `tonic::Status` in one place
+//! [`Fanout`], and converts the answer. Every unary result goes through [`Api::finish`],
+//! the one place where outcomes are counted and errors become `tonic::Status`
 //! (`impl From<ControlError> for Status`).
 
 use std::net::Ipv4Addr;
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::error::ControlError;
 use crate::fanout::Fanout;
 use crate::leases::{AcquireRequest, LeaseManager};
+use crate::metrics::Metrics;
 
 /// Largest request accepted from a client; every field we take is small.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -25,6 +27,14 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub struct Api {
     pub leases: Arc<LeaseManager>,
     pub fanout: Arc<Fanout>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Api {
+    fn finish<T>(&self, op: &str, result: Result<T, ControlError>) -> Result<Response<T>, Status> {
+        self.metrics.record(op, &result);
+        result.map(Response::new).map_err(Status::from)
+    }
 }
 
 fn parse_subnet(field: &str, text: &str) -> Result<Ipv4Net, ControlError> {
@@ -50,23 +60,11 @@ fn parse_mac(field: &str, text: &str) -> Result<MacAddr, ControlError> {
         .map_err(|e| ControlError::InvalidArgument(format!("{field}: {e}")))
 }
 
-#[tonic::async_trait]
-impl Agent for Api {
-    async fn get_config(
+impl Api {
+    async fn acquire(
         &self,
-        _: Request<v1::GetConfigRequest>,
-    ) -> Result<Response<v1::GetConfigResponse>, Status> {
-        let config = self.leases.config().await?;
-        Ok(Response::new(v1::GetConfigResponse {
-            config: Some(config_to_proto(&config)),
-        }))
-    }
-
-    async fn acquire_lease(
-        &self,
-        req: Request<v1::AcquireLeaseRequest>,
-    ) -> Result<Response<v1::AcquireLeaseResponse>, Status> {
-        let r = req.into_inner();
+        r: v1::AcquireLeaseRequest,
+    ) -> Result<v1::AcquireLeaseResponse, ControlError> {
         let request = AcquireRequest {
             node: r.node,
             public_ip: parse_ip("public_ip", &r.public_ip)?,
@@ -87,11 +85,43 @@ impl Agent for Api {
         let expires = acquired
             .ttl
             .map(|t| unix_millis(std::time::SystemTime::now() + t));
-        Ok(Response::new(v1::AcquireLeaseResponse {
+        Ok(v1::AcquireLeaseResponse {
             lease: Some(lease_to_proto(&acquired.lease, expires)),
             config: Some(config_to_proto(&acquired.config)),
             ttl_secs: acquired.ttl.map(|t| t.as_secs()).unwrap_or(0),
-        }))
+        })
+    }
+
+    async fn list(&self) -> Result<v1::ListLeasesResponse, ControlError> {
+        let (leases, revision) = self.leases.list().await?;
+        Ok(v1::ListLeasesResponse {
+            leases: leases
+                .iter()
+                .map(|l| lease_to_proto(&l.lease, l.expires_at.map(unix_millis)))
+                .collect(),
+            revision,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for Api {
+    async fn get_config(
+        &self,
+        _: Request<v1::GetConfigRequest>,
+    ) -> Result<Response<v1::GetConfigResponse>, Status> {
+        let r = self.leases.config().await.map(|c| v1::GetConfigResponse {
+            config: Some(config_to_proto(&c)),
+        });
+        self.finish("get_config", r)
+    }
+
+    async fn acquire_lease(
+        &self,
+        req: Request<v1::AcquireLeaseRequest>,
+    ) -> Result<Response<v1::AcquireLeaseResponse>, Status> {
+        let r = self.acquire(req.into_inner()).await;
+        self.finish("acquire", r)
     }
 
     async fn renew_lease(
@@ -99,13 +129,17 @@ impl Agent for Api {
         req: Request<v1::RenewLeaseRequest>,
     ) -> Result<Response<v1::RenewLeaseResponse>, Status> {
         let r = req.into_inner();
-        let ttl = self
-            .leases
-            .renew(&r.node, parse_subnet("subnet", &r.subnet)?)
-            .await?;
-        Ok(Response::new(v1::RenewLeaseResponse {
-            ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
-        }))
+        let result = async {
+            let ttl = self
+                .leases
+                .renew(&r.node, parse_subnet("subnet", &r.subnet)?)
+                .await?;
+            Ok(v1::RenewLeaseResponse {
+                ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
+            })
+        }
+        .await;
+        self.finish("renew", result)
     }
 
     async fn release_lease(
@@ -113,24 +147,22 @@ impl Agent for Api {
         req: Request<v1::ReleaseLeaseRequest>,
     ) -> Result<Response<v1::ReleaseLeaseResponse>, Status> {
         let r = req.into_inner();
-        self.leases
-            .release(&r.node, parse_subnet("subnet", &r.subnet)?)
-            .await?;
-        Ok(Response::new(v1::ReleaseLeaseResponse {}))
+        let result = async {
+            self.leases
+                .release(&r.node, parse_subnet("subnet", &r.subnet)?)
+                .await?;
+            Ok(v1::ReleaseLeaseResponse {})
+        }
+        .await;
+        self.finish("release", result)
     }
 
     async fn list_leases(
         &self,
         _: Request<v1::ListLeasesRequest>,
     ) -> Result<Response<v1::ListLeasesResponse>, Status> {
-        let (leases, revision) = self.leases.list().await?;
-        Ok(Response::new(v1::ListLeasesResponse {
-            leases: leases
-                .iter()
-                .map(|l| lease_to_proto(&l.lease, l.expires_at.map(unix_millis)))
-                .collect(),
-            revision,
-        }))
+        let r = self.list().await;
+        self.finish("list", r)
     }
 
     type WatchLeasesStream =
@@ -152,9 +184,8 @@ impl Agent for Api {
             ))
             .into());
         }
-        Ok(Response::new(Box::pin(
-            self.fanout.subscribe(after).map(Ok),
-        )))
+        let stream: Self::WatchLeasesStream = Box::pin(self.fanout.subscribe(after).map(Ok));
+        Ok(Response::new(stream))
     }
 }
 
@@ -165,11 +196,15 @@ impl Admin for Api {
         req: Request<v1::SetConfigRequest>,
     ) -> Result<Response<v1::SetConfigResponse>, Status> {
         let r = req.into_inner();
-        let (config, revoked) = self.leases.set_config(&r.json, r.force).await?;
-        Ok(Response::new(v1::SetConfigResponse {
-            config: Some(config_to_proto(&config)),
-            revoked: revoked.iter().map(|l| l.subnet.to_string()).collect(),
-        }))
+        let result = self
+            .leases
+            .set_config(&r.json, r.force)
+            .await
+            .map(|(config, revoked)| v1::SetConfigResponse {
+                config: Some(config_to_proto(&config)),
+                revoked: revoked.iter().map(|l| l.subnet.to_string()).collect(),
+            });
+        self.finish("set_config", result)
     }
 
     async fn reserve_subnet(
@@ -177,20 +212,28 @@ impl Admin for Api {
         req: Request<v1::ReserveSubnetRequest>,
     ) -> Result<Response<v1::ReserveSubnetResponse>, Status> {
         let r = req.into_inner();
-        let subnet = parse_subnet("subnet", &r.subnet)?;
-        let ip = parse_ip("public_ip", &r.public_ip)?;
-        let lease = self.leases.reserve(subnet, &r.node, ip).await?;
-        Ok(Response::new(v1::ReserveSubnetResponse {
-            lease: Some(lease_to_proto(&lease, None)),
-        }))
+        let result = async {
+            let subnet = parse_subnet("subnet", &r.subnet)?;
+            let ip = parse_ip("public_ip", &r.public_ip)?;
+            let lease = self.leases.reserve(subnet, &r.node, ip).await?;
+            Ok(v1::ReserveSubnetResponse {
+                lease: Some(lease_to_proto(&lease, None)),
+            })
+        }
+        .await;
+        self.finish("reserve", result)
     }
 
     async fn revoke_lease(
         &self,
         req: Request<v1::RevokeLeaseRequest>,
     ) -> Result<Response<v1::RevokeLeaseResponse>, Status> {
-        let subnet = parse_subnet("subnet", &req.into_inner().subnet)?;
-        self.leases.revoke(subnet).await?;
-        Ok(Response::new(v1::RevokeLeaseResponse {}))
+        let result = async {
+            let subnet = parse_subnet("subnet", &req.into_inner().subnet)?;
+            self.leases.revoke(subnet).await?;
+            Ok(v1::RevokeLeaseResponse {})
+        }
+        .await;
+        self.finish("revoke", result)
     }
 }

@@ -11,6 +11,8 @@ use axum::Router;
 use tracing::{info, warn};
 
 use crate::fanout::Fanout;
+use crate::leases::LeaseManager;
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// How often etcd is pinged for readiness.
@@ -19,6 +21,41 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct Readiness {
     etcd_ok: AtomicBool,
+}
+
+/// What the health endpoint reads.
+#[derive(Clone)]
+pub struct HealthState {
+    pub readiness: Arc<Readiness>,
+    pub fanout: Arc<Fanout>,
+    pub leases: Arc<LeaseManager>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl HealthState {
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if !self.readiness.etcd_ok() {
+            Err("etcd unreachable")
+        } else if !self.fanout.is_synced() {
+            Err("lease cache not loaded")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The metrics text, with state gauges computed now.
+    pub fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        let range = self.leases.last_config().map(|c| c.range());
+        let (held, fitting) = self.fanout.count_leases(range.as_ref());
+        m.leases_held.set(held as i64);
+        if let Some(r) = range {
+            m.subnets_free.set(r.len() as i64 - fitting as i64);
+        }
+        m.watch_clients.set(self.fanout.clients() as i64);
+        m.etcd_up.set(self.readiness.etcd_ok() as i64);
+        m.encode()
+    }
 }
 
 impl Readiness {
@@ -46,21 +83,34 @@ impl Readiness {
     }
 }
 
-pub fn router(readiness: Arc<Readiness>, fanout: Arc<Fanout>) -> Router {
+pub fn router(state: HealthState) -> Router {
+    let (ready, metrics) = (state.clone(), state);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
-                let (readiness, fanout) = (readiness.clone(), fanout.clone());
+                let r = ready.ready();
                 async move {
-                    if !readiness.etcd_ok() {
-                        (StatusCode::SERVICE_UNAVAILABLE, "etcd unreachable\n")
-                    } else if !fanout.is_synced() {
-                        (StatusCode::SERVICE_UNAVAILABLE, "lease cache not loaded\n")
-                    } else {
-                        (StatusCode::OK, "ready\n")
+                    match r {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                     }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.metrics_text();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        text,
+                    )
                 }
             }),
         )

@@ -110,11 +110,17 @@ struct Stored {
 pub struct LeaseManager {
     store: Arc<dyn Store>,
     keys: Keys,
+    /// The config as last read, for metrics (never for decisions: those re-read it).
+    last_config: std::sync::RwLock<Option<NetworkConfig>>,
 }
 
 impl LeaseManager {
     pub fn new(store: Arc<dyn Store>, keys: Keys) -> Self {
-        LeaseManager { store, keys }
+        LeaseManager {
+            store,
+            keys,
+            last_config: Default::default(),
+        }
     }
 
     pub fn keys(&self) -> &Keys {
@@ -132,7 +138,14 @@ impl LeaseManager {
             .await?
             .ok_or(ControlError::NoConfig)?;
         let text = String::from_utf8_lossy(&kv.value);
-        NetworkConfig::from_json(&text).map_err(ControlError::BadStoredConfig)
+        let config = NetworkConfig::from_json(&text).map_err(ControlError::BadStoredConfig)?;
+        *self.last_config.write().expect("config lock") = Some(config.clone());
+        Ok(config)
+    }
+
+    /// The config as last read (or written) by this controller.
+    pub fn last_config(&self) -> Option<NetworkConfig> {
+        self.last_config.read().expect("config lock").clone()
     }
 
     /// Decodes a lease key-value; `None` (with a warning) for keys that are not leases.
@@ -456,6 +469,7 @@ impl LeaseManager {
         self.store
             .put(&self.keys.config(), config.to_json().into_bytes())
             .await?;
+        *self.last_config.write().expect("config lock") = Some(config.clone());
         info!(config = %config.to_json(), "network config stored");
         let mut revoked = Vec::new();
         for s in misfits {

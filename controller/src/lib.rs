@@ -8,4 +8,5 @@ pub mod fanout;
 pub mod grpc;
 pub mod health;
 pub mod leases;
+pub mod metrics;
 pub mod store;

@@ -8,8 +8,9 @@ use anyhow::Context;
 use clap::Parser;
 use overlay_controller::fanout::Fanout;
 use overlay_controller::grpc::{Api, MAX_REQUEST_BYTES};
-use overlay_controller::health::{self, Readiness};
+use overlay_controller::health::{self, HealthState, Readiness};
 use overlay_controller::leases::{Keys, LeaseManager};
+use overlay_controller::metrics::{MeteredStore, Metrics};
 use overlay_controller::store::{EtcdStore, Store};
 use overlay_proto::v1::{admin_server::AdminServer, agent_server::AgentServer};
 use tracing::{error, info, warn};
@@ -70,6 +71,38 @@ async fn connect_etcd(endpoints: &[String]) -> EtcdStore {
     }
 }
 
+/// Tells systemd (Type=notify) we are ready once the lease cache is loaded, keeps STATUS=
+/// current, and pings the watchdog while the process is healthy enough to run this loop.
+async fn notify_systemd(state: HealthState) {
+    use sd_notify::NotifyState;
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut ready_sent = false;
+    let mut last_status = String::new();
+    loop {
+        let status = match state.ready() {
+            Ok(()) => format!("ready; {} watch clients", state.fanout.clients()),
+            Err(why) => format!("not ready: {why}"),
+        };
+        if status != last_status {
+            let _ = sd_notify::notify(&[NotifyState::Status(&status)]);
+            last_status = status;
+        }
+        if !ready_sent && state.ready().is_ok() {
+            let _ = sd_notify::notify(&[NotifyState::Ready]);
+            ready_sent = true;
+        }
+        if watchdog.is_some() {
+            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+        }
+        tokio::time::sleep(
+            watchdog
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1)),
+        )
+        .await;
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -95,32 +128,41 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--listen: cannot listen on {}", args.listen))?;
 
-    let fanout = Arc::new(Fanout::new());
+    info!(endpoints = ?args.etcd_endpoints, prefix = %args.etcd_prefix, "connecting to etcd");
+    let metrics = Arc::new(Metrics::new());
+    let etcd: Arc<dyn Store> = Arc::new(connect_etcd(&args.etcd_endpoints).await);
+    let store: Arc<dyn Store> = Arc::new(MeteredStore::new(etcd, metrics.clone()));
+    let manager = Arc::new(LeaseManager::new(
+        store.clone(),
+        Keys::new(&args.etcd_prefix),
+    ));
+    let fanout = Arc::new(Fanout::with_metrics(metrics.clone()));
     let readiness = Arc::new(Readiness::default());
+    let health_state = HealthState {
+        readiness: readiness.clone(),
+        fanout: fanout.clone(),
+        leases: manager.clone(),
+        metrics: metrics.clone(),
+    };
     if let Some(addr) = health_addr {
-        let router = health::router(readiness.clone(), fanout.clone());
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
+        let router = health::router(health_state.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
                 error!(error = %e, "health endpoint failed");
             }
         });
     }
-
-    info!(endpoints = ?args.etcd_endpoints, prefix = %args.etcd_prefix, "connecting to etcd");
-    let store: Arc<dyn Store> = Arc::new(connect_etcd(&args.etcd_endpoints).await);
-    let manager = Arc::new(LeaseManager::new(
-        store.clone(),
-        Keys::new(&args.etcd_prefix),
-    ));
     tokio::spawn(readiness.clone().watch_store(store.clone()));
     tokio::spawn(fanout.clone().run(manager.clone()));
+    tokio::spawn(notify_systemd(health_state));
 
     let api = Api {
         leases: manager,
         fanout,
+        metrics,
     };
     info!(listen = %args.listen, "serving gRPC");
     tonic::transport::Server::builder()

@@ -31,6 +31,7 @@ use crate::client::{error_chain, is_transport_failure, Controllers};
 use crate::datapath::Datapath;
 use crate::files::{write_atomic, AgentState, SubnetEnv, SUBNET_ENV};
 use crate::hostnet::{self, HostInfo};
+use crate::metrics::AgentMetrics;
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -110,6 +111,7 @@ pub struct Agent {
     controllers: Arc<Controllers>,
     status: SharedStatus,
     datapath: Option<Arc<dyn Datapath>>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Agent {
@@ -120,7 +122,14 @@ impl Agent {
             controllers: Arc::new(controllers),
             status,
             datapath: None,
+            metrics: Arc::new(AgentMetrics::new()),
         }
+    }
+
+    /// Records metrics into `metrics` (served on `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Programs `datapath` instead of the kernel (tests use the in-memory fake).
@@ -131,6 +140,11 @@ impl Agent {
 
     fn set_status(&self, f: impl FnOnce(&mut AgentStatus)) {
         f(&mut self.status.write().expect("status"));
+    }
+
+    /// A STATUS= line for systemd (Type=notify); a no-op outside systemd.
+    fn systemd_status(&self, text: &str) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(text)]);
     }
 
     fn note_error(&self, what: &str, e: &dyn std::fmt::Display) {
@@ -165,6 +179,7 @@ impl Agent {
             .subnet
             .or_else(|| SubnetEnv::read(&self.opts.run_dir.join(SUBNET_ENV)).map(|e| e.subnet));
 
+        self.systemd_status("fetching the network config");
         let config = self.fetch_config().await;
         info!(network = %config.network, backend = %config.backend.kind, "network config received");
         let ctx = BackendContext {
@@ -183,7 +198,13 @@ impl Agent {
             s.mtu = Some(backend.mtu());
         });
 
+        self.systemd_status("acquiring a lease");
         let mut held = self.acquire_lease(&host, &config, &data, previous).await;
+        self.metrics.renewed(true);
+        self.systemd_status(&format!(
+            "lease {} held; programming the datapath",
+            held.lease.subnet
+        ));
         self.remember(&mut state, &held, &host, &data)?;
 
         let view = Arc::new(PeerView {
@@ -204,6 +225,10 @@ impl Agent {
         let mut retry_at: Option<Instant> = None;
         let mut written_env: Option<SubnetEnv> = None;
         let mut device_changes = backend.device_changes();
+        let mut first_reconcile = true;
+        let watchdog_every = sd_notify::watchdog_enabled().map(|d| d / 2);
+        let mut watchdog =
+            tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
         let mut resync = tokio::time::interval(self.opts.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -228,8 +253,12 @@ impl Agent {
                     // a renewal tells which.
                     next_renew = Instant::now();
                 }
-                match self.reconcile(backend.as_mut(), &held.lease, &peers).await {
+                match self
+                    .reconcile(backend.as_mut(), &held.lease, &peers, first_reconcile)
+                    .await
+                {
                     Ok(()) => {
+                        first_reconcile = false;
                         retry_at = None;
                         let env = SubnetEnv {
                             network: config.network,
@@ -245,7 +274,14 @@ impl Agent {
                             info!(subnet = %held.lease.subnet, path = %self.opts.run_dir.join(SUBNET_ENV).display(), "subnet.env written; ready");
                             written_env = Some(env);
                             self.set_status(|s| s.ready = true);
+                            // READY=1 only now: subnet.env and the datapath are in place.
+                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                         }
+                        let peers_now = self.status.read().expect("status").peers;
+                        self.systemd_status(&format!(
+                            "ready: subnet {}, {peers_now} peers",
+                            held.lease.subnet
+                        ));
                     }
                     Err(e) => {
                         warn!(error = %e, "reconcile failed; retrying");
@@ -263,6 +299,10 @@ impl Agent {
             tokio::select! {
                 _ = view.changed.notified() => dirty = true,
                 _ = resync.tick() => dirty = true,
+                _ = watchdog.tick(), if watchdog_every.is_some() => {
+                    // The main loop is alive: tell systemd's watchdog.
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
                 Some(()) = next_change(&mut device_changes) => {
                     info!("a datapath device changed under us; reconciling");
                     dirty = true;
@@ -271,6 +311,7 @@ impl Agent {
                 _ = tokio::time::sleep_until(next_renew) => {
                     match self.renew(&held).await {
                         Ok(ttl) => {
+                            self.metrics.renewed(true);
                             renew_backoff = Duration::from_millis(500);
                             next_renew = Instant::now() + renew_interval(ttl);
                         }
@@ -283,6 +324,7 @@ impl Agent {
                             dirty = true;
                         }
                         Err(RenewFailure::Retry(why)) => {
+                            self.metrics.renewed(false);
                             debug!(reason = %why, retry_in = ?renew_backoff, "renewal failed; keeping everything and retrying");
                             self.note_error("renew", &why);
                             next_renew = Instant::now() + renew_backoff;
@@ -324,8 +366,19 @@ impl Agent {
         backend: &mut dyn Backend,
         own: &Lease,
         peers: &[Lease],
+        first: bool,
     ) -> Result<(), backend::BackendError> {
-        let report = backend.reconcile(own, peers).await?;
+        let started = std::time::Instant::now();
+        let report = match backend.reconcile(own, peers).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics
+                    .reconciled(Err(()), peers.len(), first, started);
+                return Err(e);
+            }
+        };
+        self.metrics
+            .reconciled(Ok(&report), peers.len(), first, started);
         if report.writes > 0 {
             info!(
                 writes = report.writes,

@@ -1,15 +1,34 @@
 //! The agent's health endpoint: `/healthz` (alive), `/readyz` (lease held, datapath in
-//! place, `subnet.env` written) and `/status` (JSON: lease, peers, last reconcile).
+//! place, `subnet.env` written), `/status` (JSON: lease, peers, last reconcile) and
+//! `/metrics` (Prometheus text).
 
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::agent::SharedStatus;
+use std::sync::Arc;
 
-pub fn router(status: SharedStatus) -> Router {
+use crate::agent::SharedStatus;
+use crate::metrics::AgentMetrics;
+
+pub fn router(status: SharedStatus, metrics: Arc<AgentMetrics>) -> Router {
     let ready = status.clone();
     Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.encode();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",

@@ -10,6 +10,7 @@ use clap::Parser;
 use overlay_agent::agent::{Agent, AgentOptions, SharedStatus};
 use overlay_agent::client::Controllers;
 use overlay_agent::health;
+use overlay_agent::metrics::AgentMetrics;
 use tracing::{error, info};
 
 #[derive(Parser, Debug)]
@@ -104,11 +105,12 @@ async fn main() -> anyhow::Result<()> {
         })?),
     };
     let status = SharedStatus::default();
+    let metrics = Arc::new(AgentMetrics::new());
     if let Some(addr) = health_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
-        let router = health::router(status.clone());
+        let router = health::router(status.clone(), metrics.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
                 error!(error = %e, "health endpoint failed");
@@ -125,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
         ip_masq: args.ip_masq,
         resync_interval: args.resync_interval,
     };
-    let agent = Agent::new(opts, controllers, Arc::clone(&status));
+    let agent = Agent::new(opts, controllers, Arc::clone(&status)).with_metrics(metrics);
     agent.run(shutdown_signal()).await?;
     Ok(())
 }

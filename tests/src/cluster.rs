@@ -93,12 +93,23 @@ impl Controller {
 }
 
 fn spawn_logged(name: &str, bin: &str, args: &[String], log_path: &Path) -> Child {
+    spawn_logged_env(name, bin, args, log_path, &[])
+}
+
+fn spawn_logged_env(
+    name: &str,
+    bin: &str,
+    args: &[String],
+    log_path: &Path,
+    env: &[(&str, &str)],
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
         .expect("log file");
     let mut cmd = Command::new(bin_path(bin));
+    cmd.envs(env.iter().copied());
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
@@ -125,6 +136,18 @@ impl Agent {
         dir: &Path,
         extra: &[&str],
     ) -> Agent {
+        Self::start_with_env(controllers, name, public_ip, dir, extra, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_with_env(
+        controllers: &str,
+        name: &str,
+        public_ip: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let dir = dir.join(name);
         let health_port = free_port();
         let mut args = vec![
@@ -138,7 +161,7 @@ impl Agent {
         args.extend(extra.iter().map(|s| s.to_string()));
         let (log_path, _) = log_file(&dir, "agent");
         Agent {
-            child: spawn_logged(name, "overlay-agent", &args, &log_path),
+            child: spawn_logged_env(name, "overlay-agent", &args, &log_path, env),
             name: name.to_string(),
             dir,
             health_port,

@@ -152,6 +152,9 @@ impl Forwarding {
             observed: observed.routes.len() + observed.neighbours.len() + observed.fdb.len(),
             writes: self.datapath.writes() - before,
             drift: ops.iter().take(50).map(|o| o.to_string()).collect(),
+            drift_count: ops.len(),
+            neighbours: entries.neighbours.len(),
+            fdb: entries.fdb.len(),
             skipped: desired
                 .skipped
                 .iter()

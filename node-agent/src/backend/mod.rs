@@ -52,8 +52,13 @@ pub struct ReconcileReport {
     pub observed: usize,
     /// Writes issued to bring the kernel to the desired state (0 when nothing drifted).
     pub writes: u64,
-    /// The operations that were needed (what had drifted), at most 50.
+    /// The operations that were needed (what had drifted), at most 50 listed.
     pub drift: Vec<String>,
+    /// How many operations were needed.
+    pub drift_count: usize,
+    /// Desired neighbour and FDB entries.
+    pub neighbours: usize,
+    pub fdb: usize,
     /// The routes this host should have (what `overlayctl agent status` compares).
     pub routes: Vec<Route>,
     /// Peers that could not be programmed, with the reason.

@@ -1,0 +1,275 @@
+//! Prometheus metrics of the controller (text format on the health endpoint's `/metrics`).
+//!
+//! Gauges that describe state (leases held, free subnets, watch clients) are computed when
+//! scraped, from the fan-out cache, so they can never drift from what is served. Counters
+//! and histograms are updated where things happen. etcd latency is measured by wrapping the
+//! store ([`MeteredStore`]), so no call site can forget to.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::error::ControlError;
+use crate::store::{KeyValue, LeaseId, Store, StoreError, WatchStream, Written};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpResult {
+    pub op: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOp {
+    pub op: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub lease_ops: Family<OpResult, Counter>,
+    pub leases_held: Gauge,
+    pub subnets_free: Gauge,
+    pub watch_clients: Gauge,
+    pub events_fanned_out: Counter,
+    pub snapshots_resent: Counter,
+    pub fanout_lag: Histogram,
+    pub etcd_latency: Family<StoreOp, Histogram>,
+    pub etcd_up: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("overlay_controller");
+        let lease_ops = Family::<OpResult, Counter>::default();
+        registry.register(
+            "lease_operations",
+            "Lease operations (acquire, renew, release, reserve, revoke, set_config) by result",
+            lease_ops.clone(),
+        );
+        let leases_held = Gauge::default();
+        registry.register(
+            "leases",
+            "Leases held, reservations included",
+            leases_held.clone(),
+        );
+        let subnets_free = Gauge::default();
+        registry.register(
+            "subnets_free",
+            "Subnets of the range not leased",
+            subnets_free.clone(),
+        );
+        let watch_clients = Gauge::default();
+        registry.register(
+            "watch_clients",
+            "Connected lease watch streams",
+            watch_clients.clone(),
+        );
+        let events_fanned_out = Counter::default();
+        registry.register(
+            "watch_events",
+            "Lease events broadcast to watch streams",
+            events_fanned_out.clone(),
+        );
+        let snapshots_resent = Counter::default();
+        registry.register(
+            "watch_resyncs",
+            "Snapshots sent to watch clients that fell behind or could not be replayed",
+            snapshots_resent.clone(),
+        );
+        let fanout_lag = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "fanout_lag_seconds",
+            "Time from an etcd event reaching the controller to its delivery to a watch stream",
+            fanout_lag.clone(),
+        );
+        let etcd_latency = Family::<StoreOp, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        registry.register(
+            "etcd_request_seconds",
+            "etcd request latency by operation",
+            etcd_latency.clone(),
+        );
+        let etcd_up = Gauge::default();
+        registry.register(
+            "etcd_up",
+            "1 while etcd answers the readiness ping",
+            etcd_up.clone(),
+        );
+        Metrics {
+            registry,
+            lease_ops,
+            leases_held,
+            subnets_free,
+            watch_clients,
+            events_fanned_out,
+            snapshots_resent,
+            fanout_lag,
+            etcd_latency,
+            etcd_up,
+        }
+    }
+
+    /// Counts one operation under its outcome (`ok` or the gRPC code it maps to).
+    pub fn record<T>(&self, op: &str, result: &Result<T, ControlError>) {
+        let result = match result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => status_label(e),
+        };
+        self.lease_ops
+            .get_or_create(&OpResult {
+                op: op.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding to a String");
+        out
+    }
+}
+
+fn status_label(e: &ControlError) -> String {
+    let code = match e {
+        ControlError::Exhausted { .. } => "resource_exhausted",
+        ControlError::NoConfig | ControlError::FailedPrecondition(_) => "failed_precondition",
+        ControlError::Config(_) | ControlError::Lease(_) | ControlError::InvalidArgument(_) => {
+            "invalid_argument"
+        }
+        ControlError::NotFound(_) => "not_found",
+        ControlError::NotHolder { .. } => "permission_denied",
+        ControlError::Contention(_) => "aborted",
+        ControlError::Store(StoreError::Unavailable(_)) => "unavailable",
+        ControlError::Store(StoreError::LeaseNotFound(_)) => "not_found",
+        ControlError::Store(_) | ControlError::BadStoredConfig(_) => "internal",
+    };
+    code.to_string()
+}
+
+/// A [`Store`] that times every request.
+pub struct MeteredStore {
+    inner: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredStore {
+    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        MeteredStore { inner, metrics }
+    }
+
+    fn observe(&self, op: &str, started: Instant) {
+        let elapsed: Duration = started.elapsed();
+        self.metrics
+            .etcd_latency
+            .get_or_create(&StoreOp { op: op.to_string() })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+macro_rules! timed {
+    ($self:ident, $op:literal, $call:expr) => {{
+        let started = Instant::now();
+        let result = $call.await;
+        $self.observe($op, started);
+        result
+    }};
+}
+
+#[async_trait]
+impl Store for MeteredStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        timed!(self, "get", self.inner.get(key))
+    }
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        timed!(self, "list", self.inner.list(prefix))
+    }
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64, StoreError> {
+        timed!(self, "put", self.inner.put(key, value))
+    }
+    async fn create(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<Written, StoreError> {
+        timed!(self, "create", self.inner.create(key, value, lease))
+    }
+    async fn update(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: i64,
+        lease: LeaseId,
+    ) -> Result<Written, StoreError> {
+        timed!(
+            self,
+            "update",
+            self.inner.update(key, value, expected, lease)
+        )
+    }
+    async fn delete(&self, key: &str, expected: Option<i64>) -> Result<Written, StoreError> {
+        timed!(self, "delete", self.inner.delete(key, expected))
+    }
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        timed!(self, "grant", self.inner.grant(ttl))
+    }
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        timed!(self, "keep_alive", self.inner.keep_alive(lease))
+    }
+    async fn time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, StoreError> {
+        timed!(self, "time_to_live", self.inner.time_to_live(lease))
+    }
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        timed!(self, "revoke", self.inner.revoke(lease))
+    }
+    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream, StoreError> {
+        timed!(self, "watch", self.inner.watch(prefix, start_revision))
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        timed!(self, "ping", self.inner.ping())
+    }
+    async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        timed!(self, "compact", self.inner.compact(revision))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_are_counted_by_result() {
+        let m = Metrics::new();
+        m.record::<()>("acquire", &Ok(()));
+        m.record::<()>(
+            "acquire",
+            &Err(ControlError::Exhausted {
+                total: 2,
+                range: "x".into(),
+            }),
+        );
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"overlay_controller_lease_operations_total{op="acquire",result="ok"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"result="resource_exhausted"} 1"#), "{text}");
+    }
+}
