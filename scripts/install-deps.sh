@@ -14,9 +14,17 @@ declare -A pkg_for=(
   [ping]=iputils-ping
   [iperf3]=iperf3
 )
+# Files that are no command on PATH: the reference CNI plugins, chained after
+# overlay-cni (portmap publishes ports).
+declare -A pkg_for_file=(
+  [/usr/lib/cni/portmap]=containernetworking-plugins
+)
 missing=()
 for cmd in "${!pkg_for[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_for[$cmd]}")
+done
+for file in "${!pkg_for_file[@]}"; do
+  [ -e "$file" ] || missing+=("${pkg_for_file[$file]}")
 done
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

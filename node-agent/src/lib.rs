@@ -4,8 +4,10 @@
 pub mod agent;
 pub mod backend;
 pub mod client;
+pub mod cni;
 pub mod datapath;
 pub mod files;
 pub mod firewall;
 pub mod health;
 pub mod hostnet;
+pub mod metrics;

@@ -1,0 +1,141 @@
+//! The real binary's error behaviour: one line on stderr, the right exit code, and no
+//! connection attempt for input that can be rejected locally.
+
+use std::process::{Command, Output};
+
+fn overlayctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_overlayctl"))
+        .args(args)
+        .env_remove("OVERLAY_CONTROLLER")
+        .output()
+        .expect("overlayctl runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_one_error_line(out: &Output) {
+    let err = stderr(out);
+    assert!(
+        err.starts_with("overlayctl: ") && err.ends_with('\n') && err.lines().count() == 1,
+        "expected one error line, got {err:?}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// A URL on which nothing listens: a free port, released.
+fn dead_controller() -> String {
+    format!("http://127.0.0.1:{}", overlay_tests::free_port())
+}
+
+#[test]
+fn unreachable_controller_names_the_url() {
+    let url = dead_controller();
+    for args in [
+        vec!["leases"],
+        vec!["config", "show"],
+        vec!["watch", "-o", "json"],
+        vec!["lease", "revoke", "10.244.7.0/24"],
+    ] {
+        let out = overlayctl(&[&["--controller", &url], &args[..]].concat());
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert_one_error_line(&out);
+        assert_eq!(
+            stderr(&out),
+            format!("overlayctl: cannot reach the controller at {url}: connection refused\n"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn every_url_of_a_list_is_tried_and_named() {
+    let (a, b) = (dead_controller(), dead_controller());
+    let out = Command::new(env!("CARGO_BIN_EXE_overlayctl"))
+        .arg("leases")
+        .env("OVERLAY_CONTROLLER", format!("{a},{b}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_one_error_line(&out);
+    let err = stderr(&out);
+    assert!(err.contains(&a) && err.contains(&b), "{err}");
+}
+
+#[test]
+fn invalid_cidr_names_the_argument() {
+    let out = overlayctl(&[
+        "--controller",
+        &dead_controller(),
+        "lease",
+        "reserve",
+        "--subnet",
+        "10.1.2.300/24",
+        "--node",
+        "n1",
+        "--public-ip",
+        "192.0.2.1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_one_error_line(&out);
+    assert_eq!(
+        stderr(&out),
+        "overlayctl: --subnet: \"10.1.2.300/24\" is not an IPv4 CIDR\n"
+    );
+}
+
+#[test]
+fn invalid_config_flag_is_rejected_before_connecting() {
+    // The controller URL is dead: reaching the network would give "cannot reach".
+    let out = overlayctl(&[
+        "--controller",
+        &dead_controller(),
+        "config",
+        "set",
+        "--network",
+        "10.244.0.0/16",
+        "--vni",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_one_error_line(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains("backend.vni") && err.contains("--vni"),
+        "{err}"
+    );
+    assert!(!err.contains("cannot reach"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2_in_one_line() {
+    let out = overlayctl(&["lease", "reserve", "--subnet", "10.244.7.0/24"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_error_line(&out);
+    assert!(stderr(&out).contains("--node"), "{}", stderr(&out));
+
+    let out = overlayctl(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("watch"));
+}
+
+#[test]
+fn a_server_that_hangs_up_is_named() {
+    // Accepts connections and closes them at once: not a controller.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    let out = overlayctl(&["--controller", &url, "leases"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_one_error_line(&out);
+    assert!(stderr(&out).contains(&url), "{}", stderr(&out));
+}
