@@ -44,6 +44,8 @@ pub struct AgentOptions {
     pub bridge: Option<String>,
     pub ip_masq: bool,
     pub resync_interval: Duration,
+    /// Where to install the CNI conflist once ready (`--cni-conf-dir`).
+    pub cni_conf_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,9 @@ struct Held {
     lease: Lease,
     ttl: Duration,
 }
+
+/// The conflist's file name: sorts early, so runtimes that take the first one pick it.
+pub const CNI_CONFLIST: &str = "10-overlay.conflist";
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -273,6 +278,7 @@ impl Agent {
                             )?;
                             info!(subnet = %held.lease.subnet, path = %self.opts.run_dir.join(SUBNET_ENV).display(), "subnet.env written; ready");
                             written_env = Some(env);
+                            self.install_cni_conf()?;
                             self.set_status(|s| s.ready = true);
                             // READY=1 only now: subnet.env and the datapath are in place.
                             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -334,6 +340,21 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Writes `<cni-conf-dir>/10-overlay.conflist` (atomically, only when it differs), so
+    /// container runtimes find the network only once it works.
+    fn install_cni_conf(&self) -> Result<(), AgentError> {
+        let (Some(dir), Some(bridge)) = (&self.opts.cni_conf_dir, &self.opts.bridge) else {
+            return Ok(());
+        };
+        let path = dir.join(CNI_CONFLIST);
+        let text = crate::cni::conflist("overlay", &self.opts.run_dir.join(SUBNET_ENV), bridge);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            write_atomic(&path, text.as_bytes())?;
+            info!(path = %path.display(), "CNI network config installed");
+        }
+        Ok(())
     }
 
     fn remember(

@@ -53,6 +53,10 @@ struct Args {
     /// Full reconcile interval even without events.
     #[arg(long, env = "OVERLAY_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     resync_interval: std::time::Duration,
+    /// Install the CNI conflist (overlay-cni + portmap) in this directory once ready,
+    /// e.g. /etc/cni/net.d. Ignored with --bridge none.
+    #[arg(long, env = "OVERLAY_CNI_CONF_DIR")]
+    cni_conf_dir: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -126,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         bridge: (args.bridge != "none").then_some(args.bridge),
         ip_masq: args.ip_masq,
         resync_interval: args.resync_interval,
+        cni_conf_dir: args.cni_conf_dir,
     };
     let agent = Agent::new(opts, controllers, Arc::clone(&status)).with_metrics(metrics);
     agent.run(shutdown_signal()).await?;

@@ -117,8 +117,28 @@ fn metrics_are_served_and_move() {
         Some(255.0)
     );
 
-    let agent = Agent::start(&controller.url, "m1", "198.51.100.1", dir.path(), &[]);
+    let cni_dir = dir.path().join("cni");
+    let cni_flag = format!("--cni-conf-dir={}", cni_dir.display());
+    let agent = Agent::start(
+        &controller.url,
+        "m1",
+        "198.51.100.1",
+        dir.path(),
+        &[&cni_flag],
+    );
     agent.wait_subnet(PATIENCE);
+    // The CNI conflist is installed once the agent is ready.
+    let conflist = wait_until(PATIENCE, || {
+        std::fs::read_to_string(cni_dir.join("10-overlay.conflist")).ok()
+    })
+    .expect("conflist installed");
+    let conflist: serde_json::Value = serde_json::from_str(&conflist).unwrap();
+    assert_eq!(conflist["plugins"][0]["type"], "overlay-cni");
+    assert_eq!(conflist["plugins"][1]["type"], "portmap");
+    assert_eq!(
+        conflist["plugins"][0]["subnetFile"].as_str().unwrap(),
+        agent.subnet_env_path().to_str().unwrap()
+    );
     let after = scrape(controller.health_port);
     assert_eq!(metric(&after, acquired), Some(1.0), "{after}");
     wait_until(PATIENCE, || {
