@@ -13,6 +13,8 @@ declare -A pkg_for=(
   [nft]=nftables
   [ping]=iputils-ping
   [iperf3]=iperf3
+  [vagrant]=vagrant
+  [systemd-analyze]=systemd
 )
 # Files that are no command on PATH: the reference CNI plugins, chained after
 # overlay-cni (portmap publishes ports).
