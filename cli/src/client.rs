@@ -118,6 +118,7 @@ fn connect_failure(e: &(dyn std::error::Error + 'static)) -> String {
                 | HostUnreachable | NetworkUnreachable | AddrNotAvailable | PermissionDenied => {
                     io.kind().to_string()
                 }
+                BrokenPipe | UnexpectedEof => "the connection was closed".to_string(),
                 _ => io.to_string(),
             };
         }

@@ -177,6 +177,7 @@ pub(crate) mod tests {
                 backend: BackendType::Vxlan,
                 backend_data: BackendData {
                     vtep_mac: (!reserved).then(|| "0a:58:0a:f4:07:00".parse().unwrap()),
+                    ..Default::default()
                 },
                 reserved,
                 created_at: from_unix_millis(1_700_000_000_123),

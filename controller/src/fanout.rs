@@ -295,7 +295,7 @@ mod tests {
             node: node.into(),
             public_ip: "192.0.2.1".parse().unwrap(),
             backend: overlay_core::BackendType::Alloc,
-            vtep_mac: None,
+            data: Default::default(),
             preferred: None,
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use ipnet::Ipv4Net;
-use overlay_core::lease::unix_millis;
+use overlay_core::lease::{unix_millis, BackendData};
 use overlay_core::MacAddr;
 use overlay_proto::v1::{self, admin_server::Admin, agent_server::Agent};
 use overlay_proto::{backend_from_proto, config_to_proto, lease_to_proto};
@@ -49,6 +49,12 @@ fn parse_subnet(field: &str, text: &str) -> Result<Ipv4Net, ControlError> {
     Ok(net)
 }
 
+fn parse_prefix(field: &str, text: &str) -> Result<Ipv4Net, ControlError> {
+    text.parse::<Ipv4Net>().map(|n| n.trunc()).map_err(|_| {
+        ControlError::InvalidArgument(format!("{field}: {text:?} is not an IPv4 CIDR"))
+    })
+}
+
 fn parse_ip(field: &str, text: &str) -> Result<Ipv4Addr, ControlError> {
     text.parse().map_err(|_| {
         ControlError::InvalidArgument(format!("{field}: {text:?} is not an IPv4 address"))
@@ -70,11 +76,19 @@ impl Api {
             public_ip: parse_ip("public_ip", &r.public_ip)?,
             backend: backend_from_proto(r.backend)
                 .map_err(|e| ControlError::InvalidArgument(e.0))?,
-            vtep_mac: r
-                .vtep_mac
-                .as_deref()
-                .map(|m| parse_mac("vtep_mac", m))
-                .transpose()?,
+            data: BackendData {
+                vtep_mac: r
+                    .vtep_mac
+                    .as_deref()
+                    .map(|m| parse_mac("vtep_mac", m))
+                    .transpose()?,
+                iface: r.iface,
+                underlay: r
+                    .underlay
+                    .as_deref()
+                    .map(|u| parse_prefix("underlay", u))
+                    .transpose()?,
+            },
             preferred: r
                 .preferred_subnet
                 .as_deref()

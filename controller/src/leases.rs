@@ -26,11 +26,11 @@ use futures::stream::{self, StreamExt};
 use ipnet::Ipv4Net;
 use overlay_core::config::NetworkConfig;
 use overlay_core::lease::{
-    now_millis, validate_node_name, validate_public_ip, validate_vtep_mac, BackendData, Lease,
+    now_millis, validate_backend_data, validate_node_name, validate_public_ip, BackendData, Lease,
     LeaseError, LeaseRecord,
 };
 use overlay_core::subnet::{parse_subnet_key, subnet_key};
-use overlay_core::{BackendType, MacAddr};
+use overlay_core::BackendType;
 use tracing::{info, warn};
 
 use crate::error::ControlError;
@@ -81,7 +81,8 @@ pub struct AcquireRequest {
     pub node: String,
     pub public_ip: Ipv4Addr,
     pub backend: BackendType,
-    pub vtep_mac: Option<MacAddr>,
+    /// What the host publishes: VTEP MAC, public interface, underlay prefix.
+    pub data: BackendData,
     pub preferred: Option<Ipv4Net>,
 }
 
@@ -182,9 +183,7 @@ impl LeaseManager {
     pub async fn acquire(&self, req: &AcquireRequest) -> Result<Acquired, ControlError> {
         validate_node_name(&req.node)?;
         validate_public_ip(req.public_ip)?;
-        if let Some(mac) = req.vtep_mac {
-            validate_vtep_mac(mac)?;
-        }
+        validate_backend_data(&req.data, req.public_ip)?;
         let config = self.config().await?;
         if config.network.contains(&req.public_ip) {
             return Err(LeaseError::PublicIpInOverlay {
@@ -266,9 +265,7 @@ impl LeaseManager {
                 node: req.node.clone(),
                 public_ip: req.public_ip,
                 backend: req.backend,
-                backend_data: BackendData {
-                    vtep_mac: req.vtep_mac,
-                },
+                backend_data: req.data.clone(),
                 reserved: false,
                 created_at: now,
                 renewed_at: now,
@@ -313,9 +310,7 @@ impl LeaseManager {
         let mut record = s.lease.record.clone();
         record.public_ip = req.public_ip;
         record.backend = req.backend;
-        record.backend_data = BackendData {
-            vtep_mac: req.vtep_mac,
-        };
+        record.backend_data = req.data.clone();
         let changed = record != s.lease.record;
         let ttl = if record.reserved {
             None
@@ -611,7 +606,7 @@ mod tests {
             node: node.into(),
             public_ip: "192.0.2.1".parse().unwrap(),
             backend: BackendType::Alloc,
-            vtep_mac: None,
+            data: BackendData::default(),
             preferred: None,
         }
     }
@@ -873,10 +868,23 @@ mod tests {
             ),
             (
                 AcquireRequest {
-                    vtep_mac: Some("01:00:00:00:00:01".parse().unwrap()),
+                    data: BackendData {
+                        vtep_mac: Some("01:00:00:00:00:01".parse().unwrap()),
+                        ..Default::default()
+                    },
                     ..req("x")
                 },
                 "MAC",
+            ),
+            (
+                AcquireRequest {
+                    data: BackendData {
+                        underlay: Some("198.51.100.0/24".parse().unwrap()),
+                        ..Default::default()
+                    },
+                    ..req("x")
+                },
+                "underlay",
             ),
         ] {
             let e = m.acquire(&r).await.unwrap_err();

@@ -516,6 +516,7 @@ mod tests {
                 backend,
                 backend_data: BackendData {
                     vtep_mac: mac.map(|m| m.parse().unwrap()),
+                    ..Default::default()
                 },
                 reserved: false,
                 created_at: SystemTime::UNIX_EPOCH,

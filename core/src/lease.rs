@@ -26,6 +26,10 @@ pub enum LeaseError {
     PublicIpInOverlay { ip: Ipv4Addr, network: Ipv4Net },
     #[error("invalid VTEP MAC {0}: it must be a unicast MAC address")]
     VtepMac(MacAddr),
+    #[error("invalid interface name {0:?}: use 1-15 characters, no '/', ':' or white space")]
+    Iface(String),
+    #[error("invalid underlay {underlay}: it must contain the public IP {ip}")]
+    Underlay { underlay: Ipv4Net, ip: Ipv4Addr },
     #[error("invalid lease value: {0}")]
     Decode(String),
 }
@@ -36,6 +40,13 @@ pub enum LeaseError {
 pub struct BackendData {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vtep_mac: Option<MacAddr>,
+    /// The host's public interface and its on-link prefix. Published so that anyone can
+    /// compute the entries this host should have (`overlayctl routes --node`), including
+    /// which peers it can reach directly (host-gw, direct routing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iface: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay: Option<Ipv4Net>,
 }
 
 /// The JSON value of a lease key.
@@ -78,11 +89,34 @@ impl LeaseRecord {
             serde_json::from_slice(bytes).map_err(|e| LeaseError::Decode(e.to_string()))?;
         validate_node_name(&rec.node)?;
         validate_public_ip(rec.public_ip)?;
-        if let Some(mac) = rec.backend_data.vtep_mac {
-            validate_vtep_mac(mac)?;
-        }
+        validate_backend_data(&rec.backend_data, rec.public_ip)?;
         Ok(rec)
     }
+}
+
+/// Checks what a host publishes besides its public IP.
+pub fn validate_backend_data(data: &BackendData, public_ip: Ipv4Addr) -> Result<(), LeaseError> {
+    if let Some(mac) = data.vtep_mac {
+        validate_vtep_mac(mac)?;
+    }
+    if let Some(iface) = &data.iface {
+        let ok = !iface.is_empty()
+            && iface.len() < 16
+            && !iface.contains(['/', ':'])
+            && !iface.contains(char::is_whitespace);
+        if !ok {
+            return Err(LeaseError::Iface(iface.chars().take(32).collect()));
+        }
+    }
+    if let Some(underlay) = data.underlay {
+        if !underlay.contains(&public_ip) {
+            return Err(LeaseError::Underlay {
+                underlay,
+                ip: public_ip,
+            });
+        }
+    }
+    Ok(())
 }
 
 pub fn validate_node_name(name: &str) -> Result<(), LeaseError> {
@@ -160,6 +194,8 @@ mod tests {
             backend: BackendType::Vxlan,
             backend_data: BackendData {
                 vtep_mac: Some("0a:58:0a:f4:07:00".parse().unwrap()),
+                iface: Some("eth0".into()),
+                underlay: Some("192.0.2.0/24".parse().unwrap()),
             },
             reserved: false,
             created_at: from_unix_millis(1_700_000_000_123),
@@ -190,6 +226,8 @@ mod tests {
             ("0a:58:0a:f4:07:00", "01:58:0a:f4:07:00"),
             ("0a:58:0a:f4:07:00", "nonsense"),
             ("vxlan", "udp"),
+            ("eth0", "a/b"),
+            ("192.0.2.0/24", "198.51.100.0/24"),
         ] {
             let bad = good.replace(from, to);
             assert!(LeaseRecord::decode(bad.as_bytes()).is_err(), "{bad}");

@@ -464,6 +464,8 @@ impl Agent {
             backend: backend_to_proto(config.backend.kind).into(),
             vtep_mac: data.vtep_mac.map(|m| m.to_string()),
             preferred_subnet: preferred.map(|p| p.to_string()),
+            iface: host.iface.clone(),
+            underlay: host.underlay.map(|u| u.to_string()),
         };
         let mut backoff = Duration::from_millis(200);
         loop {

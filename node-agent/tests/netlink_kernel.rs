@@ -145,6 +145,7 @@ fn lease(subnet: Ipv4Net, public_ip: Ipv4Addr, backend: BackendType, vtep: MacAd
             backend,
             backend_data: BackendData {
                 vtep_mac: Some(vtep),
+                ..Default::default()
             },
             reserved: false,
             created_at: SystemTime::UNIX_EPOCH,

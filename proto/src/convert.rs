@@ -67,6 +67,8 @@ pub fn lease_to_proto(l: &Lease, expires_at_ms: Option<i64>) -> v1::Lease {
         public_ip: r.public_ip.to_string(),
         backend: backend_to_proto(r.backend).into(),
         vtep_mac: r.backend_data.vtep_mac.map(|m| m.to_string()),
+        iface: r.backend_data.iface.clone(),
+        underlay: r.backend_data.underlay.map(|u| u.to_string()),
         reserved: r.reserved,
         created_at_ms: unix_millis(r.created_at),
         renewed_at_ms: unix_millis(r.renewed_at),
@@ -92,13 +94,24 @@ pub fn lease_from_proto(l: &v1::Lease) -> Result<Lease, InvalidMessage> {
         ),
         None => None,
     };
+    let underlay = match &l.underlay {
+        Some(u) => Some(
+            u.parse()
+                .map_err(|_| InvalidMessage(format!("underlay: {u:?} is not an IPv4 CIDR")))?,
+        ),
+        None => None,
+    };
     Ok(Lease {
         subnet,
         record: LeaseRecord {
             node: l.node.clone(),
             public_ip,
             backend: backend_from_proto(l.backend)?,
-            backend_data: BackendData { vtep_mac },
+            backend_data: BackendData {
+                vtep_mac,
+                iface: l.iface.clone(),
+                underlay,
+            },
             reserved: l.reserved,
             created_at: from_unix_millis(l.created_at_ms),
             renewed_at: from_unix_millis(l.renewed_at_ms),
@@ -171,6 +184,7 @@ mod tests {
                 backend: BackendType::Vxlan,
                 backend_data: BackendData {
                     vtep_mac: Some("0a:00:00:00:00:01".parse().unwrap()),
+                    ..Default::default()
                 },
                 reserved: true,
                 created_at: from_unix_millis(1000),

@@ -205,6 +205,8 @@ async fn simulated_agent(
                 backend: v1::BackendType::Alloc.into(),
                 vtep_mac: None,
                 preferred_subnet: None,
+                iface: None,
+                underlay: None,
             })
             .await?
             .into_inner();
@@ -387,6 +389,13 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// The 1, 5 and 15 minute load averages: other work on the machine skews every number.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// Raises the open-files limit before etcd and the controller are spawned, so they inherit
 /// it: each side holds one socket per client. Returns the soft limit in force.
 fn raise_fd_limit(wanted: u64) -> u64 {
@@ -495,6 +504,8 @@ struct Report {
     controller_rss_before_kib: Option<u64>,
     etcd_rss_before_direct_kib: Option<u64>,
     fanout_errors: Vec<String>,
+    load_before: String,
+    load_after: String,
 }
 
 fn ms(d: Option<Duration>) -> String {
@@ -594,11 +605,14 @@ impl Report {
         );
         out += &format!(
             "Opening the {} direct etcd watchers took {} (setup, not measured above); \
-             open-files limit {}; fan-out errors: {}.\n",
+             open-files limit {}; fan-out errors: {}; load average before {}, after {} \
+             (a busy machine skews everything).\n",
             s.agents,
             secs(Some(self.direct_setup)),
             self.fd_limit,
-            self.fanout_errors.len()
+            self.fanout_errors.len(),
+            self.load_before,
+            self.load_after,
         );
         out
     }
@@ -620,6 +634,7 @@ async fn run(settings: Settings, fd_limit: u64, etcd: &Etcd, controller: &Contro
     let n = settings.agents;
     let k = settings.events;
     let network = settings.network();
+    let load_before = load_average();
     let mut admin = AdminClient::connect(controller.url.clone())
         .await
         .expect("connect to the controller's Admin API");
@@ -799,6 +814,8 @@ async fn run(settings: Settings, fd_limit: u64, etcd: &Etcd, controller: &Contro
         controller_rss_before_kib,
         etcd_rss_before_direct_kib,
         fanout_errors,
+        load_before,
+        load_after: load_average(),
     }
 }
 

@@ -467,7 +467,6 @@ fn revoked_and_expired_leases_reach_every_watcher() {
         }
     }
     // An agent that dies stops renewing: etcd expires its lease and everyone hears of it.
-    let mut agents = agents;
     agents[2].child.signal(libc::SIGKILL);
     for w in &watchers {
         let ev = w.expect("removed", &subnets[2]);

@@ -129,7 +129,7 @@ impl Pinger {
         Pinger(cmd.spawn().expect("ping"))
     }
 
-    fn stop(mut self) -> (u64, u64) {
+    fn stop(self) -> (u64, u64) {
         // SIGINT makes ping print its summary.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
         let out = self.0.wait_with_output().unwrap();

@@ -96,7 +96,10 @@ fn env_examples_use_real_variables() {
 #[test]
 fn vagrantfile_validates() {
     if Command::new("vagrant").arg("--version").output().is_err() {
-        skip("vagrantfile_validates", "vagrant is not installed (apt-get install vagrant)");
+        skip(
+            "vagrantfile_validates",
+            "vagrant is not installed (apt-get install vagrant)",
+        );
         return;
     }
     let out = Command::new("vagrant")
@@ -105,6 +108,13 @@ fn vagrantfile_validates() {
         .env("VAGRANT_CHECKPOINT_DISABLE", "1")
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("validated successfully"), "vagrant validate:\n{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("validated successfully"),
+        "vagrant validate:\n{text}"
+    );
 }

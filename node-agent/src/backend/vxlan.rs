@@ -111,6 +111,7 @@ impl Backend for VxlanBackend {
         self.ensure_vtep(None).await?;
         Ok(BackendData {
             vtep_mac: Some(self.mac),
+            ..Default::default()
         })
     }
 

@@ -478,6 +478,7 @@ mod tests {
                 backend: BackendType::Vxlan,
                 backend_data: BackendData {
                     vtep_mac: Some(MacAddr::local_unicast([0, 0, 0, 0, 0, i])),
+                    ..Default::default()
                 },
                 reserved: false,
                 created_at: SystemTime::UNIX_EPOCH,
