@@ -31,6 +31,11 @@ impl Controllers {
     pub fn urls(&self) -> &[String] {
         &self.0
     }
+
+    /// Just one of the controllers (to ask each in turn).
+    pub fn single(url: &str) -> Controllers {
+        Controllers(vec![url.to_string()])
+    }
 }
 
 /// Parses `URL[,URL...]`. A URL without a scheme gets `http://`.

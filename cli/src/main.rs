@@ -65,6 +65,13 @@ pub enum Command {
     Lease(cmd::lease::LeaseCommand),
     /// Follow lease changes: a line per added or removed lease
     Watch(cmd::watch::WatchArgs),
+    /// The routes (and VXLAN entries) a node should have, from the leases
+    Routes(cmd::routes::RoutesArgs),
+    /// Ask an agent what it programmed, what drifted, which peers it skipped
+    #[command(subcommand)]
+    Agent(cmd::agent::AgentCommand),
+    /// Cluster health: controllers, etcd, leases used and free, leases close to expiry
+    Status,
 }
 
 fn main() -> ExitCode {

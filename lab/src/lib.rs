@@ -25,12 +25,23 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub mod cni;
 pub mod netns;
+
+pub use cni::PortMapping;
 
 pub const UNDERLAY_GATEWAY: &str = "192.0.2.1";
 pub const CONTROLLER_PORT: u16 = 7400;
 pub const AGENT_HEALTH_PORT: u16 = 7402;
 pub const STATE_FILE: &str = "lab.json";
+/// Where `overlayctl lab` keeps each lab (`<LAB_ROOT>/<name>`): under /run, like the
+/// namespaces in /run/netns, so a reboot, which ends every lab process and namespace, also
+/// ends the lab's state instead of leaving a `lab.json` that names nothing.
+pub const LAB_ROOT: &str = "/run/overlay-lab";
+/// The agent's conflist inside its `--cni-conf-dir`.
+pub const CNI_CONFLIST: &str = "10-overlay.conflist";
+/// The interface name a workload gets (CNI_IFNAME).
+pub const WORKLOAD_IFNAME: &str = "eth0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -48,6 +59,56 @@ pub enum LabError {
     Timeout(String),
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
+    #[error("CNI {command} by {plugin}: {message}")]
+    Cni {
+        plugin: String,
+        command: String,
+        message: String,
+    },
+}
+
+/// The namespace prefix of the lab `name` made by `overlayctl lab` (`ovl-<name>`).
+pub fn ns_prefix_for(name: &str) -> String {
+    format!("ovl-{name}")
+}
+
+/// The directory of the lab `name` made by `overlayctl lab`.
+pub fn dir_for(name: &str) -> PathBuf {
+    Path::new(LAB_ROOT).join(name)
+}
+
+/// A lab name: lower-case letters and digits only, so that no lab's namespace prefix
+/// (`ovl-<name>-`) is a prefix of another lab's namespaces (`lab` vs `lab-2` would be),
+/// since teardown finds a lab's namespaces by prefix alone.
+pub fn validate_lab_name(name: &str) -> Result<(), LabError> {
+    let ok = !name.is_empty()
+        && name.len() <= 24
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::Invalid(format!(
+            "lab name {name:?}: use 1 to 24 lower-case letters and digits"
+        )))
+    }
+}
+
+/// A workload name: a short name usable in a namespace and a CNI container id.
+pub fn validate_workload_name(name: &str) -> Result<(), LabError> {
+    let mut chars = name.chars();
+    let ok = name.len() <= 24
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::Invalid(format!(
+            "workload name {name:?}: use 1 to 24 letters, digits and '_', starting with a \
+             letter or digit"
+        )))
+    }
 }
 
 /// How to build a lab.
@@ -103,16 +164,33 @@ pub struct HostState {
     pub agent_log: PathBuf,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkloadState {
     pub name: String,
     pub host: String,
     pub ns: String,
+    /// The address the CNI plugin assigned (no prefix length).
     pub ip: String,
+    /// CNI_CONTAINERID of the attachment.
+    #[serde(default)]
+    pub container_id: String,
+    /// Published ports (portmap's `portMappings`); DEL needs them again.
+    #[serde(default)]
+    pub publish: Vec<PortMapping>,
+    /// The ADD's final result, the `prevResult` of DEL (a runtime's result cache).
+    #[serde(default)]
+    pub cni_result: Option<serde_json::Value>,
+}
+
+impl HostState {
+    /// The agent's `--cni-conf-dir`.
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.join("cni")
+    }
 }
 
 /// What `lab.json` holds: enough for any later command to find everything.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LabState {
     pub name: String,
     pub ns_prefix: String,
@@ -140,25 +218,21 @@ pub struct Lab {
     pub down_on_drop: bool,
 }
 
-/// GET `path` on `port` inside namespace `ns`: status code and body.
+/// GET `http://addr:port/path` (HTTP/1.0, 5 s timeout): status code and body.
+pub fn http_get(addr: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect((addr, port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// [`http_get`] from inside namespace `ns`.
 pub fn http_get_in(ns: &str, addr: &str, port: u16, path: &str) -> Option<(u16, String)> {
     let (addr, path) = (addr.to_string(), path.to_string());
-    netns::run_in(ns, move || {
-        let mut s = TcpStream::connect((addr.as_str(), port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        Some((
-            code,
-            text.split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default(),
-        ))
-    })
-    .ok()
-    .flatten()
+    netns::run_in(ns, move || http_get(&addr, port, &path)).ok().flatten()
 }
 
 fn wait_for<T>(
@@ -234,6 +308,39 @@ impl LabState {
         }
     }
 
+    /// Where workload CNI plugins are looked up: the lab's own binaries first (overlay-cni),
+    /// then the system's reference plugins (portmap).
+    pub fn plugin_dirs(&self) -> Vec<PathBuf> {
+        std::iter::once(self.bin_dir.clone())
+            .chain(cni::SYSTEM_PLUGIN_DIRS.iter().map(PathBuf::from))
+            .collect()
+    }
+
+    /// The conflist the host's agent installed (it writes it once ready).
+    pub fn conflist(&self, host: &HostState) -> Result<cni::ConfList, LabError> {
+        let path = host.cni_conf_dir().join(CNI_CONFLIST);
+        if !path.exists() {
+            return Err(LabError::Invalid(format!(
+                "{} has not installed its CNI config {} yet (is its agent ready? log: {})",
+                host.name,
+                path.display(),
+                host.agent_log.display()
+            )));
+        }
+        cni::ConfList::load(&path)
+    }
+
+    /// Each lab host's `overlay-cni` keeps its addresses under the host's directory: the
+    /// hosts share one filesystem, and the default (/var/lib/cni) is outside the lab.
+    fn cni_overrides(&self, host: &HostState) -> cni::ConfOverrides {
+        let mut extra = serde_json::Map::new();
+        extra.insert(
+            "dataDir".into(),
+            serde_json::Value::String(host.dir.join("cni-ipam").display().to_string()),
+        );
+        vec![("overlay-cni".into(), extra)]
+    }
+
     /// The host's leased subnet (from its subnet.env), e.g. "10.244.7.0/24".
     pub fn host_subnet(&self, host: &HostState) -> Option<String> {
         let gw = env_value(&host.dir.join("run/subnet.env"), "OVERLAY_SUBNET")?;
@@ -271,7 +378,7 @@ impl Lab {
                 spec.hosts
             )));
         }
-        if spec.dir.join(STATE_FILE).exists()
+        if spec.dir.exists()
             || !netns::list_with_prefix(&format!("{}-", spec.ns_prefix)).is_empty()
         {
             return Err(LabError::Exists(spec.name.clone()));
@@ -406,6 +513,10 @@ impl Lab {
             ));
             self.add_host(&name, i)?;
         }
+        progress(&format!(
+            "agents: waiting until all {} are ready",
+            spec.hosts
+        ));
         for h in 0..spec.hosts {
             let host = self.state.hosts[h].clone();
             wait_for(
@@ -421,11 +532,22 @@ impl Lab {
         for h in 0..spec.hosts {
             for j in 1..=spec.workloads_per_host {
                 let host = self.state.hosts[h].name.clone();
-                progress(&format!("workload {host}/w{j}"));
+                progress(&format!("workload {host}/w{j}: CNI ADD on {host}"));
                 self.add_workload(&host, &format!("w{j}"))?;
             }
         }
         self.state.save()
+    }
+
+    /// A handle on a lab made earlier by a detached `up` (from its `lab.json`): it starts
+    /// and stops nothing by itself and leaves the lab running when dropped.
+    pub fn attach(state: LabState) -> Lab {
+        Lab {
+            state,
+            children: Vec::new(),
+            detach: true,
+            down_on_drop: false,
+        }
     }
 
     /// Runs `overlayctl --controller URL ARGS` inside the underlay namespace.
@@ -511,6 +633,7 @@ impl Lab {
             format!("--run-dir={}", host.dir.join("run").display()),
             format!("--state-dir={}", host.dir.join("state").display()),
             format!("--health-listen=127.0.0.1:{AGENT_HEALTH_PORT}"),
+            format!("--cni-conf-dir={}", host.cni_conf_dir().display()),
         ];
         args.extend(self.state.agent_args.iter().cloned());
         args
@@ -569,9 +692,22 @@ impl Lab {
         })
     }
 
-    /// Adds a workload namespace attached to the host's bridge, with the next free address
-    /// of the host's subnet and a default route via the bridge gateway.
+    /// Adds a workload: a namespace attached by the CNI plugin (see [`Lab::add_workload_publishing`]).
     pub fn add_workload(&mut self, host: &str, name: &str) -> Result<WorkloadState, LabError> {
+        self.add_workload_publishing(host, name, &[])
+    }
+
+    /// Adds a workload the way a container runtime on `host` would: a new namespace, then
+    /// CNI ADD of the conflist the host's agent installed (`overlay-cni`, then `portmap`
+    /// with `publish` as its `portMappings`), run inside the host's namespace. The address
+    /// is the one the plugin assigned.
+    pub fn add_workload_publishing(
+        &mut self,
+        host: &str,
+        name: &str,
+        publish: &[PortMapping],
+    ) -> Result<WorkloadState, LabError> {
+        validate_workload_name(name)?;
         let h = self.state.host(host)?.clone();
         if self
             .state
@@ -583,65 +719,102 @@ impl Lab {
                 "workload {host}/{name} exists already"
             )));
         }
-        let env = h.dir.join("run/subnet.env");
-        let gw = env_value(&env, "OVERLAY_SUBNET").ok_or_else(|| {
-            LabError::Invalid(format!(
-                "{host} has no subnet yet ({} missing)",
-                env.display()
-            ))
-        })?;
-        let mtu: u32 = env_value(&env, "OVERLAY_MTU")
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(1450);
-        let (gw_ip, len) = gw.split_once('/').expect("CIDR");
-        let gw_ip: std::net::Ipv4Addr = gw_ip
-            .parse()
-            .map_err(|_| LabError::Invalid(format!("bad OVERLAY_SUBNET {gw}")))?;
-        let used: Vec<&str> = self
-            .state
-            .workloads
-            .iter()
-            .filter(|w| w.host == host)
-            .map(|w| w.ip.as_str())
-            .collect();
-        let ip = (10u32..250)
-            .map(|k| std::net::Ipv4Addr::from(u32::from(gw_ip) + k).to_string())
-            .find(|c| !used.contains(&c.as_str()))
-            .ok_or_else(|| LabError::Invalid(format!("no free address on {host}")))?;
-        let ns = format!("{}-{host}-{name}", self.state.ns_prefix);
-        let host_if = format!("v{host}{name}");
-        if host_if.len() > 15 {
-            return Err(LabError::Invalid(format!(
-                "workload name {name:?} is too long"
-            )));
+        for p in publish {
+            if let Some(w) = self.state.workloads.iter().find(|w| {
+                w.host == host
+                    && w.publish
+                        .iter()
+                        .any(|q| q.host_port == p.host_port && q.protocol == p.protocol)
+            }) {
+                return Err(LabError::Invalid(format!(
+                    "{host} port {}/{} is published by {}/{} already",
+                    p.host_port, p.protocol, w.host, w.name
+                )));
+            }
         }
+        let conflist = self.state.conflist(&h)?;
+        let ns = format!("{}-{host}-{name}", self.state.ns_prefix);
+        let container_id = ns.clone();
         netns::create(&ns)?;
-        let bridge = "ovl0";
-        netns::veth(&ns, "eth0", &h.ns, &host_if, Some(mtu))?;
-        netns::ip_in(&h.ns, &["link", "set", &host_if, "master", bridge, "up"])?;
-        netns::ip_in(&ns, &["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
-        netns::ip_in(&ns, &["link", "set", "eth0", "up"])?;
-        netns::ip_in(&ns, &["route", "add", "default", "via", &gw_ip.to_string()])?;
+        let netns_path = netns::netns_path(&ns);
+        let plugin_dirs = self.state.plugin_dirs();
+        let overrides = self.state.cni_overrides(&h);
+        let inv = cni::Invocation {
+            host_ns: &h.ns,
+            container_id: &container_id,
+            netns_path: Some(&netns_path),
+            ifname: WORKLOAD_IFNAME,
+            plugin_dirs: &plugin_dirs,
+            port_mappings: publish,
+            overrides: &overrides,
+        };
+        let result = match cni::add(&conflist, &inv) {
+            Ok(r) => r,
+            Err(e) => {
+                // As a runtime does after a failed ADD: DEL, then drop the namespace.
+                let _ = cni::del(&conflist, &inv, None);
+                let _ = netns::delete(&ns);
+                return Err(e);
+            }
+        };
+        let Some(ip) = cni::result_ipv4(&result) else {
+            let _ = cni::del(&conflist, &inv, Some(&result));
+            let _ = netns::delete(&ns);
+            return Err(LabError::Cni {
+                plugin: "overlay-cni".into(),
+                command: "ADD".into(),
+                message: format!("the result has no IPv4 address: {result}"),
+            });
+        };
         let w = WorkloadState {
             name: name.into(),
             host: host.into(),
             ns,
             ip,
+            container_id,
+            publish: publish.to_vec(),
+            cni_result: Some(result),
         };
         self.state.workloads.push(w.clone());
         self.state.save()?;
         Ok(w)
     }
 
+    /// Removes a workload as a runtime would: CNI DEL (in reverse, with the ADD's result),
+    /// then the namespace. When DEL fails the workload stays, so the command can be
+    /// repeated (and `lab down` removes everything regardless).
     pub fn remove_workload(&mut self, host: &str, name: &str) -> Result<(), LabError> {
         let pos = self
             .state
             .workloads
             .iter()
             .position(|w| w.host == host && w.name == name)
-            .ok_or_else(|| LabError::Invalid(format!("no workload {host}/{name}")))?;
-        let w = self.state.workloads.remove(pos);
+            .ok_or_else(|| {
+                self.state
+                    .host(host)
+                    .err()
+                    .unwrap_or_else(|| LabError::Invalid(format!("no workload {host}/{name}")))
+            })?;
+        let w = self.state.workloads[pos].clone();
+        let h = self.state.host(host)?.clone();
+        if !w.container_id.is_empty() {
+            let conflist = self.state.conflist(&h)?;
+            let plugin_dirs = self.state.plugin_dirs();
+            let overrides = self.state.cni_overrides(&h);
+            let netns_path = netns::netns_path(&w.ns);
+            let inv = cni::Invocation {
+                host_ns: &h.ns,
+                container_id: &w.container_id,
+                netns_path: netns::exists(&w.ns).then_some(netns_path.as_path()),
+                ifname: WORKLOAD_IFNAME,
+                plugin_dirs: &plugin_dirs,
+                port_mappings: &w.publish,
+                overrides: &overrides,
+            };
+            cni::del(&conflist, &inv, w.cni_result.as_ref())?;
+        }
         netns::delete(&w.ns)?;
+        self.state.workloads.remove(pos);
         self.state.save()
     }
 

@@ -67,6 +67,7 @@ pub fn delete(name: &str) -> Result<(), LabError> {
     if !exists(name) {
         return Ok(());
     }
+    let mut killed = Vec::new();
     if let Ok(out) = ip(&["netns", "pids", name]) {
         for pid in String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
@@ -74,9 +75,28 @@ pub fn delete(name: &str) -> Result<(), LabError> {
         {
             // SAFETY: kill(2) on pids the kernel says live in our namespace.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed.push(pid);
         }
     }
+    // SIGKILL is delivered asynchronously: wait (briefly) until they are gone, so that
+    // whoever deletes their files next (etcd's data dir) does not race a dying writer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while killed.iter().any(|&p| alive(p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     ip(&["netns", "del", name]).map(|_| ())
+}
+
+/// Whether `pid` still runs (a zombie has finished: only its parent's wait is missing).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// Every namespace whose name starts with `prefix`.

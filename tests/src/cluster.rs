@@ -3,8 +3,6 @@
 //! Each fixture gets its own directory for logs and state, loopback ports chosen free, and
 //! is killed on drop. Logs stay readable through `log()` for assertion messages.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -14,17 +12,7 @@ use crate::proc::{bin_path, free_port, wait_until, Child};
 
 /// GET `path` from `127.0.0.1:port`; the status code and body.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
+    overlay_lab::http_get("127.0.0.1", port, path)
 }
 
 fn log_file(dir: &Path, name: &str) -> (PathBuf, std::fs::File) {

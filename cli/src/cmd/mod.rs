@@ -2,9 +2,12 @@
 //! connects: nothing invalid ever reaches the network, and `--controller` only matters to
 //! commands that got that far.
 
+pub mod agent;
 pub mod config;
 pub mod lease;
 pub mod leases;
+pub mod routes;
+pub mod status;
 pub mod watch;
 
 use crate::{Cli, Command};
@@ -20,5 +23,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Leases => leases::run(&controller, output).await,
         Command::Lease(c) => lease::run(c, &controller, output).await,
         Command::Watch(args) => watch::run(args, &controller, output).await,
+        Command::Routes(args) => routes::run(args, &controller, output).await,
+        Command::Agent(c) => agent::run(c, output).await,
+        Command::Status => status::run(&controller, output).await,
     }
 }
