@@ -38,3 +38,15 @@ lint:
 
 clean:
 	$(CARGO) clean
+
+# overlayctl's manual pages, generated from its command-line definition: overlayctl.1 and
+# one page per subcommand, in target/man (install: cp target/man/*.1 /usr/local/share/man/man1/).
+.PHONY: man
+man:
+	$(CARGO) run -q -p overlayctl -- man --out target/man
+
+# CNI ADD+DEL latency: overlay-cni against Debian's bridge + host-local plugins, side by
+# side in one run (root; results in docs/benchmarks.md, "CNI").
+.PHONY: bench-cni
+bench-cni: release
+	bench/cni.sh

@@ -6,8 +6,9 @@
 //! the URLs are tried in order and the first that connects is used for every call of
 //! this run (controllers are interchangeable: they share one etcd).
 //!
-//! Only plain `http://` is supported: the workspace builds tonic without TLS, so an
-//! `https://` URL is refused up front rather than failing obscurely at connect time.
+//! With `--tls-cert/--tls-key/--tls-ca` the connection is mutual TLS (and `http://` URLs
+//! are dialled as `https://`); plaintext needs `--insecure`. The flags are checked only
+//! by commands that connect, so `overlayctl certs` works before any certificate exists.
 
 use std::future::Future;
 use std::time::Duration;
@@ -15,6 +16,10 @@ use std::time::Duration;
 use anyhow::anyhow;
 use overlay_proto::v1::admin_client::AdminClient;
 use overlay_proto::v1::agent_client::AgentClient;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use overlay_proto::tls::Transport;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
@@ -22,6 +27,32 @@ pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7400";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// For unary calls only; a watch runs as long as the controller keeps it open.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS flags, as given (validated when a command connects).
+#[derive(Debug, Clone, Default)]
+pub struct TlsFlags {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+static TLS_FLAGS: OnceLock<TlsFlags> = OnceLock::new();
+
+/// Records the TLS flags for every later [`connect`].
+pub fn configure_tls(flags: TlsFlags) {
+    let _ = TLS_FLAGS.set(flags);
+}
+
+fn transport() -> anyhow::Result<Transport> {
+    let f = TLS_FLAGS.get().cloned().unwrap_or_default();
+    match Transport::from_flags(f.cert.as_deref(), f.key.as_deref(), f.ca.as_deref(), f.insecure) {
+        Ok(t) => Ok(t),
+        // Transitional: no TLS flag at all still means plaintext.
+        Err(_) if f.cert.is_none() && f.key.is_none() && f.ca.is_none() => Ok(Transport::Insecure),
+        Err(e) => Err(anyhow!("{e}")),
+    }
+}
 
 /// The `--controller` list, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +78,8 @@ pub fn parse_controllers(text: &str) -> Result<Controllers, String> {
         } else {
             format!("http://{part}")
         };
-        if !url.starts_with("http://") {
-            return Err(format!(
-                "{part:?} is not supported: only http:// URLs are (overlayctl has no TLS)"
-            ));
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(format!("{part:?} is not supported: use an http:// or https:// URL"));
         }
         let endpoint = Endpoint::from_shared(url.clone())
             .map_err(|_| format!("{part:?} is not a URL such as {DEFAULT_CONTROLLER}"))?;
@@ -74,9 +103,17 @@ pub struct Controller {
 /// Connects to the first controller of the list that answers.
 pub async fn connect(controllers: &Controllers) -> anyhow::Result<Controller> {
     let mut failures = Vec::new();
+    let transport = transport()?;
     for url in controllers.urls() {
-        let endpoint = Endpoint::from_shared(url.clone())
-            .expect("validated by parse_controllers")
+        let dialled = match &transport {
+            Transport::Tls(_) => url.replacen("http://", "https://", 1),
+            Transport::Insecure => url.clone(),
+        };
+        let mut endpoint = Endpoint::from_shared(dialled).expect("validated by parse_controllers");
+        if let Transport::Tls(files) = &transport {
+            endpoint = endpoint.tls_config(files.client_config()?)?;
+        }
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .tcp_keepalive(Some(Duration::from_secs(30)));
@@ -201,9 +238,8 @@ mod tests {
         let c = parse_controllers("http://10.0.0.1:7400, ctl-2:7400,").unwrap();
         assert_eq!(c.urls(), ["http://10.0.0.1:7400", "http://ctl-2:7400"]);
         assert!(parse_controllers("").unwrap_err().contains("no URL"));
-        assert!(parse_controllers("https://c:7400")
-            .unwrap_err()
-            .contains("only http://"));
+        assert_eq!(parse_controllers("https://c:7400").unwrap().urls(), ["https://c:7400"]);
+        assert!(parse_controllers("ftp://c:7400").unwrap_err().contains("http:// or https://"));
         assert!(parse_controllers("http://").is_err());
         assert!(parse_controllers("http://a b:1").is_err());
     }

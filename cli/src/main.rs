@@ -39,6 +39,19 @@ pub struct Cli {
     )]
     pub controller: Controllers,
 
+    /// Client certificate (PEM) for mutual TLS with the controller
+    #[arg(long, global = true, env = "OVERLAY_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Key of --tls-cert (PEM)
+    #[arg(long, global = true, env = "OVERLAY_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// CA the controller's certificate must chain to (PEM)
+    #[arg(long, global = true, env = "OVERLAY_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Talk to the controller in plaintext (labs and tests only)
+    #[arg(long, global = true, env = "OVERLAY_INSECURE")]
+    pub insecure: bool,
+
     /// Output format
     #[arg(
         short = 'o',
@@ -72,6 +85,18 @@ pub enum Command {
     Agent(cmd::agent::AgentCommand),
     /// Cluster health: controllers, etcd, leases used and free, leases close to expiry
     Status,
+    /// Issue a CA and certificates for controllers, nodes and admins
+    #[command(subcommand)]
+    Certs(cmd::certs::CertsCommand),
+    /// A whole Overlay cluster on this machine, in network namespaces (root)
+    #[command(subcommand)]
+    Lab(cmd::lab::LabCommand),
+    /// Print dockerd's --bip/--mtu flags for this host's subnet (from subnet.env)
+    DockerOpts(cmd::docker_opts::DockerOptsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions(cmd::completions::CompletionsArgs),
+    /// Print the manual page, or write one per subcommand with --out DIR
+    Man(cmd::completions::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -249,7 +274,7 @@ pub(crate) mod tests {
             msg.starts_with("--public-ip: invalid public IP 224.0.0.1"),
             "{msg}"
         );
-        let msg = usage(&["leases", "--controller", "https://c:7400"]);
+        let msg = usage(&["leases", "--controller", "ftp://c:7400"]);
         assert!(msg.starts_with("--controller: "), "{msg}");
         let msg = usage(&[
             "config",

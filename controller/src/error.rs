@@ -29,6 +29,8 @@ pub enum ControlError {
         subnet: String,
         holder: String,
     },
+    #[error("permission denied: {0}")]
+    Forbidden(String),
     #[error("gave up after {0} attempts: the store kept changing under us; retry")]
     Contention(u32),
     #[error(transparent)]
@@ -47,7 +49,7 @@ impl From<ControlError> for tonic::Status {
             ControlError::Exhausted { .. } => Code::ResourceExhausted,
             ControlError::NotFound(_) => Code::NotFound,
             ControlError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ControlError::NotHolder { .. } => Code::PermissionDenied,
+            ControlError::NotHolder { .. } | ControlError::Forbidden(_) => Code::PermissionDenied,
             ControlError::Contention(_) => Code::Aborted,
             ControlError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             ControlError::Store(StoreError::LeaseNotFound(_)) => Code::NotFound,

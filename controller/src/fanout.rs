@@ -47,6 +47,9 @@ pub struct Fanout {
     events: AtomicU64,
     resyncs: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Set on shutdown: every client stream ends, so the server can stop (a graceful
+    /// shutdown otherwise waits for streams that never end) and agents fail over.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for Fanout {
@@ -62,6 +65,7 @@ impl Fanout {
 
     pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
         Fanout {
+            closing: tokio::sync::watch::channel(false).0,
             metrics,
             cache: RwLock::new(LeaseCache::new(HISTORY_CAPACITY)),
             tx: broadcast::channel(BROADCAST_CAPACITY).0,
@@ -70,6 +74,11 @@ impl Fanout {
             events: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
         }
+    }
+
+    /// Ends every client stream, now and for streams opened later.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Whether the cache holds a listing (clients can be served).
@@ -208,7 +217,11 @@ impl Fanout {
         let guard = ClientGuard(self.clone());
         self.clients.fetch_add(1, Ordering::Relaxed);
         let me = self.clone();
-        async_stream(initial, rx, me, guard)
+        let mut closing = self.closing.subscribe();
+        let closed = async move {
+            let _ = closing.wait_for(|c| *c).await;
+        };
+        async_stream(initial, rx, me, guard).take_until(closed)
     }
 }
 

@@ -3,6 +3,7 @@
 //! the one place where outcomes are counted and errors become `tonic::Status`
 //! (`impl From<ControlError> for Status`).
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use ipnet::Ipv4Net;
 use overlay_core::lease::{unix_millis, BackendData};
 use overlay_core::MacAddr;
 use overlay_proto::v1::{self, admin_server::Admin, agent_server::Agent};
+use overlay_proto::tls::peer_identity;
 use overlay_proto::{backend_from_proto, config_to_proto, lease_to_proto};
 use tonic::{Request, Response, Status};
 
@@ -23,14 +25,53 @@ use crate::metrics::Metrics;
 /// Largest request accepted from a client; every field we take is small.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// Who may do what.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// Plaintext (`--insecure`): every caller may do everything.
+    Open,
+    /// Mutual TLS: a node's certificate names the only node it may act for; identities in
+    /// `admins` may act for any node and make admin calls.
+    Mtls { admins: HashSet<String> },
+}
+
 #[derive(Clone)]
 pub struct Api {
     pub leases: Arc<LeaseManager>,
     pub fanout: Arc<Fanout>,
     pub metrics: Arc<Metrics>,
+    pub auth: Auth,
 }
 
 impl Api {
+    fn identity<T>(&self, req: &Request<T>) -> Result<Option<String>, ControlError> {
+        match &self.auth {
+            Auth::Open => Ok(None),
+            Auth::Mtls { .. } => peer_identity(req)
+                .map(Some)
+                .ok_or_else(|| ControlError::Forbidden("the client certificate carries no identity".into())),
+        }
+    }
+
+    /// The caller may act for `node`: it is that node, or an admin.
+    fn authorize_node<T>(&self, req: &Request<T>, node: &str) -> Result<(), ControlError> {
+        match (&self.auth, self.identity(req)?) {
+            (Auth::Mtls { admins }, Some(id)) if id != node && !admins.contains(&id) => Err(ControlError::Forbidden(
+                format!("the certificate of {id:?} may not act for node {node:?}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn authorize_admin<T>(&self, req: &Request<T>, op: &str) -> Result<(), ControlError> {
+        match (&self.auth, self.identity(req)?) {
+            (Auth::Mtls { admins }, Some(id)) if !admins.contains(&id) => {
+                Err(ControlError::Forbidden(format!("{op} needs an admin identity; {id:?} is not one")))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn finish<T>(&self, op: &str, result: Result<T, ControlError>) -> Result<Response<T>, Status> {
         self.metrics.record(op, &result);
         result.map(Response::new).map_err(Status::from)
@@ -134,7 +175,10 @@ impl Agent for Api {
         &self,
         req: Request<v1::AcquireLeaseRequest>,
     ) -> Result<Response<v1::AcquireLeaseResponse>, Status> {
-        let r = self.acquire(req.into_inner()).await;
+        let r = match self.authorize_node(&req, &req.get_ref().node) {
+            Ok(()) => self.acquire(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         self.finish("acquire", r)
     }
 
@@ -142,8 +186,10 @@ impl Agent for Api {
         &self,
         req: Request<v1::RenewLeaseRequest>,
     ) -> Result<Response<v1::RenewLeaseResponse>, Status> {
+        let allowed = self.authorize_node(&req, &req.get_ref().node);
         let r = req.into_inner();
         let result = async {
+            allowed?;
             let ttl = self
                 .leases
                 .renew(&r.node, parse_subnet("subnet", &r.subnet)?)
@@ -160,8 +206,10 @@ impl Agent for Api {
         &self,
         req: Request<v1::ReleaseLeaseRequest>,
     ) -> Result<Response<v1::ReleaseLeaseResponse>, Status> {
+        let allowed = self.authorize_node(&req, &req.get_ref().node);
         let r = req.into_inner();
         let result = async {
+            allowed?;
             self.leases
                 .release(&r.node, parse_subnet("subnet", &r.subnet)?)
                 .await?;
@@ -209,12 +257,14 @@ impl Admin for Api {
         &self,
         req: Request<v1::SetConfigRequest>,
     ) -> Result<Response<v1::SetConfigResponse>, Status> {
+        let allowed = self.authorize_admin(&req, "set config");
         let r = req.into_inner();
-        let result = self
-            .leases
-            .set_config(&r.json, r.force)
-            .await
-            .map(|(config, revoked)| v1::SetConfigResponse {
+        let result = async {
+            allowed?;
+            self.leases.set_config(&r.json, r.force).await
+        }
+        .await
+        .map(|(config, revoked)| v1::SetConfigResponse {
                 config: Some(config_to_proto(&config)),
                 revoked: revoked.iter().map(|l| l.subnet.to_string()).collect(),
             });
@@ -225,8 +275,10 @@ impl Admin for Api {
         &self,
         req: Request<v1::ReserveSubnetRequest>,
     ) -> Result<Response<v1::ReserveSubnetResponse>, Status> {
+        let allowed = self.authorize_admin(&req, "reserve");
         let r = req.into_inner();
         let result = async {
+            allowed?;
             let subnet = parse_subnet("subnet", &r.subnet)?;
             let ip = parse_ip("public_ip", &r.public_ip)?;
             let lease = self.leases.reserve(subnet, &r.node, ip).await?;
@@ -242,7 +294,9 @@ impl Admin for Api {
         &self,
         req: Request<v1::RevokeLeaseRequest>,
     ) -> Result<Response<v1::RevokeLeaseResponse>, Status> {
+        let allowed = self.authorize_admin(&req, "revoke");
         let result = async {
+            allowed?;
             let subnet = parse_subnet("subnet", &req.into_inner().subnet)?;
             self.leases.revoke(subnet).await?;
             Ok(v1::RevokeLeaseResponse {})

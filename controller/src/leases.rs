@@ -487,7 +487,7 @@ impl LeaseManager {
         let config = self.config().await?;
         if !config.fits(subnet) {
             return Err(ControlError::InvalidArgument(format!(
-                "--subnet: {subnet} is not one of the network's subnets ({}/{} ... {})",
+                "subnet {subnet} is not one of the network's subnets ({}/{} ... {})",
                 config.subnet_min.network(),
                 config.subnet_len,
                 config.subnet_max

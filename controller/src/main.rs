@@ -1,13 +1,15 @@
 //! overlay-controller binary: flags, logging, and wiring of the library parts.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use overlay_controller::fanout::Fanout;
-use overlay_controller::grpc::{Api, MAX_REQUEST_BYTES};
+use overlay_controller::grpc::{Api, Auth, MAX_REQUEST_BYTES};
+use overlay_proto::tls::Transport;
 use overlay_controller::health::{self, HealthState, Readiness};
 use overlay_controller::leases::{Keys, LeaseManager};
 use overlay_controller::metrics::{MeteredStore, Metrics};
@@ -39,6 +41,22 @@ struct Args {
     /// Health endpoint (/healthz, /readyz); "off" disables it.
     #[arg(long, env = "OVERLAY_HEALTH_LISTEN", default_value = "127.0.0.1:7401")]
     health_listen: String,
+    /// This controller's certificate (PEM); with --tls-key and --tls-ca enables mutual TLS.
+    #[arg(long, env = "OVERLAY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "OVERLAY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The CA that client (agent, admin) certificates must chain to (PEM).
+    #[arg(long, env = "OVERLAY_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC without client authentication (labs and tests only).
+    #[arg(long, env = "OVERLAY_INSECURE")]
+    insecure: bool,
+    /// Certificate identities (CN) allowed to change config, reserve and revoke, and to act
+    /// for any node; comma separated.
+    #[arg(long, env = "OVERLAY_ADMIN_IDENTITIES", default_value = "admin", value_delimiter = ',')]
+    admin_identities: Vec<String>,
     /// Log format: text or json.
     #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -54,6 +72,19 @@ fn init_logging(format: &str) {
         builder.json().init();
     } else {
         builder.with_ansi(false).init();
+    }
+}
+
+fn transport(args: &Args) -> anyhow::Result<Transport> {
+    let t = Transport::from_flags(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref(), args.insecure);
+    match t {
+        // Until every deployment passes one or the other, no flag at all still means
+        // plaintext, loudly.
+        Err(_) if args.tls_cert.is_none() && args.tls_key.is_none() && args.tls_ca.is_none() => {
+            warn!("no TLS credentials and no --insecure: serving plaintext; pass --tls-cert/--tls-key/--tls-ca or --insecure");
+            Ok(Transport::Insecure)
+        }
+        other => Ok(other?),
     }
 }
 
@@ -123,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
             format!("--health-listen: {a:?} is not an address:port or \"off\"")
         })?),
     };
+    let transport = transport(&args)?;
     // Bind first so a taken port fails at once, with the port in the message.
     let grpc_listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -159,20 +191,35 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(fanout.clone().run(manager.clone()));
     tokio::spawn(notify_systemd(health_state));
 
+    let auth = match &transport {
+        Transport::Tls(_) => Auth::Mtls { admins: args.admin_identities.iter().cloned().collect() },
+        Transport::Insecure => Auth::Open,
+    };
+    let stopping = fanout.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        stopping.close();
+    };
     let api = Api {
+        auth,
         leases: manager,
         fanout,
         metrics,
     };
     info!(listen = %args.listen, "serving gRPC");
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Transport::Tls(files) = &transport {
+        server = server.tls_config(files.server_config()?).context("TLS setup")?;
+        info!(cert = %files.cert.display(), ca = %files.ca.display(), "mutual TLS on: clients need a certificate from the CA");
+    }
+    server
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(AgentServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_service(AdminServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            shutdown_signal(),
+            shutdown,
         )
         .await
         .context("gRPC server failed")?;

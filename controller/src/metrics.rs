@@ -152,7 +152,7 @@ fn status_label(e: &ControlError) -> String {
             "invalid_argument"
         }
         ControlError::NotFound(_) => "not_found",
-        ControlError::NotHolder { .. } => "permission_denied",
+        ControlError::NotHolder { .. } | ControlError::Forbidden(_) => "permission_denied",
         ControlError::Contention(_) => "aborted",
         ControlError::Store(StoreError::Unavailable(_)) => "unavailable",
         ControlError::Store(StoreError::LeaseNotFound(_)) => "not_found",

@@ -245,7 +245,9 @@ pub fn result_ipv4(result: &Value) -> Option<String> {
         .filter_map(|ip| ip.get("address")?.as_str())
         .find_map(|a| {
             let addr = a.split('/').next()?;
-            addr.parse::<std::net::Ipv4Addr>().ok().map(|_| addr.to_string())
+            addr.parse::<std::net::Ipv4Addr>()
+                .ok()
+                .map(|_| addr.to_string())
         })
 }
 
@@ -394,7 +396,10 @@ mod tests {
         assert_eq!(first["cniVersion"], "1.0.0");
         assert_eq!(first["name"], "overlay");
         assert_eq!(first["dataDir"], "/lab/h1/cni-ipam");
-        assert!(!first.contains_key("runtimeConfig"), "not a capability of it");
+        assert!(
+            !first.contains_key("runtimeConfig"),
+            "not a capability of it"
+        );
         assert!(!first.contains_key("prevResult"));
         let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.244.1.2/24"}]});
         let second = list.plugin_conf(1, &inv, Some(&prev));
@@ -420,9 +425,6 @@ mod tests {
         assert!(ConfList::parse(br#"{"cniVersion":"1.0.0","name":"n","plugins":[]}"#).is_err());
         assert!(ConfList::parse(br#"{"cniVersion":"1.0.0","name":"n","plugins":[{}]}"#).is_err());
         let e = find_plugin("portmap", &[PathBuf::from("/nowhere")]).unwrap_err();
-        assert!(
-            e.to_string().contains("containernetworking-plugins"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("containernetworking-plugins"), "{e}");
     }
 }

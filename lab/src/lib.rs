@@ -26,9 +26,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 pub mod cni;
+pub mod faults;
 pub mod netns;
 
 pub use cni::PortMapping;
+pub use faults::{Service, StoppedService};
 
 pub const UNDERLAY_GATEWAY: &str = "192.0.2.1";
 pub const CONTROLLER_PORT: u16 = 7400;
@@ -65,6 +67,12 @@ pub enum LabError {
         command: String,
         message: String,
     },
+}
+
+/// Whether this process runs as root (labs need it: namespaces, setns).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// The namespace prefix of the lab `name` made by `overlayctl lab` (`ovl-<name>`).
@@ -226,13 +234,20 @@ pub fn http_get(addr: &str, port: u16, path: &str) -> Option<(u16, String)> {
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    Some((
+        code,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
 }
 
 /// [`http_get`] from inside namespace `ns`.
 pub fn http_get_in(ns: &str, addr: &str, port: u16, path: &str) -> Option<(u16, String)> {
     let (addr, path) = (addr.to_string(), path.to_string());
-    netns::run_in(ns, move || http_get(&addr, port, &path)).ok().flatten()
+    netns::run_in(ns, move || http_get(&addr, port, &path))
+        .ok()
+        .flatten()
 }
 
 fn wait_for<T>(
@@ -378,7 +393,7 @@ impl Lab {
                 spec.hosts
             )));
         }
-        if spec.dir.exists()
+        if spec.dir.join(STATE_FILE).exists()
             || !netns::list_with_prefix(&format!("{}-", spec.ns_prefix)).is_empty()
         {
             return Err(LabError::Exists(spec.name.clone()));

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use overlay_proto::v1::agent_client::AgentClient;
+use overlay_proto::tls::Transport;
 use tonic::transport::{Channel, Endpoint};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -17,6 +18,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum ClientError {
     #[error("invalid controller URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot reach any controller ({urls}): {last}")]
     Unreachable { urls: String, last: String },
 }
@@ -27,22 +30,36 @@ pub struct Controllers {
 }
 
 impl Controllers {
+    /// Plaintext connections (tests, labs with `--insecure`).
     pub fn new(urls: &[String]) -> Result<Self, ClientError> {
+        Self::with_transport(urls, &Transport::Insecure)
+    }
+
+    /// Connections over `transport`: with TLS, `http://` URLs are dialled as `https://`.
+    pub fn with_transport(urls: &[String], transport: &Transport) -> Result<Self, ClientError> {
+        let tls = match transport {
+            Transport::Tls(files) => Some(files.client_config().map_err(|e| ClientError::Tls(e.to_string()))?),
+            Transport::Insecure => None,
+        };
         let endpoints = urls
             .iter()
             .map(|u| {
-                Endpoint::from_shared(u.clone())
-                    .map(|e| {
-                        e.connect_timeout(CONNECT_TIMEOUT)
-                            .http2_keep_alive_interval(Duration::from_secs(5))
-                            .keep_alive_timeout(Duration::from_secs(5))
-                            .keep_alive_while_idle(true)
-                            .tcp_nodelay(true)
-                    })
-                    .map_err(|e| ClientError::BadUrl {
-                        url: u.clone(),
-                        reason: e.to_string(),
-                    })
+                let u = if tls.is_some() { u.replacen("http://", "https://", 1) } else { u.clone() };
+                let e = Endpoint::from_shared(u.clone())
+                    .map_err(|e| ClientError::BadUrl { url: u.clone(), reason: e.to_string() })?;
+                match &tls {
+                    Some(t) => e.tls_config(t.clone()).map_err(|e| ClientError::BadUrl { url: u.clone(), reason: e.to_string() }),
+                    None => Ok(e),
+                }
+            })
+            .map(|e: Result<Endpoint, ClientError>| {
+                e.map(|e| {
+                    e.connect_timeout(CONNECT_TIMEOUT)
+                        .http2_keep_alive_interval(Duration::from_secs(5))
+                        .keep_alive_timeout(Duration::from_secs(5))
+                        .keep_alive_while_idle(true)
+                        .tcp_nodelay(true)
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         if endpoints.is_empty() {

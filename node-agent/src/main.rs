@@ -10,6 +10,7 @@ use clap::Parser;
 use overlay_agent::agent::{Agent, AgentOptions, SharedStatus};
 use overlay_agent::client::Controllers;
 use overlay_agent::health;
+use overlay_proto::tls::Transport;
 use overlay_agent::metrics::AgentMetrics;
 use tracing::{error, info};
 
@@ -57,6 +58,19 @@ struct Args {
     /// e.g. /etc/cni/net.d. Ignored with --bridge none.
     #[arg(long, env = "OVERLAY_CNI_CONF_DIR")]
     cni_conf_dir: Option<PathBuf>,
+    /// This node's certificate (PEM); its common name is the node name unless
+    /// --node-name is given. With --tls-key and --tls-ca enables mutual TLS.
+    #[arg(long, env = "OVERLAY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "OVERLAY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The CA the controller's certificate must chain to (PEM).
+    #[arg(long, env = "OVERLAY_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Talk to the controller in plaintext (labs and tests only).
+    #[arg(long, env = "OVERLAY_INSECURE")]
+    insecure: bool,
     /// Log format: text or json.
     #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -99,9 +113,23 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log_format);
-    let node = args.node_name.clone().unwrap_or_else(hostname);
+    let transport = match Transport::from_flags(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref(), args.insecure) {
+        Ok(t) => t,
+        // Transitional: no TLS flag at all still means plaintext, loudly.
+        Err(_) if args.tls_cert.is_none() && args.tls_key.is_none() && args.tls_ca.is_none() => {
+            tracing::warn!("no TLS credentials and no --insecure: talking plaintext to the controller");
+            Transport::Insecure
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let node = match (&args.node_name, &transport) {
+        (Some(n), _) => n.clone(),
+        // With a certificate, the node is who the certificate says it is.
+        (None, Transport::Tls(files)) => files.own_identity().context("--tls-cert")?,
+        (None, Transport::Insecure) => hostname(),
+    };
     overlay_core::lease::validate_node_name(&node).context("--node-name")?;
-    let controllers = Controllers::new(&args.controller).context("--controller")?;
+    let controllers = Controllers::with_transport(&args.controller, &transport).context("--controller")?;
     let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
         "off" => None,
         a => Some(a.parse().with_context(|| {

@@ -7,4 +7,5 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod tls;
 pub use convert::*;

@@ -34,14 +34,20 @@ pub struct Controller {
 impl Controller {
     /// Starts a controller on `etcd` under `prefix` and waits until it is ready.
     pub fn start(etcd: &Etcd, prefix: &str, dir: &Path, name: &str) -> Controller {
+        Self::start_with(etcd, prefix, dir, name, &["--insecure".to_string()])
+    }
+
+    /// [`Controller::start`] with other flags than `--insecure` (e.g. TLS files).
+    pub fn start_with(etcd: &Etcd, prefix: &str, dir: &Path, name: &str, extra: &[String]) -> Controller {
         let port = free_port();
         let health_port = free_port();
-        let args = vec![
+        let mut args = vec![
             format!("--etcd-endpoints={}", etcd.endpoint),
             format!("--etcd-prefix={prefix}"),
             format!("--listen=127.0.0.1:{port}"),
             format!("--health-listen=127.0.0.1:{health_port}"),
         ];
+        args.extend(extra.iter().cloned());
         let (log_path, _) = log_file(dir, name);
         let mut c = Controller {
             child: spawn_logged(name, "overlay-controller", &args, &log_path),
@@ -136,21 +142,41 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let dir = dir.join(name);
+        let mut all = vec![format!("--node-name={name}"), "--insecure".to_string()];
+        all.extend(extra.iter().map(|s| s.to_string()));
+        Self::launch(controllers, name, public_ip, dir, &all, env)
+    }
+
+    /// An agent with exactly `flags` besides the controller, address, dirs and health
+    /// port: no `--node-name` (a TLS agent takes it from its certificate) and no
+    /// `--insecure`. `label` names its directory.
+    pub fn start_no_name(controllers: &str, label: &str, public_ip: &str, dir: &Path, flags: &[&str]) -> Agent {
+        let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        Self::launch(controllers, label, public_ip, dir, &flags, &[])
+    }
+
+    fn launch(
+        controllers: &str,
+        label: &str,
+        public_ip: &str,
+        dir: &Path,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let dir = dir.join(label);
         let health_port = free_port();
         let mut args = vec![
             format!("--controller={controllers}"),
-            format!("--node-name={name}"),
             format!("--public-ip={public_ip}"),
             format!("--run-dir={}", dir.join("run").display()),
             format!("--state-dir={}", dir.join("state").display()),
             format!("--health-listen=127.0.0.1:{health_port}"),
         ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().cloned());
         let (log_path, _) = log_file(&dir, "agent");
         Agent {
-            child: spawn_logged_env(name, "overlay-agent", &args, &log_path, env),
-            name: name.to_string(),
+            child: spawn_logged_env(label, "overlay-agent", &args, &log_path, env),
+            name: label.to_string(),
             dir,
             health_port,
             args,
@@ -220,6 +246,7 @@ impl Agent {
 /// Runs `overlayctl --controller URL ARGS...`.
 pub fn overlayctl(controller: &str, args: &[&str]) -> Output {
     Command::new(bin_path("overlayctl"))
+        .arg("--insecure")
         .arg(format!("--controller={controller}"))
         .args(args)
         .stdin(Stdio::null())

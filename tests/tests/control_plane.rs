@@ -204,7 +204,14 @@ fn sigterm_stops_the_agent_and_keeps_its_lease() {
         .expect("agent exits on SIGTERM");
     assert!(status.success(), "clean exit: {status:?}");
     assert_eq!(lease_subnets(&s.controller.url), vec![subnet]);
-    // The controller too exits cleanly on SIGTERM.
+    // The controller too exits cleanly on SIGTERM, even with watch streams open (they
+    // end, and their clients fail over).
+    let _watching = (0..2)
+        .map(|i| Agent::start(&s.controller.url, &format!("watcher-{i}"), &public_ip(30 + i), s.dir.path(), &[]))
+        .collect::<Vec<_>>();
+    for w in &_watching {
+        w.wait_subnet(PATIENCE);
+    }
     let mut controller = s.controller;
     controller.child.signal(libc::SIGTERM);
     let status = controller

@@ -3,7 +3,11 @@
 //! commands that got that far.
 
 pub mod agent;
+pub mod completions;
+pub mod certs;
 pub mod config;
+pub mod docker_opts;
+pub mod lab;
 pub mod lease;
 pub mod leases;
 pub mod routes;
@@ -17,7 +21,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         controller,
         output,
         command,
+        tls_cert,
+        tls_key,
+        tls_ca,
+        insecure,
     } = cli;
+    crate::client::configure_tls(crate::client::TlsFlags { cert: tls_cert, key: tls_key, ca: tls_ca, insecure });
     match command {
         Command::Config(c) => config::run(c, &controller, output).await,
         Command::Leases => leases::run(&controller, output).await,
@@ -26,5 +35,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Routes(args) => routes::run(args, &controller, output).await,
         Command::Agent(c) => agent::run(c, output).await,
         Command::Status => status::run(&controller, output).await,
+        Command::Certs(c) => certs::run(c),
+        Command::Lab(c) => lab::run(c, output).await,
+        Command::DockerOpts(args) => docker_opts::run(args, output).await,
+        Command::Completions(args) => completions::run_completions(args),
+        Command::Man(args) => completions::run_man(args, output),
     }
 }

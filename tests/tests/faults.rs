@@ -1,0 +1,2577 @@
+//! The fault-injection suite: one fault per test, injected into real processes (etcd,
+//! controllers, agents, the kernel's datapath in network namespaces), each asserting that
+//! nothing is lost.
+//!
+//! Design notes:
+//! - Loss is measured by the kernel, not sampled: `ping -i 0.05` runs in both directions
+//!   through the whole fault, and every `icmp_seq` it sent must have come back (but the
+//!   one still in flight when ping is stopped, which no fault can be blamed for).
+//! - "Unchanged" is compared exactly: the agent-owned kernel state as `ip`/`bridge` print
+//!   it, the agent's count of datapath writes, the etcd revision (which any write moves).
+//! - Faults that lose state on purpose (a controller killed between granting an etcd
+//!   lease and attaching it) are counted as they happen, and the test then waits for the
+//!   system to converge rather than asserting a moment's picture.
+//! - No timing assertions: every wait polls up to a generous deadline. How long things
+//!   took is reported, never asserted.
+//! - Each scenario prints a summary table of its counts; with `OVERLAY_FAULTS_REPORT=FILE`
+//!   the tables are also appended to FILE (`make faults` does that, and
+//!   docs/reliability.md holds the result of a real run).
+//!
+//! The lab scenarios (etcd outage, agent kill, underlay cut) need root for namespaces; the
+//! control-plane ones (controller kills, slow watchers, bad input) need only etcd.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Display;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use overlay_core::watch::LeaseCache;
+use overlay_lab::{netns, Lab, LabSpec, Service};
+use overlay_proto::v1::{self, admin_client::AdminClient, agent_client::AgentClient};
+use overlay_tests::cluster::{overlayctl, Controller};
+use overlay_tests::{bin_path, is_root, skip, wait_until, Etcd};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------
+// Reporting
+
+/// The counts of one scenario, printed as a table when it ends.
+struct Summary {
+    title: String,
+    started: Instant,
+    rows: Vec<(String, String)>,
+}
+
+impl Summary {
+    fn new(title: &str) -> Summary {
+        Summary {
+            title: title.to_string(),
+            started: Instant::now(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, what: &str, value: impl Display) {
+        self.rows.push((what.to_string(), value.to_string()));
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = format!("### {}\n\n| | |\n|---|---|\n", self.title);
+        for (what, value) in &self.rows {
+            s += &format!("| {what} | {value} |\n");
+        }
+        s += &format!(
+            "| scenario wall time | {:.0} s |\n",
+            self.started.elapsed().as_secs_f64()
+        );
+        s
+    }
+
+    /// Prints the table, and appends it to `$OVERLAY_FAULTS_REPORT` when set.
+    fn finish(&self) {
+        let table = self.markdown();
+        println!("\n{table}");
+        if let Some(path) = std::env::var_os("OVERLAY_FAULTS_REPORT") {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .expect("OVERLAY_FAULTS_REPORT is writable");
+            writeln!(f, "{table}").expect("write the report");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Lab helpers (root)
+
+fn lab(test: &str, tweak: impl FnOnce(&mut LabSpec)) -> Option<(Lab, tempfile::TempDir)> {
+    if !is_root() {
+        skip(test, "needs root for network namespaces");
+        return None;
+    }
+    if overlay_tests::etcd::etcd_binary().is_none() {
+        skip(test, "etcd is not installed (apt-get install etcd-server)");
+        return None;
+    }
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prefix = format!(
+        "ovlt-{}-f{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_path_buf();
+    let mut spec = LabSpec::new(test, &prefix, &dir.path().join("lab"), &bin_dir);
+    spec.agent_args = vec!["--resync-interval=2s".into()];
+    tweak(&mut spec);
+    let lab = Lab::up(&spec, &mut |_| {}).unwrap_or_else(|e| panic!("lab up: {e}"));
+    Some((lab, dir))
+}
+
+fn ping(lab: &Lab, from: &str, to: &str) -> bool {
+    lab.exec(from, "ping", &["-n", "-c", "1", "-W", "2", to])
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn ping_eventually(lab: &Lab, from: &str, to: &str) -> bool {
+    wait_until(PATIENCE, || ping(lab, from, to).then_some(())).is_some()
+}
+
+fn workload_ip(lab: &Lab, target: &str) -> String {
+    let (h, w) = target.split_once('/').unwrap();
+    lab.state
+        .workloads
+        .iter()
+        .find(|x| x.host == h && x.name == w)
+        .unwrap_or_else(|| panic!("no workload {target}"))
+        .ip
+        .clone()
+}
+
+fn subnet_of(lab: &Lab, host: &str) -> String {
+    lab.state
+        .host_subnet(lab.state.host(host).unwrap())
+        .expect("host has a subnet")
+}
+
+fn run_in(lab: &Lab, target: &str, args: &[&str]) -> String {
+    let out = lab.exec(target, args[0], &args[1..]).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The agent-owned kernel state of a host, as `ip`/`bridge` print it.
+fn dump(lab: &Lab, host: &str) -> String {
+    let mut s = run_in(lab, host, &["ip", "route", "show", "proto", "79"]);
+    s += &run_in(lab, host, &["ip", "neigh", "show", "nud", "permanent"]);
+    s += &run_in(lab, host, &["bridge", "fdb", "show", "dev", "ovl.1"]);
+    s += &run_in(lab, host, &["ip", "-d", "link", "show", "ovl.1"]);
+    s += &run_in(lab, host, &["ip", "-4", "addr", "show", "ovl0"]);
+    s
+}
+
+/// Lines of the agent-owned state that mention `needle` (a subnet or an underlay IP).
+fn entries_for(lab: &Lab, host: &str, needle: &str) -> Vec<String> {
+    let mut s = run_in(lab, host, &["ip", "route", "show", "proto", "79"]);
+    s += &run_in(lab, host, &["bridge", "fdb", "show", "dev", "ovl.1"]);
+    s.lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+fn agent_status(lab: &Lab, host: &str) -> serde_json::Value {
+    lab.state
+        .agent_status(lab.state.host(host).unwrap())
+        .expect("agent status")
+}
+
+fn datapath_writes(lab: &Lab, host: &str) -> u64 {
+    agent_status(lab, host)["datapath_writes"]
+        .as_u64()
+        .expect("datapath_writes")
+}
+
+/// The leases as `overlayctl leases` lists them: subnet -> node.
+fn lab_leases(lab: &Lab) -> Option<BTreeMap<String, String>> {
+    let text = lab
+        .overlayctl(&["leases".into(), "-o".into(), "json".into()])
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(
+        v.as_array()?
+            .iter()
+            .map(|l| {
+                (
+                    l["subnet"].as_str().unwrap_or_default().to_string(),
+                    l["node"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn controller_ready(lab: &Lab) -> Option<u16> {
+    overlay_lab::http_get_in(&lab.state.underlay_ns, "127.0.0.1", 7401, "/readyz").map(|(c, _)| c)
+}
+
+/// `ping -i 0.05` from a namespace, stopped with SIGINT.
+struct Pinger {
+    child: std::process::Child,
+    what: String,
+}
+
+/// What a [`Pinger`] saw.
+#[derive(Debug, Clone, Copy, Default)]
+struct PingCount {
+    sent: u64,
+    lost: u64,
+}
+
+impl Pinger {
+    fn start(lab: &Lab, from: &str, to_workload: &str) -> Pinger {
+        let ns = lab.state.target_ns(from).unwrap();
+        let to = workload_ip(lab, to_workload);
+        let mut cmd = Command::new("ping");
+        cmd.args(["-n", "-i", "0.05", "-W", "1", &to])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        netns::in_netns(&mut cmd, &ns).unwrap();
+        Pinger {
+            child: cmd.spawn().expect("ping"),
+            what: format!("{from} -> {to_workload}"),
+        }
+    }
+
+    /// Sent, and lost: every sequence number without a reply, but the last (in flight
+    /// when ping was stopped).
+    fn stop(self) -> PingCount {
+        // SAFETY: kill(2) on our child; SIGINT makes ping print its summary.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let out = self.child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let summary = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("ping {}: {text}", self.what));
+        let sent: u64 = summary
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("ping summary: {summary}"));
+        let replied: BTreeSet<u64> = text
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("icmp_seq="))
+                    .and_then(|n| n.parse().ok())
+            })
+            .collect();
+        let lost = (1..sent).filter(|s| !replied.contains(s)).count() as u64;
+        PingCount { sent, lost }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Control-plane helpers (etcd only)
+
+fn grpc_channel(url: &str) -> Channel {
+    Endpoint::from_shared(url.to_string())
+        .expect("controller URL")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect_lazy()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+async fn etcd_client(etcd: &Etcd) -> etcd_client::Client {
+    etcd_client::Client::connect([etcd.endpoint.clone()], None)
+        .await
+        .expect("connect to etcd")
+}
+
+/// What etcd holds under the cluster's prefix: lease keys (subnet -> (node, etcd lease)),
+/// the etcd leases that exist, and the store's revision.
+#[derive(Debug, Clone, PartialEq)]
+struct EtcdView {
+    keys: BTreeMap<String, (String, i64)>,
+    leases: BTreeSet<i64>,
+    revision: i64,
+    config: String,
+}
+
+impl EtcdView {
+    async fn read(etcd: &mut etcd_client::Client) -> EtcdView {
+        let got = etcd
+            .get(
+                "/overlay/leases/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .expect("etcd get");
+        let revision = got.header().expect("header").revision();
+        let keys = got
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let record: serde_json::Value =
+                    serde_json::from_slice(kv.value()).unwrap_or_default();
+                (
+                    kv.key_str().unwrap_or_default().to_string(),
+                    (
+                        record["node"].as_str().unwrap_or_default().to_string(),
+                        kv.lease(),
+                    ),
+                )
+            })
+            .collect();
+        let leases = etcd
+            .leases()
+            .await
+            .expect("etcd lease list")
+            .leases()
+            .iter()
+            .map(|l| l.id())
+            .collect();
+        let config = etcd
+            .get("/overlay/config", None)
+            .await
+            .expect("etcd get config")
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+            .unwrap_or_default();
+        EtcdView {
+            keys,
+            leases,
+            revision,
+            config,
+        }
+    }
+
+    /// etcd leases that no key is attached to.
+    fn orphaned_leases(&self) -> BTreeSet<i64> {
+        let attached: BTreeSet<i64> = self.keys.values().map(|(_, l)| *l).collect();
+        self.leases.difference(&attached).copied().collect()
+    }
+}
+
+fn set_config(url: &str, args: &[&str]) {
+    let mut all = vec!["config", "set"];
+    all.extend_from_slice(args);
+    let out = overlayctl(url, &all);
+    assert!(
+        out.status.success(),
+        "config set: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A controller's counter from `/metrics`.
+fn metric(c: &Controller, name: &str) -> u64 {
+    let (_, body) = overlay_tests::cluster::http_get(c.health_port, "/metrics").unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Whether a status means "no answer from that controller": try the other one.
+fn is_transport(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+    )
+}
+
+fn doc_ip(i: usize) -> String {
+    if i % 2 == 0 {
+        format!("198.51.100.{}", 1 + (i / 2) % 254)
+    } else {
+        format!("203.0.113.{}", 1 + (i / 2) % 254)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. etcd down for 30 s
+
+#[test]
+fn etcd_down_for_30s_loses_no_packet_lease_or_kernel_entry() {
+    const OUTAGE: Duration = Duration::from_secs(30);
+    let test = "etcd_down_for_30s_loses_no_packet_lease_or_kernel_entry";
+    let Some((mut lab, _dir)) = lab(test, |s| s.hosts = 2) else {
+        return;
+    };
+    let mut summary = Summary::new("1. etcd killed (SIGKILL) for 30 s, restarted on its data dir");
+    let (w1, w2) = (workload_ip(&lab, "h1/w1"), workload_ip(&lab, "h2/w1"));
+    assert!(ping_eventually(&lab, "h1/w1", &w2) && ping_eventually(&lab, "h2/w1", &w1));
+    let leases_before = lab_leases(&lab).expect("leases");
+    let dumps_before = [dump(&lab, "h1"), dump(&lab, "h2")];
+    let writes_before = [datapath_writes(&lab, "h1"), datapath_writes(&lab, "h2")];
+
+    let out = Pinger::start(&lab, "h1/w1", "h2/w1");
+    let back = Pinger::start(&lab, "h2/w1", "h1/w1");
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = lab.stop_service(Service::Etcd, libc::SIGKILL).unwrap();
+    let down_at = Instant::now();
+    // Midway, the control plane is down and says so; the datapath is untouched.
+    std::thread::sleep(OUTAGE / 2);
+    let readyz_during = controller_ready(&lab);
+    let dumps_during = [dump(&lab, "h1"), dump(&lab, "h2")];
+    let ready_agents_during = ["h1", "h2"]
+        .iter()
+        .filter(|h| lab.state.agent_ready(lab.state.host(h).unwrap()))
+        .count();
+    std::thread::sleep(OUTAGE.saturating_sub(down_at.elapsed()));
+    lab.start_service(stopped).unwrap();
+    let outage = down_at.elapsed();
+    let back_at = Instant::now();
+    wait_until(PATIENCE, || {
+        (controller_ready(&lab) == Some(200)).then_some(())
+    })
+    .expect("the controller is ready again after etcd returns");
+    let controller_back_after = back_at.elapsed();
+    // Leases are still held, and agents renew them again (the lease stays listed well
+    // past a renewal interval).
+    let leases_after = wait_until(PATIENCE, || lab_leases(&lab)).expect("leases after");
+    std::thread::sleep(Duration::from_secs(2));
+    let (out, back) = (out.stop(), back.stop());
+
+    let dumps_after = [dump(&lab, "h1"), dump(&lab, "h2")];
+    let writes_after = [datapath_writes(&lab, "h1"), datapath_writes(&lab, "h2")];
+    let changed_entries = dumps_before
+        .iter()
+        .zip(dumps_during.iter().zip(&dumps_after))
+        .map(|(b, (d, a))| {
+            let lines = |s: &str| s.lines().map(str::to_string).collect::<BTreeSet<_>>();
+            lines(b).symmetric_difference(&lines(d)).count()
+                + lines(b).symmetric_difference(&lines(a)).count()
+        })
+        .sum::<usize>();
+
+    // A new host joins, and new workloads on old and new hosts reach each other.
+    let joined = lab.join_host().unwrap();
+    lab.wait_agent_ready(&joined, PATIENCE).unwrap();
+    lab.add_workload(&joined, "w1").unwrap();
+    lab.add_workload("h1", "w2").unwrap();
+    let new_w = workload_ip(&lab, &format!("{joined}/w1"));
+    let new_h1 = workload_ip(&lab, "h1/w2");
+    let new_join_ok = ping_eventually(&lab, "h2/w1", &new_w)
+        && ping_eventually(&lab, &format!("{joined}/w1"), &new_h1);
+    let leases_final = lab_leases(&lab).unwrap_or_default();
+
+    summary.row(
+        "faults injected",
+        "1 (etcd SIGKILL, restart on the same data dir)",
+    );
+    summary.row("outage", format!("{:.1} s", outage.as_secs_f64()));
+    summary.row(
+        "controller /readyz during the outage",
+        readyz_during.map_or("no answer".into(), |c| c.to_string()),
+    );
+    summary.row(
+        "agents still ready during the outage",
+        format!("{ready_agents_during} of 2"),
+    );
+    summary.row(
+        "controller ready again after etcd restart",
+        format!("{:.1} s", controller_back_after.as_secs_f64()),
+    );
+    summary.row(
+        "packets h1/w1 -> h2/w1 sent / lost",
+        format!("{} / {}", out.sent, out.lost),
+    );
+    summary.row(
+        "packets h2/w1 -> h1/w1 sent / lost",
+        format!("{} / {}", back.sent, back.lost),
+    );
+    summary.row("kernel entries changed (during + after)", changed_entries);
+    summary.row(
+        "datapath writes during the outage",
+        writes_after[0] - writes_before[0] + writes_after[1] - writes_before[1],
+    );
+    summary.row(
+        "leases before / after / lost",
+        format!(
+            "{} / {} / {}",
+            leases_before.len(),
+            leases_after.len(),
+            leases_before
+                .iter()
+                .filter(|(s, n)| leases_after.get(*s) != Some(n))
+                .count()
+        ),
+    );
+    summary.row(
+        "new host + workloads joined after etcd returned",
+        if new_join_ok { "yes" } else { "NO" },
+    );
+    summary.finish();
+
+    assert!(
+        out.sent > 400 && back.sent > 400,
+        "ping ran through the outage"
+    );
+    assert_eq!(
+        out.lost, 0,
+        "h1/w1 -> h2/w1 lost packets while etcd was down"
+    );
+    assert_eq!(
+        back.lost, 0,
+        "h2/w1 -> h1/w1 lost packets while etcd was down"
+    );
+    assert_ne!(
+        readyz_during,
+        Some(200),
+        "the controller reports etcd's absence"
+    );
+    assert_eq!(
+        ready_agents_during, 2,
+        "agents stay ready without the control plane"
+    );
+    assert_eq!(
+        dumps_during, dumps_before,
+        "kernel state changed during the outage"
+    );
+    assert_eq!(
+        dumps_after, dumps_before,
+        "kernel state changed by the outage"
+    );
+    assert_eq!(writes_after, writes_before, "agents wrote to the kernel");
+    assert_eq!(
+        leases_after, leases_before,
+        "leases were lost across the etcd restart"
+    );
+    assert!(
+        new_join_ok,
+        "a new host and workloads joined after etcd returned"
+    );
+    assert_eq!(leases_final.len(), 3, "{leases_final:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. An agent killed with SIGKILL
+
+#[test]
+fn an_agent_killed_with_sigkill_keeps_its_subnet_and_loses_no_packet() {
+    let test = "an_agent_killed_with_sigkill_keeps_its_subnet_and_loses_no_packet";
+    let Some((mut lab, _dir)) = lab(test, |s| s.hosts = 2) else {
+        return;
+    };
+    let mut summary = Summary::new("3. agent killed with SIGKILL and restarted");
+    let (w1, w2) = (workload_ip(&lab, "h1/w1"), workload_ip(&lab, "h2/w1"));
+    assert!(ping_eventually(&lab, "h1/w1", &w2) && ping_eventually(&lab, "h2/w1", &w1));
+    let subnets = [subnet_of(&lab, "h1"), subnet_of(&lab, "h2")];
+    let dumps = [dump(&lab, "h1"), dump(&lab, "h2")];
+    let leases_before = lab_leases(&lab).unwrap();
+
+    let out = Pinger::start(&lab, "h1/w1", "h2/w1");
+    let back = Pinger::start(&lab, "h2/w1", "h1/w1");
+    std::thread::sleep(Duration::from_millis(500));
+    // Killed when settled, killed again right after starting (before it is ready), and
+    // the other host's agent too.
+    let plan: [(&str, Option<Duration>); 4] = [
+        ("h1", None),
+        ("h1", Some(Duration::from_millis(100))),
+        ("h2", None),
+        ("h1", None),
+    ];
+    let mut kills = 0;
+    let mut writes_after_restart = 0;
+    let mut same_subnet = 0;
+    let mut restarts = 0;
+    for (host, early) in plan {
+        lab.stop_agent(host, libc::SIGKILL).unwrap();
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(300));
+        lab.start_agent(host).unwrap();
+        restarts += 1;
+        if let Some(after) = early {
+            std::thread::sleep(after);
+            lab.stop_agent(host, libc::SIGKILL).unwrap();
+            kills += 1;
+            lab.start_agent(host).unwrap();
+            restarts += 1;
+        }
+        lab.wait_agent_ready(host, PATIENCE).unwrap();
+        let i = if host == "h1" { 0 } else { 1 };
+        if subnet_of(&lab, host) == subnets[i] {
+            same_subnet += 1;
+        }
+        // A couple of resyncs (every 2 s) later it still has written nothing.
+        std::thread::sleep(Duration::from_secs(3));
+        let w = datapath_writes(&lab, host);
+        writes_after_restart += w;
+        assert_eq!(w, 0, "the restarted agent on {host} wrote to the kernel");
+        assert_eq!(dump(&lab, host), dumps[i], "kernel state of {host} changed");
+    }
+    let (out, back) = (out.stop(), back.stop());
+    let leases_after = lab_leases(&lab).unwrap();
+
+    summary.row(
+        "faults injected",
+        format!("{kills} agent SIGKILLs (1 before the agent was ready)"),
+    );
+    summary.row("restarts", restarts);
+    summary.row(
+        "same subnet after restart",
+        format!("{same_subnet} of {}", plan.len()),
+    );
+    summary.row("datapath writes by restarted agents", writes_after_restart);
+    summary.row(
+        "packets h1/w1 -> h2/w1 sent / lost",
+        format!("{} / {}", out.sent, out.lost),
+    );
+    summary.row(
+        "packets h2/w1 -> h1/w1 sent / lost",
+        format!("{} / {}", back.sent, back.lost),
+    );
+    summary.row(
+        "leases before / after",
+        format!("{} / {}", leases_before.len(), leases_after.len()),
+    );
+    summary.finish();
+
+    assert_eq!(
+        same_subnet,
+        plan.len(),
+        "an agent came back with another subnet"
+    );
+    assert_eq!(
+        out.lost, 0,
+        "h1/w1 -> h2/w1 lost packets across agent kills"
+    );
+    assert_eq!(
+        back.lost, 0,
+        "h2/w1 -> h1/w1 lost packets across agent kills"
+    );
+    assert_eq!(leases_after, leases_before, "leases changed");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. A host's underlay cut for longer than its lease TTL
+
+#[test]
+fn a_host_cut_off_past_its_lease_ttl_drops_out_everywhere_and_rejoins() {
+    let test = "a_host_cut_off_past_its_lease_ttl_drops_out_everywhere_and_rejoins";
+    let Some((lab, _dir)) = lab(test, |s| {
+        s.hosts = 3;
+        s.lease_ttl = Some("3s".into());
+    }) else {
+        return;
+    };
+    let mut summary = Summary::new("4. underlay link of h3 cut past its lease TTL (3 s)");
+    for (from, to) in [("h1/w1", "h3/w1"), ("h3/w1", "h1/w1"), ("h2/w1", "h3/w1")] {
+        assert!(
+            ping_eventually(&lab, from, &workload_ip(&lab, to)),
+            "{from} -> {to}"
+        );
+    }
+    let s3 = subnet_of(&lab, "h3");
+    let h3_ip = lab.state.host("h3").unwrap().underlay_ip.clone();
+    let during = Pinger::start(&lab, "h1/w1", "h3/w1");
+    std::thread::sleep(Duration::from_millis(500));
+
+    lab.set_underlay_link("h3", false).unwrap();
+    let cut_at = Instant::now();
+    let expired = wait_until(PATIENCE, || {
+        let leases = lab_leases(&lab)?;
+        (!leases.contains_key(&s3)).then_some(cut_at.elapsed())
+    })
+    .expect("h3's lease expired while it was cut off");
+    let mut cleaned = Vec::new();
+    for h in ["h1", "h2"] {
+        wait_until(PATIENCE, || {
+            (entries_for(&lab, h, &s3).is_empty() && entries_for(&lab, h, &h3_ip).is_empty())
+                .then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{h} kept entries for cut-off h3: {:?} {:?}",
+                entries_for(&lab, h, &s3),
+                entries_for(&lab, h, &h3_ip)
+            )
+        });
+        cleaned.push(h);
+    }
+    let removed_everywhere = cut_at.elapsed();
+    let unreachable_while_cut = !ping(&lab, "h2/w1", &workload_ip(&lab, "h3/w1"));
+    lab.set_underlay_link("h3", true).unwrap();
+    let cut = cut_at.elapsed();
+    let restored_at = Instant::now();
+
+    let back = wait_until(PATIENCE, || {
+        let leases = lab_leases(&lab)?;
+        leases
+            .iter()
+            .find(|(_, n)| n.as_str() == "h3")
+            .map(|(s, _)| s.clone())
+    })
+    .expect("h3 acquired a lease again");
+    for h in ["h1", "h2"] {
+        wait_until(PATIENCE, || {
+            (!entries_for(&lab, h, &back).is_empty()).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{h} has no route to the returned h3 ({back})"));
+    }
+    let mut resumed = 0;
+    for (from, to) in [("h1/w1", "h3/w1"), ("h3/w1", "h1/w1"), ("h2/w1", "h3/w1")] {
+        if ping_eventually(&lab, from, &workload_ip(&lab, to)) {
+            resumed += 1;
+        }
+    }
+    let rejoined_after = restored_at.elapsed();
+    let during = during.stop();
+    // Once back, steady traffic again loses nothing.
+    let steady = Pinger::start(&lab, "h1/w1", "h3/w1");
+    let steady_back = Pinger::start(&lab, "h3/w1", "h2/w1");
+    std::thread::sleep(Duration::from_secs(3));
+    let (steady, steady_back) = (steady.stop(), steady_back.stop());
+
+    summary.row(
+        "faults injected",
+        "1 (h3's bridge port in the underlay set down)",
+    );
+    summary.row("cut lasted", format!("{:.1} s", cut.as_secs_f64()));
+    summary.row(
+        "h3's lease gone after",
+        format!("{:.1} s", expired.as_secs_f64()),
+    );
+    summary.row(
+        "h3's routes/FDB entries gone from h1 and h2 after",
+        format!("{:.1} s", removed_everywhere.as_secs_f64()),
+    );
+    summary.row("h3 unreachable while cut", unreachable_while_cut);
+    summary.row(
+        "h3 rejoined with",
+        format!(
+            "{back} ({})",
+            if back == s3 {
+                "same subnet"
+            } else {
+                "another subnet"
+            }
+        ),
+    );
+    summary.row(
+        "traffic resumed after",
+        format!("{:.1} s", rejoined_after.as_secs_f64()),
+    );
+    summary.row("paths working again", format!("{resumed} of 3"));
+    summary.row(
+        "packets h1/w1 -> h3/w1 across the cut sent / lost (loss expected)",
+        format!("{} / {}", during.sent, during.lost),
+    );
+    summary.row(
+        "packets after rejoin sent / lost",
+        format!(
+            "{} / {}",
+            steady.sent + steady_back.sent,
+            steady.lost + steady_back.lost
+        ),
+    );
+    summary.finish();
+
+    assert_eq!(cleaned, ["h1", "h2"]);
+    assert!(unreachable_while_cut, "the cut did cut");
+    assert_eq!(back, s3, "h3 got its subnet back (it was free)");
+    assert_eq!(resumed, 3, "traffic to and from h3 resumed");
+    assert_eq!(
+        steady.lost + steady_back.lost,
+        0,
+        "packets lost after the rejoin"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Controllers killed with SIGKILL during join bursts
+
+const JOIN_ROUNDS: usize = 10;
+const JOINS_PER_ROUND: usize = 100;
+
+#[derive(Default)]
+struct JoinCounts {
+    attempts: AtomicU64,
+    failovers: AtomicU64,
+    done: AtomicUsize,
+}
+
+/// One node joining as an agent does: AcquireLease, on a transport failure the other
+/// controller, until a lease comes back.
+async fn join(
+    controllers: Arc<[Channel; 2]>,
+    first: usize,
+    node: String,
+    public_ip: String,
+    counts: Arc<JoinCounts>,
+) -> Result<(String, String), String> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut which = first;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        counts.attempts.fetch_add(1, Ordering::Relaxed);
+        let request = v1::AcquireLeaseRequest {
+            node: node.clone(),
+            public_ip: public_ip.clone(),
+            backend: v1::BackendType::Alloc as i32,
+            ..Default::default()
+        };
+        match AgentClient::new(controllers[which].clone())
+            .acquire_lease(request)
+            .await
+        {
+            Ok(r) => {
+                counts.done.fetch_add(1, Ordering::Relaxed);
+                let lease = r.into_inner().lease.ok_or("no lease in the answer")?;
+                return Ok((node, lease.subnet));
+            }
+            Err(s) if is_transport(&s) => {
+                last = format!("{:?}: {}", s.code(), s.message());
+                which = 1 - which;
+                counts.failovers.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => return Err(format!("{node}: {:?}: {}", s.code(), s.message())),
+        }
+    }
+    Err(format!("{node}: no lease within {PATIENCE:?}: {last}"))
+}
+
+/// Keeps every joined lease alive, as the agents would, through either controller.
+async fn renew_all(
+    controllers: Arc<[Channel; 2]>,
+    held: Arc<Mutex<Vec<(String, String)>>>,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    lost: Arc<Mutex<Vec<String>>>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let leases = held.lock().unwrap().clone();
+        futures::stream::iter(leases)
+            .for_each_concurrent(16, |(node, subnet)| {
+                let controllers = controllers.clone();
+                let lost = lost.clone();
+                async move {
+                    for attempt in 0..20 {
+                        let req = v1::RenewLeaseRequest {
+                            node: node.clone(),
+                            subnet: subnet.clone(),
+                        };
+                        match AgentClient::new(controllers[attempt % 2].clone())
+                            .renew_lease(req)
+                            .await
+                        {
+                            Ok(_) => return,
+                            Err(s) if is_transport(&s) => {
+                                tokio::time::sleep(Duration::from_millis(100)).await
+                            }
+                            Err(s) => {
+                                lost.lock().unwrap().push(format!(
+                                    "{node} {subnet}: {:?}: {}",
+                                    s.code(),
+                                    s.message()
+                                ));
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+        let next = tokio::time::Instant::now() + every;
+        while tokio::time::Instant::now() < next && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[test]
+fn controllers_killed_during_join_bursts_leave_no_duplicate_or_orphan() {
+    let test = "controllers_killed_during_join_bursts_leave_no_duplicate_or_orphan";
+    let Some(etcd) = Etcd::start_or_skip(test) else {
+        return;
+    };
+    const TTL_SECS: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut controllers = [
+        Controller::start(&etcd, "/overlay", dir.path(), "controller-a"),
+        Controller::start(&etcd, "/overlay", dir.path(), "controller-b"),
+    ];
+    set_config(
+        &controllers[0].url,
+        &[
+            "--network",
+            "10.96.0.0/12",
+            "--backend",
+            "alloc",
+            "--lease-ttl",
+            &format!("{TTL_SECS}s"),
+        ],
+    );
+    let mut summary = Summary::new(&format!(
+        "2. a controller SIGKILLed during each burst of {JOINS_PER_ROUND} joins, {JOIN_ROUNDS} rounds, 2 controllers"
+    ));
+    let rt = runtime();
+    let channels = {
+        let _g = rt.enter();
+        Arc::new([
+            grpc_channel(&controllers[0].url),
+            grpc_channel(&controllers[1].url),
+        ])
+    };
+    let mut etcd_kv = rt.block_on(etcd_client(&etcd));
+    let held: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let lost: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let renewer = rt.spawn(renew_all(
+        channels.clone(),
+        held.clone(),
+        Duration::from_secs(TTL_SECS / 3),
+        stop.clone(),
+        lost.clone(),
+    ));
+
+    let counts = Arc::new(JoinCounts::default());
+    let mut failed_joins = Vec::new();
+    let mut orphans_per_round = Vec::new();
+    let mut kills = 0;
+    // Kill after this many joins of the round have succeeded: from "at once" to "almost
+    // done", so the kill lands in every phase of a join.
+    let kill_after = [0, 10, 25, 40, 55, 70, 85, 5, 50, 95];
+    for round in 0..JOIN_ROUNDS {
+        let victim = round % 2;
+        let round_counts = Arc::new(JoinCounts::default());
+        let tasks: Vec<_> = (0..JOINS_PER_ROUND)
+            .map(|i| {
+                let n = round * JOINS_PER_ROUND + i;
+                rt.spawn(join(
+                    channels.clone(),
+                    i % 2,
+                    format!("r{round:02}-n{i:03}"),
+                    doc_ip(n),
+                    round_counts.clone(),
+                ))
+            })
+            .collect();
+        wait_until(PATIENCE, || {
+            (round_counts.done.load(Ordering::Relaxed) >= kill_after[round]).then_some(())
+        })
+        .expect("joins progress");
+        controllers[victim].child.signal(libc::SIGKILL);
+        kills += 1;
+        for t in tasks {
+            match rt.block_on(t).expect("join task") {
+                Ok(pair) => held.lock().unwrap().push(pair),
+                Err(e) => failed_joins.push(e),
+            }
+        }
+        counts.attempts.fetch_add(
+            round_counts.attempts.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        counts.failovers.fetch_add(
+            round_counts.failovers.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        // What the kill left behind, before anything had time to expire.
+        let view = rt.block_on(EtcdView::read(&mut etcd_kv));
+        orphans_per_round.push(view.orphaned_leases().len());
+        controllers[victim].restart();
+    }
+    let joins = held.lock().unwrap().clone();
+
+    // Duplicates: two nodes answered with one subnet, or a node with two keys.
+    let view = rt.block_on(EtcdView::read(&mut etcd_kv));
+    let mut by_subnet: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (node, subnet) in &joins {
+        by_subnet.entry(subnet).or_default().push(node);
+    }
+    let duplicate_answers = by_subnet.values().filter(|n| n.len() > 1).count();
+    let mut keys_per_node: HashMap<&str, usize> = HashMap::new();
+    for (node, _) in view.keys.values() {
+        *keys_per_node.entry(node).or_default() += 1;
+    }
+    let nodes_with_two_keys = keys_per_node.values().filter(|&&n| n > 1).count();
+    // Orphaned keys: a key no joined node holds, or one without an etcd lease.
+    let answered: BTreeMap<String, String> = joins
+        .iter()
+        .map(|(n, s)| {
+            (
+                format!("/overlay/leases/{}", s.replace('/', "-")),
+                n.clone(),
+            )
+        })
+        .collect();
+    let orphaned_keys: Vec<&String> = view
+        .keys
+        .iter()
+        .filter(|(k, (node, lease))| answered.get(*k) != Some(node) || *lease == 0)
+        .map(|(k, _)| k)
+        .collect();
+    let answers_without_key = answered
+        .keys()
+        .filter(|k| !view.keys.contains_key(*k))
+        .count();
+    // Orphaned etcd leases (granted by a controller killed before it attached them)
+    // expire within one TTL; none may outlive it.
+    let orphans_at_end = view.orphaned_leases().len();
+    let waited = Instant::now();
+    let orphans_left = wait_until(Duration::from_secs(TTL_SECS * 2 + 30), || {
+        let v = rt.block_on(EtcdView::read(&mut etcd_kv));
+        v.orphaned_leases().is_empty().then_some(v)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = rt.block_on(renewer);
+    let final_view = rt.block_on(EtcdView::read(&mut etcd_kv));
+    let lost = lost.lock().unwrap().clone();
+
+    summary.row(
+        "faults injected",
+        format!("{kills} controller SIGKILLs (alternating a/b)"),
+    );
+    summary.row(
+        "joins requested / succeeded / failed",
+        format!(
+            "{} / {} / {}",
+            JOIN_ROUNDS * JOINS_PER_ROUND,
+            joins.len(),
+            failed_joins.len()
+        ),
+    );
+    summary.row(
+        "acquire attempts / failovers to the other controller",
+        format!(
+            "{} / {}",
+            counts.attempts.load(Ordering::Relaxed),
+            counts.failovers.load(Ordering::Relaxed)
+        ),
+    );
+    summary.row("duplicate subnets (answers)", duplicate_answers);
+    summary.row("nodes with two keys", nodes_with_two_keys);
+    summary.row("orphaned keys", orphaned_keys.len());
+    summary.row("answers with no key in etcd", answers_without_key);
+    summary.row(
+        "unattached etcd leases right after each kill",
+        format!(
+            "{:?} (total {})",
+            orphans_per_round,
+            orphans_per_round.iter().sum::<usize>()
+        ),
+    );
+    summary.row(
+        "orphaned etcd leases left after one TTL",
+        format!(
+            "{} (waited {:.0} s, TTL {TTL_SECS} s)",
+            orphans_left
+                .as_ref()
+                .map_or(final_view.orphaned_leases().len(), |_| 0),
+            waited.elapsed().as_secs_f64()
+        ),
+    );
+    summary.row("leases lost by renewals", lost.len());
+    summary.row(
+        "keys / etcd leases at the end",
+        format!("{} / {}", final_view.keys.len(), final_view.leases.len()),
+    );
+    summary.finish();
+
+    assert!(failed_joins.is_empty(), "joins failed: {failed_joins:?}");
+    assert_eq!(duplicate_answers, 0, "one subnet handed to two nodes");
+    assert_eq!(nodes_with_two_keys, 0, "a node holds two keys");
+    assert!(orphaned_keys.is_empty(), "orphaned keys: {orphaned_keys:?}");
+    assert_eq!(
+        answers_without_key, 0,
+        "a join was answered with a lease not in etcd"
+    );
+    assert!(
+        orphans_left.is_some(),
+        "etcd leases outlived their TTL unattached: {:?} (at the end of the rounds: {orphans_at_end})",
+        final_view.orphaned_leases()
+    );
+    assert!(lost.is_empty(), "renewals lost leases: {lost:?}");
+    assert_eq!(final_view.keys.len(), JOIN_ROUNDS * JOINS_PER_ROUND);
+    assert_eq!(final_view.leases.len(), JOIN_ROUNDS * JOINS_PER_ROUND);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Watch clients that fall behind, and one that resumes after a compaction
+
+/// A raw gRPC watch client's view: subnet -> node, kept by the same [`LeaseCache`] the
+/// agent uses.
+struct WatchView {
+    cache: LeaseCache,
+    snapshots: usize,
+    events: usize,
+}
+
+impl WatchView {
+    fn new() -> WatchView {
+        WatchView {
+            cache: LeaseCache::new(0),
+            snapshots: 0,
+            events: 0,
+        }
+    }
+
+    fn apply(&mut self, msg: v1::WatchLeasesResponse) {
+        use v1::watch_leases_response::Kind;
+        match msg.kind.expect("a message kind") {
+            Kind::Snapshot(s) => {
+                self.snapshots += 1;
+                let leases = s
+                    .leases
+                    .iter()
+                    .map(|l| overlay_proto::lease_from_proto(l).expect("valid lease"))
+                    .collect();
+                self.cache.resync(leases, s.revision);
+            }
+            Kind::Event(e) => {
+                self.events += 1;
+                self.cache
+                    .apply(&overlay_proto::event_from_proto(&e).expect("valid event"));
+            }
+        }
+    }
+
+    fn set(&self) -> BTreeMap<String, String> {
+        self.cache
+            .leases()
+            .map(|l| (l.subnet.to_string(), l.record.node.clone()))
+            .collect()
+    }
+}
+
+async fn open_watch(channel: Channel, after: i64) -> tonic::Streaming<v1::WatchLeasesResponse> {
+    AgentClient::new(channel)
+        .watch_leases(v1::WatchLeasesRequest {
+            after_revision: after,
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+/// Reads `stream` into `view` until it equals `truth` (or the deadline passes).
+async fn read_until(
+    stream: &mut tonic::Streaming<v1::WatchLeasesResponse>,
+    view: &mut WatchView,
+    truth: &BTreeMap<String, String>,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while view.set() != *truth {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Ok(Ok(Some(msg))) => view.apply(msg),
+            _ => return false,
+        }
+    }
+    true
+}
+
+async fn list_leases(channel: Channel) -> BTreeMap<String, String> {
+    AgentClient::new(channel)
+        .list_leases(v1::ListLeasesRequest {})
+        .await
+        .expect("list leases")
+        .into_inner()
+        .leases
+        .into_iter()
+        .map(|l| (l.subnet, l.node))
+        .collect()
+}
+
+fn churn_subnet(k: usize) -> String {
+    let n = (k % 4000) + 16;
+    format!("10.{}.{}.0/24", 96 + n / 256, n % 256)
+}
+
+#[test]
+fn watch_clients_that_fall_behind_or_resume_after_compaction_end_exact() {
+    let test = "watch_clients_that_fall_behind_or_resume_after_compaction_end_exact";
+    let Some(etcd) = Etcd::start_or_skip(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = Controller::start(&etcd, "/overlay", dir.path(), "controller-a");
+    let b = Controller::start(&etcd, "/overlay", dir.path(), "controller-b");
+    set_config(&a.url, &["--network", "10.96.0.0/12", "--backend", "alloc"]);
+    let mut summary =
+        Summary::new("5. watch clients falling behind, and resuming after a compaction");
+    let rt = runtime();
+    let _g = rt.enter();
+    let (ca, cb) = (grpc_channel(&a.url), grpc_channel(&b.url));
+    let admin = AdminClient::new(ca.clone());
+    // Seed leases that stay throughout.
+    for i in 0..20 {
+        rt.block_on(admin.clone().reserve_subnet(v1::ReserveSubnetRequest {
+            subnet: format!("10.96.{}.0/24", i + 1),
+            node: format!("seed-{i}"),
+            public_ip: doc_ip(i),
+        }))
+        .expect("seed reservation");
+    }
+    let seeds = rt.block_on(list_leases(ca.clone()));
+
+    // A slow client with a small HTTP/2 window, so few events fit in flight: reads its
+    // snapshot, then stops reading.
+    let slow_channel = Endpoint::from_shared(a.url.clone())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .http2_adaptive_window(false)
+        .connect_lazy();
+    let mut slow = WatchView::new();
+    let mut slow_stream = rt.block_on(open_watch(slow_channel, 0));
+    assert!(rt.block_on(read_until(&mut slow_stream, &mut slow, &seeds)));
+    // A fast client reading all along.
+    let fast = Arc::new(Mutex::new(WatchView::new()));
+    let fast_reader = {
+        let fast = fast.clone();
+        let ca = ca.clone();
+        rt.spawn(async move {
+            let mut stream = open_watch(ca, 0).await;
+            while let Ok(Some(msg)) = stream.message().await {
+                fast.lock().unwrap().apply(msg);
+            }
+        })
+    };
+    // `overlayctl watch -o json` on the other controller, its stdout not read meanwhile.
+    let mut ctl_watch = Command::new(bin_path("overlayctl"));
+    ctl_watch
+        .arg(format!("--controller={}", b.url))
+        .args(["watch", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut ctl_watch = overlay_tests::Child::spawn("watch", &mut ctl_watch).unwrap();
+    // Two clients that read their snapshot and disconnect, to resume later.
+    let mut resumers = Vec::new();
+    for channel in [ca.clone(), cb.clone()] {
+        let mut view = WatchView::new();
+        let mut stream = rt.block_on(open_watch(channel, 0));
+        assert!(rt.block_on(read_until(&mut stream, &mut view, &seeds)));
+        resumers.push((view.cache.revision(), view));
+    }
+
+    // Churn: reserve subnet k, and revoke subnet k-200, in concurrent batches, until the
+    // controller has had to resync the slow client (or a cap is reached).
+    const LIVE: usize = 200;
+    const BATCH: usize = 250;
+    const MAX_CHANGES: usize = 40_000;
+    let resyncs_before = metric(&a, "overlay_controller_watch_resyncs");
+    let churn_started = Instant::now();
+    let mut k = 0;
+    let mut changes = 0;
+    while changes < MAX_CHANGES {
+        let reserves = (k..k + BATCH).map(|j| {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .reserve_subnet(v1::ReserveSubnetRequest {
+                        subnet: churn_subnet(j),
+                        node: format!("churn-{j}"),
+                        public_ip: doc_ip(j),
+                    })
+                    .await
+                    .map(|_| ())
+            }
+        });
+        let revokes = (k.saturating_sub(LIVE)..(k + BATCH).saturating_sub(LIVE)).map(|j| {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .revoke_lease(v1::RevokeLeaseRequest {
+                        subnet: churn_subnet(j),
+                    })
+                    .await
+                    .map(|_| ())
+            }
+        });
+        let results: Vec<Result<(), Status>> = rt.block_on(
+            futures::stream::iter(reserves)
+                .buffer_unordered(16)
+                .chain(futures::stream::iter(revokes).buffer_unordered(16))
+                .collect(),
+        );
+        for r in &results {
+            r.as_ref().expect("churn operation");
+        }
+        changes += results.len();
+        k += BATCH;
+        if metric(&a, "overlay_controller_watch_resyncs") > resyncs_before {
+            break;
+        }
+    }
+    let churn_time = churn_started.elapsed();
+    let truth = rt.block_on(list_leases(cb.clone()));
+    assert_eq!(
+        truth.len(),
+        seeds.len() + LIVE,
+        "the churn left what it meant to"
+    );
+
+    // Compaction of everything so far, and a controller started after it (its history
+    // begins there): resuming from before the compaction can only be answered with a
+    // snapshot.
+    let mut etcd_kv = rt.block_on(etcd_client(&etcd));
+    let rev = rt.block_on(EtcdView::read(&mut etcd_kv)).revision;
+    rt.block_on(etcd_kv.compact(rev, None)).expect("compact");
+    let c = Controller::start(&etcd, "/overlay", dir.path(), "controller-c");
+    let cc = grpc_channel(&c.url);
+    let mut resumed = Vec::new();
+    for ((after, mut view), (name, channel)) in resumers.into_iter().zip([
+        ("controller c (after the compaction)", cc.clone()),
+        ("controller b (running throughout)", cb.clone()),
+    ]) {
+        let snapshots = view.snapshots;
+        let mut stream = rt.block_on(open_watch(channel, after));
+        let exact = rt.block_on(read_until(&mut stream, &mut view, &truth));
+        resumed.push((
+            name,
+            after,
+            exact,
+            view.snapshots - snapshots,
+            view.events,
+            view.set(),
+        ));
+    }
+
+    // The slow clients read again.
+    let slow_exact = rt.block_on(read_until(&mut slow_stream, &mut slow, &truth));
+    let lines = ctl_watch.inner.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(lines).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut ctl_view: BTreeMap<String, String> = BTreeMap::new();
+    let mut ctl_lines = 0;
+    let deadline = Instant::now() + PATIENCE;
+    while ctl_view != truth && Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        ctl_lines += 1;
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        let subnet = v["lease"]["subnet"].as_str().unwrap().to_string();
+        match v["type"].as_str() {
+            Some("added") => {
+                ctl_view.insert(subnet, v["lease"]["node"].as_str().unwrap().to_string());
+            }
+            Some("removed") => {
+                ctl_view.remove(&subnet);
+            }
+            other => panic!("unexpected watch line type {other:?}: {line}"),
+        }
+    }
+    let fast_exact = wait_until(PATIENCE, || {
+        (fast.lock().unwrap().set() == truth).then_some(())
+    })
+    .is_some();
+    let (fast_snapshots, fast_events) = {
+        let f = fast.lock().unwrap();
+        (f.snapshots, f.events)
+    };
+    fast_reader.abort();
+    let resyncs = metric(&a, "overlay_controller_watch_resyncs") - resyncs_before;
+    let resyncs_b = metric(&b, "overlay_controller_watch_resyncs");
+    let resyncs_c = metric(&c, "overlay_controller_watch_resyncs");
+
+    summary.row(
+        "lease changes (reserve + revoke)",
+        format!("{changes} in {:.1} s", churn_time.as_secs_f64()),
+    );
+    summary.row("leases at the end", truth.len());
+    summary.row(
+        "slow raw client (64 KiB window): snapshots / events read, exact at the end",
+        format!("{} / {}, {}", slow.snapshots, slow.events, slow_exact),
+    );
+    summary.row(
+        "slow `overlayctl watch -o json` (stdout unread): lines, exact at the end",
+        format!("{ctl_lines}, {}", ctl_view == truth),
+    );
+    summary.row(
+        "fast raw client: snapshots / events, exact at the end",
+        format!("{fast_snapshots} / {fast_events}, {fast_exact}"),
+    );
+    summary.row(
+        "resync snapshots sent by controllers a / b / c",
+        format!("{resyncs} / {resyncs_b} / {resyncs_c}"),
+    );
+    summary.row("etcd compacted at revision", rev);
+    for (name, after, exact, snaps, events, _) in &resumed {
+        summary.row(
+            &format!("resumed from revision {after} on {name}: snapshots / events, exact"),
+            format!("{snaps} / {events}, {exact}"),
+        );
+    }
+    let wrong = [slow_exact, ctl_view == truth, fast_exact]
+        .iter()
+        .chain(resumed.iter().map(|r| &r.2))
+        .filter(|ok| !**ok)
+        .count();
+    summary.row("clients ending with a wrong set", wrong);
+    summary.finish();
+
+    assert!(
+        resyncs > 0,
+        "the slow client never fell far enough behind to be resynced"
+    );
+    assert!(
+        slow.snapshots >= 2,
+        "the slow client was resynced with a snapshot"
+    );
+    assert!(
+        slow_exact,
+        "the slow raw client ended with {:?}",
+        slow.set().len()
+    );
+    assert_eq!(ctl_view, truth, "overlayctl watch ended with another set");
+    assert!(fast_exact, "the fast client ended with another set");
+    for (name, _, exact, snaps, _, set) in &resumed {
+        assert!(
+            exact,
+            "the client resumed on {name} ended with {} leases",
+            set.len()
+        );
+        if name.contains("compaction") {
+            assert_eq!(
+                *snaps, 1,
+                "resuming from before a compaction gives a snapshot"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Bad input catalogue
+
+/// How a bad input was answered.
+#[derive(Debug)]
+enum Answer {
+    /// Accepted: the input was not refused.
+    Accepted(String),
+    /// Refused with this text (code and message, or stderr, or the CNI error JSON).
+    Refused(String),
+}
+
+struct Case {
+    area: &'static str,
+    name: String,
+    /// Words the error must contain (case-insensitive): the field, value or rule.
+    names: Vec<&'static str>,
+    answer: Answer,
+}
+
+fn cli(url: &str, args: &[&str], stdin: Option<&[u8]>) -> Answer {
+    let mut cmd = Command::new(bin_path("overlayctl"));
+    cmd.arg(format!("--controller={url}"))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("overlayctl");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if out.status.success() {
+        Answer::Accepted(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Answer::Refused(format!(
+            "exit {}: {stderr}",
+            out.status.code().unwrap_or(-1)
+        ))
+    }
+}
+
+fn grpc<T: std::fmt::Debug>(r: Result<tonic::Response<T>, Status>) -> Answer {
+    match r {
+        Ok(r) => Answer::Accepted(format!("{:?}", r.into_inner())),
+        Err(s) => Answer::Refused(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+/// Runs overlay-cni with only the given CNI_* variables, inside `ns` when given.
+fn cni(ns: Option<&str>, env: &[(&str, &str)], stdin: &[u8]) -> Answer {
+    let mut cmd = Command::new(bin_path("overlay-cni"));
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(ns) = ns {
+        netns::in_netns(&mut cmd, ns).unwrap();
+    }
+    let mut child = cmd.spawn().expect("overlay-cni");
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = writer.join();
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() {
+        Answer::Accepted(stdout)
+    } else {
+        Answer::Refused(format!(
+            "exit {}: {stdout}",
+            out.status.code().unwrap_or(-1)
+        ))
+    }
+}
+
+/// Everything a bad input must leave alone, besides etcd: the CNI plugin's IPAM
+/// directory and the links of the namespace it ran in.
+fn cni_state(ns: Option<&str>, data_dir: &std::path::Path) -> (Vec<String>, String) {
+    let mut files: Vec<String> = walk(data_dir);
+    files.sort();
+    let links = match ns {
+        Some(ns) => netns::ip_in(ns, &["-o", "link", "show"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default(),
+        None => String::new(),
+    };
+    (files, links)
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            out.push(p.display().to_string());
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
+    let test = "bad_input_is_refused_with_a_clear_error_and_changes_nothing";
+    let Some(etcd) = Etcd::start_or_skip(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&etcd, "/overlay", dir.path(), "controller");
+    let url = controller.url.clone();
+    set_config(&url, &["--network", "10.96.0.0/12", "--backend", "alloc"]);
+    let mut summary = Summary::new("6. bad input catalogue");
+    let rt = runtime();
+    let _g = rt.enter();
+    let channel = grpc_channel(&url);
+    let agent = AgentClient::new(channel.clone());
+    let admin = AdminClient::new(channel.clone());
+    // State to protect: a node's lease and a reservation.
+    let held = rt
+        .block_on(agent.clone().acquire_lease(v1::AcquireLeaseRequest {
+            node: "holder".into(),
+            public_ip: "198.51.100.10".into(),
+            backend: v1::BackendType::Alloc as i32,
+            ..Default::default()
+        }))
+        .expect("a lease")
+        .into_inner()
+        .lease
+        .unwrap()
+        .subnet;
+    rt.block_on(admin.clone().reserve_subnet(v1::ReserveSubnetRequest {
+        subnet: "10.96.200.0/24".into(),
+        node: "pinned".into(),
+        public_ip: "198.51.100.20".into(),
+    }))
+    .expect("a reservation");
+    let held_name: &'static str = Box::leak(held.clone().into_boxed_str());
+    let mut etcd_kv = rt.block_on(etcd_client(&etcd));
+    let before = rt.block_on(EtcdView::read(&mut etcd_kv));
+
+    // The CNI plugin runs in a namespace of its own when we are root, so that nothing it
+    // could do reaches the machine's own network.
+    let cni_ns = is_root().then(|| format!("ovlt-{}-cni", std::process::id()));
+    if let Some(ns) = &cni_ns {
+        netns::create(ns).unwrap();
+    }
+    let cni_dir = tempfile::tempdir().unwrap();
+    let subnet_env = cni_dir.path().join("subnet.env");
+    std::fs::write(
+        &subnet_env,
+        "OVERLAY_NETWORK=10.96.0.0/12\nOVERLAY_SUBNET=10.96.7.1/24\nOVERLAY_MTU=1450\nOVERLAY_IPMASQ=false\n",
+    )
+    .unwrap();
+    let garbage_env = cni_dir.path().join("garbage.env");
+    std::fs::write(&garbage_env, "this is not a subnet file\n").unwrap();
+    let data_dir = cni_dir.path().join("ipam");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let netconf = |extra: serde_json::Value| -> Vec<u8> {
+        let mut v = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "overlay",
+            "type": "overlay-cni",
+            "subnetFile": subnet_env,
+            "dataDir": data_dir,
+            "bridge": "ovl0",
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            if x.is_null() {
+                v.as_object_mut().unwrap().remove(k);
+            } else {
+                v[k] = x.clone();
+            }
+        }
+        serde_json::to_vec(&v).unwrap()
+    };
+    let cni_before = cni_state(cni_ns.as_deref(), &data_dir);
+    let add_env = |over: &[(&'static str, &'static str)]| -> Vec<(&'static str, String)> {
+        let mut env: BTreeMap<&'static str, String> = [
+            ("CNI_COMMAND", "ADD".to_string()),
+            ("CNI_CONTAINERID", "faults-1".to_string()),
+            ("CNI_NETNS", "/run/netns/ovlt-faults-missing".to_string()),
+            ("CNI_IFNAME", "eth0".to_string()),
+            ("CNI_PATH", "/opt/cni/bin".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        for (k, v) in over {
+            if v.is_empty() {
+                env.remove(k);
+            } else {
+                env.insert(k, v.to_string());
+            }
+        }
+        env.into_iter().collect()
+    };
+
+    let mut cases: Vec<Case> = Vec::new();
+    let mut case = |area: &'static str, name: &str, names: &[&'static str], answer: Answer| {
+        cases.push(Case {
+            area,
+            name: name.to_string(),
+            names: names.to_vec(),
+            answer,
+        });
+    };
+
+    // --- Config: `overlayctl config set` flags and files.
+    let set = |extra: &[&str]| {
+        let mut args = vec!["config", "set"];
+        args.extend_from_slice(extra);
+        cli(&url, &args, None)
+    };
+    case(
+        "config",
+        "network not a CIDR",
+        &["network", "banana"],
+        set(&["--network", "banana", "--backend", "alloc"]),
+    );
+    case(
+        "config",
+        "network prefix /33",
+        &["network", "10.96.0.0/33"],
+        set(&["--network", "10.96.0.0/33", "--backend", "alloc"]),
+    );
+    case(
+        "config",
+        "network with host bits",
+        &["network", "10.96.1.0/12"],
+        set(&["--network", "10.96.1.0/12", "--backend", "alloc"]),
+    );
+    case(
+        "config",
+        "network smaller than /28",
+        &["network", "/28"],
+        set(&["--network", "10.96.0.0/29", "--backend", "alloc"]),
+    );
+    case(
+        "config",
+        "vni 0",
+        &["vni", "0"],
+        set(&["--network", "10.96.0.0/12", "--vni", "0"]),
+    );
+    case(
+        "config",
+        "vni 2^24",
+        &["vni", "16777216"],
+        set(&["--network", "10.96.0.0/12", "--vni", "16777216"]),
+    );
+    case(
+        "config",
+        "port 0",
+        &["port", "0"],
+        set(&["--network", "10.96.0.0/12", "--port", "0"]),
+    );
+    case(
+        "config",
+        "port 70000",
+        &["port", "70000"],
+        set(&["--network", "10.96.0.0/12", "--port", "70000"]),
+    );
+    case(
+        "config",
+        "mtu 100",
+        &["mtu", "100"],
+        set(&[
+            "--network",
+            "10.96.0.0/12",
+            "--backend",
+            "alloc",
+            "--mtu",
+            "100",
+        ]),
+    );
+    case(
+        "config",
+        "lease ttl 0s",
+        &["lease", "ttl"],
+        set(&[
+            "--network",
+            "10.96.0.0/12",
+            "--backend",
+            "alloc",
+            "--lease-ttl",
+            "0s",
+        ]),
+    );
+    case(
+        "config",
+        "lease ttl 1.5s",
+        &["lease", "ttl", "whole"],
+        set(&[
+            "--network",
+            "10.96.0.0/12",
+            "--backend",
+            "alloc",
+            "--lease-ttl",
+            "1.5s",
+        ]),
+    );
+    case(
+        "config",
+        "lease ttl not a duration",
+        &["lease", "ttl", "soon"],
+        set(&[
+            "--network",
+            "10.96.0.0/12",
+            "--backend",
+            "alloc",
+            "--lease-ttl",
+            "soon",
+        ]),
+    );
+    case(
+        "config",
+        "subnet len 31",
+        &["subnet", "len", "31"],
+        set(&[
+            "--network",
+            "10.96.0.0/12",
+            "--backend",
+            "alloc",
+            "--subnet-len",
+            "31",
+        ]),
+    );
+    case(
+        "config",
+        "subnet len shorter than the network",
+        &["subnet", "len", "8"],
+        set(&[
+            "--network",
+            "10.96.0.0/12",
+            "--backend",
+            "alloc",
+            "--subnet-len",
+            "8",
+        ]),
+    );
+    case(
+        "config",
+        "subnet min outside the network",
+        &["subnet", "min", "192.0.2.0/24"],
+        set(&[
+            "--network",
+            "10.96.0.0/12",
+            "--backend",
+            "alloc",
+            "--subnet-min",
+            "192.0.2.0/24",
+        ]),
+    );
+    case(
+        "config",
+        "subnet min after subnet max",
+        &["subnet", "min", "max"],
+        set(&[
+            "--network",
+            "10.96.0.0/12",
+            "--backend",
+            "alloc",
+            "--subnet-min",
+            "10.96.9.0/24",
+            "--subnet-max",
+            "10.96.2.0/24",
+        ]),
+    );
+    case(
+        "config",
+        "unknown backend",
+        &["backend", "udp"],
+        set(&["--network", "10.96.0.0/12", "--backend", "udp"]),
+    );
+    case(
+        "config",
+        "network change stranding leases, no --force",
+        &["--force", "10.96."],
+        set(&["--network", "10.250.0.0/16", "--backend", "alloc"]),
+    );
+    let file = |name: &str, text: &str| {
+        let p = cni_dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let truncated = file(
+        "truncated.json",
+        r#"{"network": "10.96.0.0/12", "backend": {"#,
+    );
+    case(
+        "config",
+        "file: truncated JSON",
+        &["truncated.json"],
+        set(&["--file", &truncated]),
+    );
+    let wrong_type = file("wrong-type.json", r#"{"network": 12}"#);
+    case(
+        "config",
+        "file: network is a number",
+        &["wrong-type.json", "network"],
+        set(&["--file", &wrong_type]),
+    );
+    let unknown = file(
+        "unknown-field.json",
+        r#"{"network": "10.96.0.0/12", "netwrok": "10.0.0.0/8"}"#,
+    );
+    case(
+        "config",
+        "file: unknown field",
+        &["unknown-field.json", "netwrok"],
+        set(&["--file", &unknown]),
+    );
+    let empty = file("empty.json", "");
+    case(
+        "config",
+        "file: empty",
+        &["empty.json"],
+        set(&["--file", &empty]),
+    );
+    let bad_vni = file(
+        "bad-vni.json",
+        r#"{"network": "10.96.0.0/12", "backend": {"type": "vxlan", "vni": -1}}"#,
+    );
+    case(
+        "config",
+        "file: negative vni",
+        &["bad-vni.json", "vni"],
+        set(&["--file", &bad_vni]),
+    );
+    case(
+        "config",
+        "file: missing",
+        &["/nonexistent/overlay.json"],
+        set(&["--file", "/nonexistent/overlay.json"]),
+    );
+    case(
+        "config",
+        "file from stdin: not JSON",
+        &["stdin", "json"],
+        cli(
+            &url,
+            &["config", "set", "--file", "-"],
+            Some(b"network=10.96.0.0/12"),
+        ),
+    );
+
+    // --- CLI arguments.
+    case(
+        "cli",
+        "controller URL with another scheme",
+        &["--controller", "ftp://"],
+        cli("ftp://controller:7400", &["leases"], None),
+    );
+    case(
+        "cli",
+        "controller URL without a host",
+        &["--controller"],
+        cli("http://:7400", &["leases"], None),
+    );
+    case(
+        "cli",
+        "unknown output format",
+        &["yaml"],
+        cli(&url, &["leases", "-o", "yaml"], None),
+    );
+    case(
+        "cli",
+        "unknown command",
+        &["frobnicate"],
+        cli(&url, &["frobnicate"], None),
+    );
+    case(
+        "cli",
+        "reserve: subnet with host bits",
+        &["--subnet", "host bits"],
+        cli(
+            &url,
+            &[
+                "lease",
+                "reserve",
+                "--subnet",
+                "10.96.5.1/24",
+                "--node",
+                "n1",
+                "--public-ip",
+                "198.51.100.1",
+            ],
+            None,
+        ),
+    );
+    case(
+        "cli",
+        "reserve: node name with a space",
+        &["--node", "a b"],
+        cli(
+            &url,
+            &[
+                "lease",
+                "reserve",
+                "--subnet",
+                "10.96.5.0/24",
+                "--node",
+                "a b",
+                "--public-ip",
+                "198.51.100.1",
+            ],
+            None,
+        ),
+    );
+    case(
+        "cli",
+        "reserve: public IP 300.1.1.1",
+        &["--public-ip", "300.1.1.1"],
+        cli(
+            &url,
+            &[
+                "lease",
+                "reserve",
+                "--subnet",
+                "10.96.5.0/24",
+                "--node",
+                "n1",
+                "--public-ip",
+                "300.1.1.1",
+            ],
+            None,
+        ),
+    );
+    case(
+        "cli",
+        "reserve: public IP inside the overlay",
+        &["10.96.3.3", "overlay"],
+        cli(
+            &url,
+            &[
+                "lease",
+                "reserve",
+                "--subnet",
+                "10.96.5.0/24",
+                "--node",
+                "n1",
+                "--public-ip",
+                "10.96.3.3",
+            ],
+            None,
+        ),
+    );
+    case(
+        "cli",
+        "reserve: subnet outside the network",
+        &["--subnet", "10.250.5.0/24"],
+        cli(
+            &url,
+            &[
+                "lease",
+                "reserve",
+                "--subnet",
+                "10.250.5.0/24",
+                "--node",
+                "n1",
+                "--public-ip",
+                "198.51.100.1",
+            ],
+            None,
+        ),
+    );
+    case(
+        "cli",
+        "reserve: a subnet leased to another node",
+        &[held_name, "holder"],
+        cli(
+            &url,
+            &[
+                "lease",
+                "reserve",
+                "--subnet",
+                &held,
+                "--node",
+                "thief",
+                "--public-ip",
+                "198.51.100.99",
+            ],
+            None,
+        ),
+    );
+    case(
+        "cli",
+        "reserve: missing --node",
+        &["--node"],
+        cli(
+            &url,
+            &[
+                "lease",
+                "reserve",
+                "--subnet",
+                "10.96.5.0/24",
+                "--public-ip",
+                "198.51.100.1",
+            ],
+            None,
+        ),
+    );
+    case(
+        "cli",
+        "revoke: not a CIDR",
+        &["SUBNET", "not-a-subnet"],
+        cli(&url, &["lease", "revoke", "not-a-subnet"], None),
+    );
+    case(
+        "cli",
+        "revoke: no such lease",
+        &["10.96.77.0/24", "no lease"],
+        cli(&url, &["lease", "revoke", "10.96.77.0/24"], None),
+    );
+    case(
+        "cli",
+        "watch: negative revision",
+        &["--after-revision", "-5"],
+        cli(&url, &["watch", "--after-revision", "-5"], None),
+    );
+    case(
+        "cli",
+        "routes: bad node name",
+        &["--node", "a/b"],
+        cli(&url, &["routes", "--node", "a/b"], None),
+    );
+
+    // --- CNI: overlay-cni with bad environment or stdin.
+    let ns = cni_ns.as_deref();
+    let run_cni = |over: &[(&'static str, &'static str)], stdin: &[u8]| {
+        let env = add_env(over);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        cni(ns, &env, stdin)
+    };
+    let good = netconf(serde_json::json!({}));
+    case(
+        "cni",
+        "no CNI_COMMAND",
+        &["CNI_COMMAND"],
+        run_cni(&[("CNI_COMMAND", "")], &good),
+    );
+    case(
+        "cni",
+        "unknown CNI_COMMAND",
+        &["CNI_COMMAND", "PUT"],
+        run_cni(&[("CNI_COMMAND", "PUT")], &good),
+    );
+    case(
+        "cni",
+        "ADD without CNI_CONTAINERID",
+        &["CNI_CONTAINERID"],
+        run_cni(&[("CNI_CONTAINERID", "")], &good),
+    );
+    case(
+        "cni",
+        "ADD with CNI_CONTAINERID ../x",
+        &["CNI_CONTAINERID", "../x"],
+        run_cni(&[("CNI_CONTAINERID", "../x")], &good),
+    );
+    case(
+        "cni",
+        "ADD without CNI_IFNAME",
+        &["CNI_IFNAME"],
+        run_cni(&[("CNI_IFNAME", "")], &good),
+    );
+    case(
+        "cni",
+        "ADD with a 16-byte CNI_IFNAME",
+        &["CNI_IFNAME"],
+        run_cni(&[("CNI_IFNAME", "eth0123456789abc")], &good),
+    );
+    case(
+        "cni",
+        "ADD without CNI_NETNS",
+        &["CNI_NETNS"],
+        run_cni(&[("CNI_NETNS", "")], &good),
+    );
+    case(
+        "cni",
+        "ADD with a missing CNI_NETNS",
+        &["ovlt-faults-missing"],
+        run_cni(&[], &good),
+    );
+    case(
+        "cni",
+        "ADD with empty stdin",
+        &["not json"],
+        run_cni(&[], b""),
+    );
+    case(
+        "cni",
+        "ADD with stdin not JSON",
+        &["not json"],
+        run_cni(&[], b"{cniVersion: 1.0.0"),
+    );
+    case(
+        "cni",
+        "ADD with a JSON array",
+        &["object"],
+        run_cni(&[], b"[]"),
+    );
+    case(
+        "cni",
+        "ADD without cniVersion",
+        &["cniVersion"],
+        run_cni(&[], &netconf(serde_json::json!({"cniVersion": null}))),
+    );
+    case(
+        "cni",
+        "ADD with cniVersion 0.3.1",
+        &["0.3.1"],
+        run_cni(&[], &netconf(serde_json::json!({"cniVersion": "0.3.1"}))),
+    );
+    case(
+        "cni",
+        "ADD with an ipam section",
+        &["ipam"],
+        run_cni(
+            &[],
+            &netconf(serde_json::json!({"ipam": {"type": "host-local"}})),
+        ),
+    );
+    case(
+        "cni",
+        "ADD with network name ../../etc",
+        &["network name", "../../etc"],
+        run_cni(&[], &netconf(serde_json::json!({"name": "../../etc"}))),
+    );
+    case(
+        "cni",
+        "ADD with bridge br/0",
+        &["bridge", "br/0"],
+        run_cni(&[], &netconf(serde_json::json!({"bridge": "br/0"}))),
+    );
+    case(
+        "cni",
+        "ADD with mtu 10",
+        &["mtu", "10"],
+        run_cni(&[], &netconf(serde_json::json!({"mtu": 10}))),
+    );
+    case(
+        "cni",
+        "ADD with mtu as a string",
+        &["mtu"],
+        run_cni(&[], &netconf(serde_json::json!({"mtu": "1500"}))),
+    );
+    case(
+        "cni",
+        "ADD with prevResult not a result",
+        &["prevResult"],
+        run_cni(
+            &[],
+            &netconf(serde_json::json!({"prevResult": {"ips": "none"}})),
+        ),
+    );
+    case(
+        "cni",
+        "ADD with a missing subnetFile",
+        &["/nonexistent/subnet.env"],
+        run_cni(
+            &[],
+            &netconf(serde_json::json!({"subnetFile": "/nonexistent/subnet.env"})),
+        ),
+    );
+    case(
+        "cni",
+        "ADD with a garbage subnetFile",
+        &["garbage.env"],
+        run_cni(
+            &[],
+            &netconf(serde_json::json!({"subnetFile": garbage_env})),
+        ),
+    );
+    let huge_name = "x".repeat(1 << 20);
+    case(
+        "cni",
+        "ADD with a 1 MiB network name",
+        &["network name"],
+        run_cni(&[], &netconf(serde_json::json!({"name": huge_name}))),
+    );
+
+    // --- gRPC requests from a raw client.
+    let acquire = |f: &dyn Fn(&mut v1::AcquireLeaseRequest)| {
+        let mut req = v1::AcquireLeaseRequest {
+            node: "newcomer".into(),
+            public_ip: "198.51.100.30".into(),
+            backend: v1::BackendType::Alloc as i32,
+            ..Default::default()
+        };
+        f(&mut req);
+        grpc(rt.block_on(agent.clone().acquire_lease(req)))
+    };
+    case(
+        "grpc",
+        "acquire: public_ip not an address",
+        &["public_ip", "not-an-ip"],
+        acquire(&|r| r.public_ip = "not-an-ip".into()),
+    );
+    case(
+        "grpc",
+        "acquire: public_ip inside the overlay",
+        &["10.96.3.3", "overlay"],
+        acquire(&|r| r.public_ip = "10.96.3.3".into()),
+    );
+    case(
+        "grpc",
+        "acquire: public_ip multicast",
+        &["224.0.0.1", "public ip"],
+        acquire(&|r| r.public_ip = "224.0.0.1".into()),
+    );
+    case(
+        "grpc",
+        "acquire: public_ip 0.0.0.0",
+        &["0.0.0.0", "public ip"],
+        acquire(&|r| r.public_ip = "0.0.0.0".into()),
+    );
+    case(
+        "grpc",
+        "acquire: empty node name",
+        &["node name"],
+        acquire(&|r| r.node = String::new()),
+    );
+    case(
+        "grpc",
+        "acquire: node name with a slash",
+        &["node name", "a/b"],
+        acquire(&|r| r.node = "a/b".into()),
+    );
+    case(
+        "grpc",
+        "acquire: 300-character node name",
+        &["node name"],
+        acquire(&|r| r.node = "n".repeat(300)),
+    );
+    case(
+        "grpc",
+        "acquire: vtep_mac not a MAC",
+        &["vtep_mac", "zz"],
+        acquire(&|r| r.vtep_mac = Some("zz:zz".into())),
+    );
+    case(
+        "grpc",
+        "acquire: multicast vtep_mac",
+        &["vtep mac", "01:00:5e:00:00:01"],
+        acquire(&|r| r.vtep_mac = Some("01:00:5e:00:00:01".into())),
+    );
+    case(
+        "grpc",
+        "acquire: backend differs from the cluster's",
+        &["backend", "vxlan", "alloc"],
+        acquire(&|r| r.backend = v1::BackendType::Vxlan as i32),
+    );
+    case(
+        "grpc",
+        "acquire: unknown backend number",
+        &["backend", "99"],
+        acquire(&|r| r.backend = 99),
+    );
+    case(
+        "grpc",
+        "acquire: preferred_subnet with host bits",
+        &["preferred_subnet", "host bits"],
+        acquire(&|r| r.preferred_subnet = Some("10.96.9.1/24".into())),
+    );
+    case(
+        "grpc",
+        "acquire: preferred_subnet not a CIDR",
+        &["preferred_subnet", "ten"],
+        acquire(&|r| r.preferred_subnet = Some("ten".into())),
+    );
+    case(
+        "grpc",
+        "acquire: underlay without the public IP",
+        &["underlay", "203.0.113.0/24"],
+        acquire(&|r| r.underlay = Some("203.0.113.0/24".into())),
+    );
+    case(
+        "grpc",
+        "acquire: interface name with a slash",
+        &["interface", "eth/0"],
+        acquire(&|r| r.iface = Some("eth/0".into())),
+    );
+    case(
+        "grpc",
+        "acquire: 100 KiB request",
+        &["message", "large"],
+        acquire(&|r| r.node = "n".repeat(100 * 1024)),
+    );
+    let renew = |node: &str, subnet: &str| {
+        grpc(
+            rt.block_on(agent.clone().renew_lease(v1::RenewLeaseRequest {
+                node: node.into(),
+                subnet: subnet.into(),
+            })),
+        )
+    };
+    case(
+        "grpc",
+        "renew: subnet not a CIDR",
+        &["subnet", "garbage"],
+        renew("holder", "garbage"),
+    );
+    case(
+        "grpc",
+        "renew: another node's lease",
+        &["thief", "holder"],
+        renew("thief", &held),
+    );
+    case(
+        "grpc",
+        "renew: a subnet nobody holds",
+        &["10.96.77.0/24", "no lease"],
+        renew("holder", "10.96.77.0/24"),
+    );
+    case(
+        "grpc",
+        "release: another node's lease",
+        &["thief", "holder"],
+        grpc(
+            rt.block_on(agent.clone().release_lease(v1::ReleaseLeaseRequest {
+                node: "thief".into(),
+                subnet: held.clone(),
+            })),
+        ),
+    );
+    case(
+        "grpc",
+        "watch: negative after_revision",
+        &["after_revision", "-1", "negative"],
+        grpc(
+            rt.block_on(
+                agent
+                    .clone()
+                    .watch_leases(v1::WatchLeasesRequest { after_revision: -1 }),
+            ),
+        ),
+    );
+    let set_json = |json: &str, force: bool| {
+        grpc(rt.block_on(admin.clone().set_config(v1::SetConfigRequest {
+            json: json.into(),
+            force,
+        })))
+    };
+    case(
+        "grpc",
+        "set config: empty JSON",
+        &["config"],
+        set_json("", false),
+    );
+    case(
+        "grpc",
+        "set config: truncated JSON",
+        &["config"],
+        set_json("{\"network\":", false),
+    );
+    case(
+        "grpc",
+        "set config: lease_ttl 0s",
+        &["lease_ttl"],
+        set_json(
+            r#"{"network":"10.96.0.0/12","backend":{"type":"alloc"},"lease_ttl":"0s"}"#,
+            false,
+        ),
+    );
+    case(
+        "grpc",
+        "set config: unknown field",
+        &["netwrok"],
+        set_json(r#"{"netwrok":"10.96.0.0/12"}"#, false),
+    );
+    case(
+        "grpc",
+        "set config: stranding leases without force",
+        &["force", "holder"],
+        set_json(
+            r#"{"network":"10.250.0.0/16","backend":{"type":"alloc"}}"#,
+            false,
+        ),
+    );
+    let reserve = |subnet: &str, node: &str, ip: &str| {
+        grpc(
+            rt.block_on(admin.clone().reserve_subnet(v1::ReserveSubnetRequest {
+                subnet: subnet.into(),
+                node: node.into(),
+                public_ip: ip.into(),
+            })),
+        )
+    };
+    case(
+        "grpc",
+        "reserve: subnet with host bits",
+        &["subnet", "host bits"],
+        reserve("10.96.5.1/24", "n1", "198.51.100.1"),
+    );
+    case(
+        "grpc",
+        "reserve: subnet outside the network",
+        &["192.0.2.0/24"],
+        reserve("192.0.2.0/24", "n1", "198.51.100.1"),
+    );
+    case(
+        "grpc",
+        "reserve: subnet of the wrong size",
+        &["10.96.5.0/25"],
+        reserve("10.96.5.0/25", "n1", "198.51.100.1"),
+    );
+    case(
+        "grpc",
+        "reserve: bad node name",
+        &["node name"],
+        reserve("10.96.5.0/24", "bad node", "198.51.100.1"),
+    );
+    case(
+        "grpc",
+        "reserve: public IP inside the overlay",
+        &["10.96.3.3", "overlay"],
+        reserve("10.96.5.0/24", "n1", "10.96.3.3"),
+    );
+    case(
+        "grpc",
+        "reserve: a subnet leased to another node",
+        &["holder"],
+        reserve(&held, "thief", "198.51.100.99"),
+    );
+    case(
+        "grpc",
+        "reserve: a second reservation for a node",
+        &["pinned", "10.96.200.0/24"],
+        reserve("10.96.201.0/24", "pinned", "198.51.100.20"),
+    );
+    let revoke = |subnet: &str| {
+        grpc(
+            rt.block_on(admin.clone().revoke_lease(v1::RevokeLeaseRequest {
+                subnet: subnet.into(),
+            })),
+        )
+    };
+    case(
+        "grpc",
+        "revoke: not a CIDR",
+        &["subnet", "nope"],
+        revoke("nope"),
+    );
+    case(
+        "grpc",
+        "revoke: a subnet nobody holds",
+        &["10.96.77.0/24"],
+        revoke("10.96.77.0/24"),
+    );
+    drop(case);
+
+    // Judge every answer, and the state after all of them.
+    let after = rt.block_on(EtcdView::read(&mut etcd_kv));
+    let cni_after = cni_state(cni_ns.as_deref(), &data_dir);
+    if let Some(ns) = &cni_ns {
+        let _ = netns::delete(ns);
+    }
+    let mut bad = Vec::new();
+    let mut per_area: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    println!("\nbad input catalogue:");
+    for c in &cases {
+        let entry = per_area.entry(c.area).or_default();
+        entry.0 += 1;
+        match &c.answer {
+            Answer::Accepted(out) => {
+                println!("  ACCEPTED  [{}] {}: {out}", c.area, c.name);
+                bad.push(format!("[{}] {}: accepted: {out}", c.area, c.name));
+            }
+            Answer::Refused(text) => {
+                let lower = text.to_lowercase();
+                let missing: Vec<&&str> = c
+                    .names
+                    .iter()
+                    .filter(|w| !lower.contains(&w.to_lowercase()))
+                    .collect();
+                if missing.is_empty() {
+                    entry.1 += 1;
+                    println!("  ok        [{}] {}: {text}", c.area, c.name);
+                } else {
+                    println!(
+                        "  UNCLEAR   [{}] {}: {text} (does not name {missing:?})",
+                        c.area, c.name
+                    );
+                    bad.push(format!(
+                        "[{}] {}: the error does not name {missing:?}: {text}",
+                        c.area, c.name
+                    ));
+                }
+            }
+        }
+    }
+    for (area, (n, ok)) in &per_area {
+        summary.row(
+            &format!("{area} inputs refused with an error naming the problem"),
+            format!("{ok} of {n}"),
+        );
+    }
+    summary.row(
+        "etcd revision before / after (any write moves it)",
+        format!("{} / {}", before.revision, after.revision),
+    );
+    summary.row(
+        "leases and config unchanged",
+        before.keys == after.keys && before.config == after.config,
+    );
+    summary.row(
+        "CNI IPAM files and namespace links unchanged",
+        cni_before == cni_after,
+    );
+    summary.row("inputs accepted or unclear", bad.len());
+    summary.finish();
+
+    assert!(
+        bad.is_empty(),
+        "bad inputs not refused clearly:\n{}",
+        bad.join("\n")
+    );
+    assert_eq!(after, before, "bad input changed the store");
+    assert_eq!(cni_after, cni_before, "bad CNI input changed the host");
+}
