@@ -461,6 +461,30 @@ impl LeaseManager {
                 if misfits.len() > 5 { ", ..." } else { "" }
             )));
         }
+        // A different backend, VNI or port makes every running host's datapath wrong until
+        // its agent restarts (agents exit and are restarted by systemd when they see it).
+        if !force && !stored.is_empty() {
+            if let Ok(current) = self.config().await {
+                let (a, b) = (current.backend, config.backend);
+                let mut changes = Vec::new();
+                if a.kind != b.kind {
+                    changes.push(format!("backend {} -> {}", a.kind, b.kind));
+                }
+                if a.vni != b.vni {
+                    changes.push(format!("VNI {} -> {}", a.vni, b.vni));
+                }
+                if a.port != b.port {
+                    changes.push(format!("port {} -> {}", a.port, b.port));
+                }
+                if !changes.is_empty() {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "changing {} while {} host(s) hold leases disrupts traffic until every agent restarts; pass --force",
+                        changes.join(", "),
+                        stored.len()
+                    )));
+                }
+            }
+        }
         self.store
             .put(&self.keys.config(), config.to_json().into_bytes())
             .await?;
@@ -922,6 +946,10 @@ mod tests {
         assert_eq!(revoked.len(), 1);
         let b = m.acquire(&req("a")).await.unwrap();
         assert!(b.lease.subnet.to_string().starts_with("10.245."));
+        // A VNI or backend change with hosts up needs force too.
+        let vni = r#"{"network":"10.245.0.0/16","backend":{"type":"alloc","vni":7}}"#;
+        let e = m.set_config(vni, false).await.unwrap_err();
+        assert!(e.to_string().contains("VNI 1 -> 7") && e.to_string().contains("--force"), "{e}");
         // A change that keeps every lease valid needs no force.
         m.set_config(
             r#"{"network":"10.245.0.0/16","backend":{"type":"alloc"},"lease_ttl":"2h"}"#,

@@ -56,6 +56,8 @@ pub enum AgentError {
     Backend(#[from] backend::BackendError),
     #[error(transparent)]
     File(#[from] crate::files::FileError),
+    #[error("the network config changed ({0}); exiting so the agent restarts with it")]
+    ConfigChanged(String),
 }
 
 /// What `/status` reports.
@@ -304,7 +306,14 @@ impl Agent {
             };
             tokio::select! {
                 _ = view.changed.notified() => dirty = true,
-                _ = resync.tick() => dirty = true,
+                _ = resync.tick() => {
+                    dirty = true;
+                    if let Some(changed) = self.config_changed(&config).await {
+                        // The backend, network or MTU is baked into the datapath and into
+                        // every workload: start over cleanly (systemd restarts us).
+                        return Err(AgentError::ConfigChanged(changed));
+                    }
+                }
                 _ = watchdog.tick(), if watchdog_every.is_some() => {
                     // The main loop is alive: tell systemd's watchdog.
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -417,6 +426,25 @@ impl Agent {
             s.last_reconcile = Some(report);
         });
         Ok(())
+    }
+
+    /// What changed in the cluster config that this agent cannot apply while running, if
+    /// anything (an unreachable controller is not a change).
+    async fn config_changed(&self, running: &NetworkConfig) -> Option<String> {
+        let mut c = self.controllers.client().await.ok()?;
+        let resp = c.get_config(v1::GetConfigRequest {}).await.ok()?.into_inner();
+        let fresh = config_from_proto(&resp.config?).ok()?;
+        let mut changes = Vec::new();
+        if fresh.network != running.network || fresh.subnet_len != running.subnet_len {
+            changes.push(format!("network {}/{} -> {}/{}", running.network, running.subnet_len, fresh.network, fresh.subnet_len));
+        }
+        if fresh.backend != running.backend {
+            changes.push(format!("backend {:?} -> {:?}", running.backend, fresh.backend));
+        }
+        if fresh.mtu != running.mtu {
+            changes.push(format!("mtu {:?} -> {:?}", running.mtu, fresh.mtu));
+        }
+        (!changes.is_empty()).then(|| changes.join(", "))
     }
 
     /// Waits (with backoff) until a controller hands out the network config.

@@ -605,7 +605,7 @@ fn config_changes_that_strand_leases_need_force() {
         return;
     };
     let url = &s.controller.url;
-    let a = Agent::start(url, "mover", "198.51.100.5", s.dir.path(), &[]);
+    let mut a = Agent::start(url, "mover", "198.51.100.5", s.dir.path(), &["--resync-interval=1s"]);
     let old = a.wait_subnet(PATIENCE);
     let out = overlayctl(
         url,
