@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then
     echo "demo: the lab needs root (network namespaces); re-running with sudo" >&2
-    exec sudo OVERLAY_BIN_DIR="${OVERLAY_BIN_DIR:-}" OVERLAY_DEMO_LAB="${OVERLAY_DEMO_LAB:-}" "$0" "$@"
+    exec sudo env OVERLAY_BIN_DIR="${OVERLAY_BIN_DIR:-}" OVERLAY_DEMO_LAB="${OVERLAY_DEMO_LAB:-}" "$0" "$@"
   fi
   echo "demo: needs root to create network namespaces, and sudo is not installed: run it as root" >&2
   exit 1
