@@ -31,11 +31,15 @@ done
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
+SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
-  echo "install-deps: missing packages: ${missing[*]} (run as root, or install them yourself)" >&2
-  exit 1
+  if ! command -v sudo >/dev/null 2>&1; then
+    echo "install-deps: missing packages: ${missing[*]} (run as root, or install them yourself)" >&2
+    exit 1
+  fi
+  SUDO=(sudo env DEBIAN_FRONTEND=noninteractive)
 fi
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+"${SUDO[@]}" apt-get update -qq
+"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

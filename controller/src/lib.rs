@@ -7,6 +7,7 @@ pub mod error;
 pub mod fanout;
 pub mod grpc;
 pub mod health;
+pub mod janitor;
 pub mod leases;
 pub mod metrics;
 pub mod store;

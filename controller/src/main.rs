@@ -13,7 +13,8 @@ use overlay_proto::tls::Transport;
 use overlay_controller::health::{self, HealthState, Readiness};
 use overlay_controller::leases::{Keys, LeaseManager};
 use overlay_controller::metrics::{MeteredStore, Metrics};
-use overlay_controller::store::{EtcdStore, Store};
+use overlay_controller::janitor::{self, JanitorConfig};
+use overlay_controller::store::{EtcdOptions, EtcdStore, Store, StoreError};
 use overlay_proto::v1::{admin_server::AdminServer, agent_server::AgentServer};
 use tracing::{error, info, warn};
 
@@ -35,6 +36,41 @@ struct Args {
     /// Key prefix of this cluster in etcd.
     #[arg(long, env = "OVERLAY_ETCD_PREFIX", default_value = "/overlay")]
     etcd_prefix: String,
+    /// CA that etcd's server certificate must chain to (PEM); needed for https:// endpoints.
+    #[arg(long, env = "OVERLAY_ETCD_CACERT")]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate for etcd (PEM), for an etcd started with --client-cert-auth.
+    #[arg(long, env = "OVERLAY_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, env = "OVERLAY_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user, for an etcd with authentication enabled.
+    #[arg(long, env = "OVERLAY_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// Password of --etcd-user (--etcd-password-file keeps it out of `ps`).
+    #[arg(
+        long,
+        env = "OVERLAY_ETCD_PASSWORD",
+        hide_env_values = true,
+        conflicts_with = "etcd_password_file"
+    )]
+    etcd_password: Option<String>,
+    /// File holding the password of --etcd-user (a trailing newline is ignored).
+    #[arg(long, env = "OVERLAY_ETCD_PASSWORD_FILE")]
+    etcd_password_file: Option<PathBuf>,
+    /// TTL of the leader lease: how long a crashed leader delays the janitor.
+    #[arg(long, env = "OVERLAY_LEADER_TTL", default_value = "6s", value_parser = parse_duration, hide = true)]
+    leader_ttl: Duration,
+    /// Time between janitor sweeps (orphaned etcd leases, compaction).
+    #[arg(long, env = "OVERLAY_JANITOR_INTERVAL", default_value = "30s", value_parser = parse_duration, hide = true)]
+    janitor_interval: Duration,
+    /// How long a keyless etcd lease may go without keepalive before the janitor revokes it.
+    #[arg(long, env = "OVERLAY_ORPHAN_GRACE", default_value = "60s", value_parser = parse_duration, hide = true)]
+    orphan_grace: Duration,
+    /// etcd revisions kept by the janitor's compaction; 0 disables compaction.
+    #[arg(long, env = "OVERLAY_KEEP_REVISIONS", default_value_t = 10_000, hide = true)]
+    keep_revisions: i64,
     /// gRPC listen address.
     #[arg(long, env = "OVERLAY_LISTEN", default_value = "0.0.0.0:7400")]
     listen: SocketAddr,
@@ -88,13 +124,62 @@ fn transport(args: &Args) -> anyhow::Result<Transport> {
     }
 }
 
-async fn connect_etcd(endpoints: &[String]) -> EtcdStore {
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    overlay_core::config::parse_duration(s)
+}
+
+/// The etcd TLS and authentication flags, with the password file read.
+fn etcd_options(args: &Args) -> anyhow::Result<EtcdOptions> {
+    let password = match (&args.etcd_password, &args.etcd_password_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("--etcd-password-file {}", file.display()))?;
+            Some(text.trim_end_matches(['\n', '\r']).to_string())
+        }
+        (None, None) => None,
+    };
+    Ok(EtcdOptions {
+        ca_cert: args.etcd_cacert.clone(),
+        client_cert: args.etcd_cert.clone(),
+        client_key: args.etcd_key.clone(),
+        user: args.etcd_user.clone(),
+        password,
+    })
+}
+
+/// Connects, retrying while etcd is unreachable; unusable options or refused credentials
+/// are fatal.
+async fn connect_etcd(endpoints: &[String], options: &EtcdOptions) -> anyhow::Result<EtcdStore> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match EtcdStore::connect(endpoints).await {
-            Ok(store) => return store,
+        match EtcdStore::connect_with(endpoints, options).await {
+            Ok(store) => return Ok(store),
+            Err(e @ (StoreError::InvalidOptions(_) | StoreError::AccessDenied(_))) => {
+                return Err(e).context("cannot use etcd")
+            }
             Err(e) => {
                 warn!(endpoints = ?endpoints, error = %e, retry_in = ?backoff, "cannot connect to etcd");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Exits when etcd refuses us (no or wrong credentials only show on the first request
+/// when no user is given); keeps trying while etcd is unreachable.
+async fn check_etcd_access(store: Arc<dyn Store>, key: String) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match store.get(&key).await {
+            Ok(_) => return,
+            Err(StoreError::AccessDenied(m)) => {
+                error!(error = %m, "etcd denied access: check --etcd-user/--etcd-password, and --etcd-cert/--etcd-key for an etcd with --client-cert-auth");
+                std::process::exit(1);
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "etcd access check failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -162,8 +247,22 @@ async fn main() -> anyhow::Result<()> {
 
     info!(endpoints = ?args.etcd_endpoints, prefix = %args.etcd_prefix, "connecting to etcd");
     let metrics = Arc::new(Metrics::new());
-    let etcd: Arc<dyn Store> = Arc::new(connect_etcd(&args.etcd_endpoints).await);
+    let etcd_options = etcd_options(&args)?;
+    let etcd: Arc<dyn Store> = Arc::new(connect_etcd(&args.etcd_endpoints, &etcd_options).await?);
     let store: Arc<dyn Store> = Arc::new(MeteredStore::new(etcd, metrics.clone()));
+    tokio::spawn(check_etcd_access(store.clone(), Keys::new(&args.etcd_prefix).config()));
+    let election = janitor::spawn(
+        store.clone(),
+        &args.etcd_prefix,
+        janitor::default_identity(args.listen),
+        args.leader_ttl,
+        JanitorConfig {
+            interval: args.janitor_interval,
+            orphan_grace: args.orphan_grace,
+            keep_revisions: args.keep_revisions,
+        },
+        metrics.clone(),
+    );
     let manager = Arc::new(LeaseManager::new(
         store.clone(),
         Keys::new(&args.etcd_prefix),
@@ -223,6 +322,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .await
         .context("gRPC server failed")?;
+    election.resign().await;
     info!("stopped");
     Ok(())
 }

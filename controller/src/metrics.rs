@@ -17,7 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::error::ControlError;
-use crate::store::{KeyValue, LeaseId, Store, StoreError, WatchStream, Written};
+use crate::store::{KeyValue, LeaseId, LeaseInfo, Store, StoreError, WatchStream, Written};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpResult {
@@ -41,6 +41,9 @@ pub struct Metrics {
     pub fanout_lag: Histogram,
     pub etcd_latency: Family<StoreOp, Histogram>,
     pub etcd_up: Gauge,
+    pub leader: Gauge,
+    pub orphan_leases_revoked: Counter,
+    pub compactions: Counter,
 }
 
 impl Default for Metrics {
@@ -108,6 +111,24 @@ impl Metrics {
             "1 while etcd answers the readiness ping",
             etcd_up.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this controller is the elected leader that runs the janitor",
+            leader.clone(),
+        );
+        let orphan_leases_revoked = Counter::default();
+        registry.register(
+            "orphan_leases_revoked",
+            "etcd leases without keys revoked by the janitor",
+            orphan_leases_revoked.clone(),
+        );
+        let compactions = Counter::default();
+        registry.register(
+            "etcd_compactions",
+            "etcd history compactions done by the janitor",
+            compactions.clone(),
+        );
         Metrics {
             registry,
             lease_ops,
@@ -119,6 +140,9 @@ impl Metrics {
             fanout_lag,
             etcd_latency,
             etcd_up,
+            leader,
+            orphan_leases_revoked,
+            compactions,
         }
     }
 
@@ -236,6 +260,12 @@ impl Store for MeteredStore {
     }
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         timed!(self, "revoke", self.inner.revoke(lease))
+    }
+    async fn list_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
+        timed!(self, "list_leases", self.inner.list_leases())
+    }
+    async fn lease_info(&self, lease: LeaseId) -> Result<Option<LeaseInfo>, StoreError> {
+        timed!(self, "lease_info", self.inner.lease_info(lease))
     }
     async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream, StoreError> {
         timed!(self, "watch", self.inner.watch(prefix, start_revision))

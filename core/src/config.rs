@@ -22,6 +22,10 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_VNI: u32 = 16_777_215;
 const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
 const MAX_LEASE_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Largest config document accepted, from a file or the network. A real one is a few
+/// hundred bytes; the bound is below the controller's 64 KiB gRPC request limit, so a
+/// document that passes here is never refused later for its size alone.
+pub const MAX_CONFIG_BYTES: usize = 32 * 1024;
 
 /// A config that failed validation. The message always names the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,6 +166,7 @@ pub struct NetworkConfig {
 impl NetworkConfig {
     /// Parses and validates a JSON document.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        check_config_size(text.len())?;
         let spec: NetworkConfigSpec = serde_json::from_str(text).map_err(|e| {
             // serde names unknown or mistyped fields in its message.
             ConfigError::new("config", format!("not a valid config document: {e}"))
@@ -213,6 +218,17 @@ impl From<NetworkConfig> for NetworkConfigSpec {
             lease_ttl: Some(TtlSpec::Text(format_duration(c.lease_ttl))),
         }
     }
+}
+
+/// Refuses a config document of `len` bytes when it is over [`MAX_CONFIG_BYTES`].
+pub fn check_config_size(len: usize) -> Result<(), ConfigError> {
+    if len > MAX_CONFIG_BYTES {
+        return Err(ConfigError::new(
+            "config",
+            format!("the document is {len} bytes; the limit is {MAX_CONFIG_BYTES}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Formats a duration the way people write it: "24h", "90m", "45s".
@@ -592,6 +608,16 @@ mod tests {
         let e = NetworkConfig::from_json(r#"{"network":"10.244.0.0/16","backend":{"vni":0}}"#)
             .unwrap_err();
         assert_eq!(e.field, "backend.vni");
+    }
+
+    #[test]
+    fn oversized_documents_are_refused_before_parsing() {
+        let doc = r#"{"network":"10.244.0.0/16"}"#;
+        let padded = format!("{doc}{}", " ".repeat(MAX_CONFIG_BYTES - doc.len()));
+        assert!(NetworkConfig::from_json(&padded).is_ok());
+        let e = NetworkConfig::from_json(&format!("{padded} ")).unwrap_err();
+        assert_eq!(e.field, "config");
+        assert!(e.reason.contains("the limit is 32768"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,13 @@ use crate::config::BackendType;
 use crate::mac::MacAddr;
 
 pub const MAX_NODE_NAME: usize = 253;
+/// Largest lease value accepted from etcd. A real one is under 400 bytes (the node name,
+/// the longest field, is at most 253); the bound keeps a corrupt or hostile value from
+/// costing more than a glance to reject.
+pub const MAX_LEASE_VALUE_BYTES: usize = 4096;
+/// The last millisecond of year 9999: timestamps past it cannot be written as RFC 3339,
+/// so a value or message carrying one is refused instead of failing when re-encoded.
+pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
@@ -32,6 +39,8 @@ pub enum LeaseError {
     Underlay { underlay: Ipv4Net, ip: Ipv4Addr },
     #[error("invalid lease value: {0}")]
     Decode(String),
+    #[error("invalid {field}: {millis} ms since 1970 is outside 0..={MAX_TIMESTAMP_MS}")]
+    Timestamp { field: &'static str, millis: i64 },
 }
 
 /// Backend-specific data a host publishes with its lease.
@@ -85,12 +94,34 @@ impl LeaseRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, LeaseError> {
+        if bytes.len() > MAX_LEASE_VALUE_BYTES {
+            return Err(LeaseError::Decode(format!(
+                "{} bytes is over the limit of {MAX_LEASE_VALUE_BYTES}",
+                bytes.len()
+            )));
+        }
         let rec: LeaseRecord =
             serde_json::from_slice(bytes).map_err(|e| LeaseError::Decode(e.to_string()))?;
-        validate_node_name(&rec.node)?;
-        validate_public_ip(rec.public_ip)?;
-        validate_backend_data(&rec.backend_data, rec.public_ip)?;
+        rec.validate()?;
         Ok(rec)
+    }
+
+    /// Checks every field a host or a message can get wrong; what [`Self::decode`]
+    /// accepts, and what a lease received over gRPC must pass too.
+    pub fn validate(&self) -> Result<(), LeaseError> {
+        validate_node_name(&self.node)?;
+        validate_public_ip(self.public_ip)?;
+        validate_backend_data(&self.backend_data, self.public_ip)?;
+        for (field, t) in [
+            ("created_at", self.created_at),
+            ("renewed_at", self.renewed_at),
+        ] {
+            let millis = unix_millis(t);
+            if checked_from_unix_millis(millis).is_none() {
+                return Err(LeaseError::Timestamp { field, millis });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -159,6 +190,14 @@ pub fn from_unix_millis(ms: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
 }
 
+/// The time `ms` milliseconds after the epoch when it lies in `0..=MAX_TIMESTAMP_MS`
+/// (what a lease can hold), `None` otherwise.
+pub fn checked_from_unix_millis(ms: i64) -> Option<SystemTime> {
+    (0..=MAX_TIMESTAMP_MS)
+        .contains(&ms)
+        .then(|| from_unix_millis(ms))
+}
+
 /// Now, at the millisecond precision leases are stored with (so a lease handed out equals
 /// the same lease read back).
 pub fn now_millis() -> SystemTime {
@@ -166,8 +205,11 @@ pub fn now_millis() -> SystemTime {
 }
 
 /// RFC 3339 with millisecond precision, as etcd users expect to read it.
+/// A time past year 9999 (which RFC 3339 cannot write, and only a bad message could
+/// carry) is shown as the last millisecond of 9999 rather than panicking.
 pub fn format_rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    let last = from_unix_millis(MAX_TIMESTAMP_MS);
+    humantime::format_rfc3339_millis(t.min(last)).to_string()
 }
 
 mod rfc3339 {
@@ -177,9 +219,13 @@ mod rfc3339 {
         s.collect_str(&humantime::format_rfc3339_millis(*t))
     }
 
+    /// Kept at the millisecond precision values are written with, so that a decoded
+    /// record encodes back to the same value (and equals it after another decode).
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+        // humantime refuses years past 9999 itself.
+        let t = humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)?;
+        Ok(from_unix_millis(unix_millis(t)))
     }
 }
 
@@ -234,6 +280,51 @@ mod tests {
         }
         assert!(LeaseRecord::decode(b"{}").is_err());
         assert!(LeaseRecord::decode(b"\xff").is_err());
+    }
+
+    #[test]
+    fn decode_refuses_oversized_values() {
+        let good = String::from_utf8(record().encode()).unwrap();
+        let padded = format!("{good}{}", " ".repeat(MAX_LEASE_VALUE_BYTES - good.len()));
+        assert!(LeaseRecord::decode(padded.as_bytes()).is_ok());
+        let e = LeaseRecord::decode(format!("{padded} ").as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("over the limit of 4096"), "{e}");
+    }
+
+    /// Sub-millisecond digits used to give a record that differed from itself after a
+    /// re-encode (the lease_value fuzz target's invariant); a time past 9999, which only
+    /// a message can carry, used to panic when formatted.
+    #[test]
+    fn timestamps_are_bounded_and_kept_to_the_millisecond() {
+        let good = String::from_utf8(record().encode()).unwrap();
+        let leap = good.replace("2023-11-14T22:13:20.123Z", "9999-12-31T23:59:60Z");
+        let r = LeaseRecord::decode(leap.as_bytes()).unwrap();
+        assert_eq!(LeaseRecord::decode(&r.encode()).unwrap(), r);
+        let past = good.replace("2023-11-14T22:13:20.123Z", "10000-01-01T00:00:00Z");
+        assert!(LeaseRecord::decode(past.as_bytes()).is_err());
+        let last = good.replace("2023-11-14T22:13:20.123Z", "9999-12-31T23:59:59.999Z");
+        let r = LeaseRecord::decode(last.as_bytes()).unwrap();
+        assert_eq!(unix_millis(r.created_at), MAX_TIMESTAMP_MS);
+        assert_eq!(LeaseRecord::decode(&r.encode()).unwrap(), r);
+        let fine = good.replace("2023-11-14T22:13:20.123Z", "2023-11-14T22:13:20.123456789Z");
+        let r = LeaseRecord::decode(fine.as_bytes()).unwrap();
+        assert_eq!(r.created_at, from_unix_millis(1_700_000_000_123));
+        assert_eq!(LeaseRecord::decode(&r.encode()).unwrap(), r);
+        assert_eq!(checked_from_unix_millis(-1), None);
+        assert_eq!(checked_from_unix_millis(MAX_TIMESTAMP_MS + 1), None);
+        assert_eq!(
+            format_rfc3339(from_unix_millis(i64::MAX)),
+            "9999-12-31T23:59:59.999Z"
+        );
+        let mut far = record();
+        far.renewed_at = from_unix_millis(MAX_TIMESTAMP_MS + 1);
+        assert!(matches!(
+            far.validate(),
+            Err(LeaseError::Timestamp {
+                field: "renewed_at",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -57,7 +57,8 @@ impl FromStr for MacAddr {
         let mut parts = s.split(':');
         for byte in out.iter_mut() {
             let p = parts.next().ok_or_else(err)?;
-            if p.len() != 2 {
+            // from_str_radix alone would take "+a" as a hex pair.
+            if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(err());
             }
             *byte = u8::from_str_radix(p, 16).map_err(|_| err())?;
@@ -97,6 +98,7 @@ mod tests {
             "0a:58:0a:f4:07:00:11",
             "zz:58:0a:f4:07:00",
             "0a5:8:0a:f4:07:00",
+            "+a:58:0a:f4:07:00",
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }

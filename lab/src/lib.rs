@@ -345,15 +345,11 @@ impl LabState {
         cni::ConfList::load(&path)
     }
 
-    /// Each lab host's `overlay-cni` keeps its addresses under the host's directory: the
-    /// hosts share one filesystem, and the default (/var/lib/cni) is outside the lab.
-    fn cni_overrides(&self, host: &HostState) -> cni::ConfOverrides {
-        let mut extra = serde_json::Map::new();
-        extra.insert(
-            "dataDir".into(),
-            serde_json::Value::String(host.dir.join("cni-ipam").display().to_string()),
-        );
-        vec![("overlay-cni".into(), extra)]
+    /// Nothing to override: each lab agent writes its host's own `dataDir` (under the
+    /// host's directory: the hosts share one filesystem) into the conflist it installs, so
+    /// lab workloads and a real runtime on the host share one reservation store.
+    fn cni_overrides(&self, _host: &HostState) -> cni::ConfOverrides {
+        Vec::new()
     }
 
     /// The host's leased subnet (from its subnet.env), e.g. "10.244.7.0/24".
@@ -649,6 +645,7 @@ impl Lab {
             format!("--state-dir={}", host.dir.join("state").display()),
             format!("--health-listen=127.0.0.1:{AGENT_HEALTH_PORT}"),
             format!("--cni-conf-dir={}", host.cni_conf_dir().display()),
+            format!("--cni-data-dir={}", host.dir.join("cni-ipam").display()),
         ];
         args.extend(self.state.agent_args.iter().cloned());
         args

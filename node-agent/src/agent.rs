@@ -46,6 +46,9 @@ pub struct AgentOptions {
     pub resync_interval: Duration,
     /// Where to install the CNI conflist once ready (`--cni-conf-dir`).
     pub cni_conf_dir: Option<PathBuf>,
+    /// The `dataDir` (address reservations) written into the conflist; the plugin's
+    /// default when `None`.
+    pub cni_data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,9 +267,11 @@ impl Agent {
                     .reconcile(backend.as_mut(), &held.lease, &peers, first_reconcile)
                     .await
                 {
-                    Ok(()) => {
+                    Ok(failed) => {
                         first_reconcile = false;
-                        retry_at = None;
+                        // Entries the kernel refused are retried a second later; they do not
+                        // hold back readiness (one odd peer must not keep a host down).
+                        retry_at = (failed > 0).then(|| Instant::now() + Duration::from_secs(1));
                         let env = SubnetEnv {
                             network: config.network,
                             subnet: held.lease.subnet,
@@ -358,7 +363,7 @@ impl Agent {
             return Ok(());
         };
         let path = dir.join(CNI_CONFLIST);
-        let text = crate::cni::conflist("overlay", &self.opts.run_dir.join(SUBNET_ENV), bridge);
+        let text = crate::cni::conflist("overlay", &self.opts.run_dir.join(SUBNET_ENV), bridge, self.opts.cni_data_dir.as_deref());
         if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
             write_atomic(&path, text.as_bytes())?;
             info!(path = %path.display(), "CNI network config installed");
@@ -397,7 +402,7 @@ impl Agent {
         own: &Lease,
         peers: &[Lease],
         first: bool,
-    ) -> Result<(), backend::BackendError> {
+    ) -> Result<usize, backend::BackendError> {
         let started = std::time::Instant::now();
         let report = match backend.reconcile(own, peers).await {
             Ok(r) => r,
@@ -419,13 +424,14 @@ impl Agent {
         for (subnet, why) in &report.skipped {
             debug!(%subnet, reason = %why, "peer not programmed");
         }
+        let failed = report.errors.len();
         self.set_status(|s| {
             s.peers = peers.len();
             s.reconciles += 1;
             s.datapath_writes += report.writes;
             s.last_reconcile = Some(report);
         });
-        Ok(())
+        Ok(failed)
     }
 
     /// What changed in the cluster config that this agent cannot apply while running, if

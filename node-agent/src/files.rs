@@ -3,7 +3,7 @@
 //! Every write goes to a temp file in the same directory, is synced, then renamed over the
 //! target, so a reader (dockerd's wrapper, the CNI plugin, a crash) never sees half a file.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 
 pub const SUBNET_ENV: &str = "subnet.env";
 pub const STATE_FILE: &str = "state.json";
+/// Largest `subnet.env` read or parsed. The agent writes about 100 bytes; the bound only
+/// keeps a wrong path (a log, a device) from being read whole by every CNI call.
+pub const MAX_SUBNET_ENV_BYTES: usize = 64 * 1024;
+/// Largest state file loaded; the agent writes a few hundred bytes.
+pub const MAX_STATE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{action} {path}: {source}")]
@@ -47,6 +52,27 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), FileError> {
     })
 }
 
+/// Reads at most `limit` bytes of `path`; a longer file is an `InvalidData` error that
+/// names the limit (never a silently truncated read).
+pub fn read_bounded(path: &Path, limit: usize) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the file is larger than {limit} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// [`read_bounded`], as UTF-8 text.
+pub fn read_to_string_bounded(path: &Path, limit: usize) -> std::io::Result<String> {
+    String::from_utf8(read_bounded(path, limit)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 /// The contents of `subnet.env`, as read by `dockerd --bip`, the CNI plugin and operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetEnv {
@@ -69,6 +95,12 @@ impl SubnetEnv {
 
     /// Parses a `subnet.env`; unknown keys are ignored, missing ones are an error.
     pub fn parse(text: &str) -> Result<SubnetEnv, String> {
+        if text.len() > MAX_SUBNET_ENV_BYTES {
+            return Err(format!(
+                "{} bytes is over the limit of {MAX_SUBNET_ENV_BYTES}",
+                text.len()
+            ));
+        }
         let mut network = None;
         let mut subnet = None;
         let mut mtu = None;
@@ -105,7 +137,7 @@ impl SubnetEnv {
     }
 
     pub fn read(path: &Path) -> Option<SubnetEnv> {
-        std::fs::read_to_string(path)
+        read_to_string_bounded(path, MAX_SUBNET_ENV_BYTES)
             .ok()
             .and_then(|t| SubnetEnv::parse(&t).ok())
     }
@@ -129,7 +161,7 @@ pub struct AgentState {
 impl AgentState {
     pub fn load(dir: &Path) -> AgentState {
         let path = dir.join(STATE_FILE);
-        match std::fs::read(&path) {
+        match read_bounded(&path, MAX_STATE_BYTES) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable state file");
                 AgentState::default()
@@ -168,6 +200,34 @@ mod tests {
         assert!(SubnetEnv::parse("OVERLAY_MTU=big\n")
             .unwrap_err()
             .contains("OVERLAY_MTU"));
+    }
+
+    #[test]
+    fn subnet_env_size_is_bounded() {
+        let text =
+            "OVERLAY_NETWORK=10.244.0.0/16\nOVERLAY_SUBNET=10.244.7.1/24\nOVERLAY_MTU=1450\n";
+        let padded = format!("{text}{}", "#".repeat(MAX_SUBNET_ENV_BYTES - text.len()));
+        assert!(SubnetEnv::parse(&padded).is_ok());
+        let e = SubnetEnv::parse(&format!("{padded}#")).unwrap_err();
+        assert!(e.contains("over the limit of 65536"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SUBNET_ENV);
+        std::fs::write(&path, &padded).unwrap();
+        assert!(SubnetEnv::read(&path).is_some());
+        assert_eq!(
+            read_to_string_bounded(&path, 4).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidData
+        );
+        std::fs::write(&path, format!("{padded}#")).unwrap();
+        assert!(SubnetEnv::read(&path).is_none());
+        let e = read_bounded(&path, MAX_SUBNET_ENV_BYTES).unwrap_err();
+        assert!(e.to_string().contains("larger than 65536 bytes"), "{e}");
+        std::fs::write(&path, b"\xff").unwrap();
+        assert_eq!(
+            read_to_string_bounded(&path, 4).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidData
+        );
     }
 
     #[test]

@@ -58,6 +58,10 @@ struct Args {
     /// e.g. /etc/cni/net.d. Ignored with --bridge none.
     #[arg(long, env = "OVERLAY_CNI_CONF_DIR")]
     cni_conf_dir: Option<PathBuf>,
+    /// Where overlay-cni keeps its address reservations (written into the conflist as
+    /// dataDir; default /var/lib/cni/overlay). Every runtime on the host shares it.
+    #[arg(long, env = "OVERLAY_CNI_DATA_DIR")]
+    cni_data_dir: Option<PathBuf>,
     /// This node's certificate (PEM); its common name is the node name unless
     /// --node-name is given. With --tls-key and --tls-ca enables mutual TLS.
     #[arg(long, env = "OVERLAY_TLS_CERT")]
@@ -159,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
         ip_masq: args.ip_masq,
         resync_interval: args.resync_interval,
         cni_conf_dir: args.cni_conf_dir,
+        cni_data_dir: args.cni_data_dir,
     };
     let agent = Agent::new(opts, controllers, Arc::clone(&status)).with_metrics(metrics);
     agent.run(shutdown_signal()).await?;

@@ -1,7 +1,9 @@
 use std::time::Duration;
 
 use overlay_core::config::NetworkConfig;
-use overlay_core::lease::{from_unix_millis, unix_millis, BackendData, Lease, LeaseRecord};
+use overlay_core::lease::{
+    checked_from_unix_millis, unix_millis, BackendData, Lease, LeaseRecord, MAX_TIMESTAMP_MS,
+};
 use overlay_core::watch::{ChangeKind, LeaseEvent};
 use overlay_core::BackendType;
 
@@ -101,22 +103,39 @@ pub fn lease_from_proto(l: &v1::Lease) -> Result<Lease, InvalidMessage> {
         ),
         None => None,
     };
-    Ok(Lease {
-        subnet,
-        record: LeaseRecord {
-            node: l.node.clone(),
-            public_ip,
-            backend: backend_from_proto(l.backend)?,
-            backend_data: BackendData {
-                vtep_mac,
-                iface: l.iface.clone(),
-                underlay,
-            },
-            reserved: l.reserved,
-            created_at: from_unix_millis(l.created_at_ms),
-            renewed_at: from_unix_millis(l.renewed_at_ms),
+    let time = |field: &str, ms: i64| {
+        checked_from_unix_millis(ms).ok_or_else(|| {
+            InvalidMessage(format!(
+                "{field}: {ms} ms since 1970 is outside 0..={MAX_TIMESTAMP_MS}"
+            ))
+        })
+    };
+    let record = LeaseRecord {
+        node: l.node.clone(),
+        public_ip,
+        backend: backend_from_proto(l.backend)?,
+        backend_data: BackendData {
+            vtep_mac,
+            iface: l.iface.clone(),
+            underlay,
         },
-    })
+        reserved: l.reserved,
+        created_at: time("created_at_ms", l.created_at_ms)?,
+        renewed_at: time("renewed_at_ms", l.renewed_at_ms)?,
+    };
+    // The same checks as a value read from etcd: a peer's message is no more trusted.
+    record
+        .validate()
+        .map_err(|e| InvalidMessage(format!("lease {subnet}: {e}")))?;
+    let lease = Lease { subnet, record };
+    if lease.subnet.network() != lease.subnet.addr() {
+        return Err(InvalidMessage(format!(
+            "subnet: {} has host bits set (did you mean {}?)",
+            lease.subnet,
+            lease.subnet.trunc()
+        )));
+    }
+    Ok(lease)
 }
 
 pub fn event_to_proto(e: &LeaseEvent) -> v1::WatchLeasesResponse {
@@ -173,6 +192,7 @@ pub fn ttl_from_proto(secs: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use overlay_core::lease::from_unix_millis;
 
     #[test]
     fn lease_round_trips() {
@@ -197,5 +217,23 @@ mod tests {
         let mut bad = p.clone();
         bad.vtep_mac = Some("zz".into());
         assert!(lease_from_proto(&bad).unwrap_err().0.contains("vtep_mac"));
+
+        // Each field is held to what a value in etcd must be.
+        let cases: [(&str, fn(&mut v1::Lease)); 8] = [
+            ("not an IPv4 CIDR", |l| l.subnet = "10.244.7.0".into()),
+            ("host bits", |l| l.subnet = "10.244.7.5/24".into()),
+            ("node name", |l| l.node = "a/b".into()),
+            ("node name", |l| l.node = "n".repeat(254)),
+            ("public IP", |l| l.public_ip = "224.0.0.1".into()),
+            ("interface name", |l| l.iface = Some("x".repeat(16))),
+            ("created_at_ms", |l| l.created_at_ms = -1),
+            ("renewed_at_ms", |l| l.renewed_at_ms = i64::MAX),
+        ];
+        for (expected, spoil) in cases {
+            let mut bad = p.clone();
+            spoil(&mut bad);
+            let e = lease_from_proto(&bad).unwrap_err().0;
+            assert!(e.contains(expected), "{expected:?} not in {e:?}");
+        }
     }
 }

@@ -49,6 +49,7 @@ use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -187,28 +188,58 @@ impl Drop for Scratch {
     }
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and so in every thread started after
-/// it; child processes get a clean mask from std) and starts a thread that waits for them,
-/// removes everything and exits. Call before any other thread starts.
-fn clean_up_on_signals(prefix: String, dir: PathBuf, keep_logs: bool) {
-    // SAFETY: plain sigset manipulation on a local set, then pthread_sigmask on this thread.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
+/// The write end of the pipe the signal handler reports signals on.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let byte = sig as u8;
+    // SAFETY: write(2) is async-signal-safe; the fd stays open for the process's life.
+    unsafe {
+        libc::write(
+            SIGNAL_PIPE.load(Ordering::Relaxed),
+            (&byte as *const u8).cast(),
+            1,
+        )
     };
-    std::thread::spawn(move || {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: sigwait on a set that every thread of the process blocks.
-        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-            eprintln!("[bench datapath] signal {sig}: removing the namespaces and exiting");
-            clean(&prefix, &dir, keep_logs);
-            std::process::exit(128 + sig);
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: removes everything and exits. The handler only writes the
+/// signal's number to a pipe, and a thread reading it does the work. (Blocking the signals
+/// and `sigwait`ing instead would leak the blocked mask into every child: std does not
+/// reset it, and an agent that cannot see SIGTERM never stops.)
+fn clean_up_on_signals(prefix: String, dir: PathBuf, keep_logs: bool) {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two descriptors of a local array.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installs a handler that only calls write(2); exec resets it in children.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
         }
+    }
+    let read_fd = fds[0];
+    std::thread::spawn(move || {
+        let mut byte = 0u8;
+        loop {
+            // SAFETY: reads one byte into a local.
+            let n = unsafe { libc::read(read_fd, (&mut byte as *mut u8).cast(), 1) };
+            if n == 1 {
+                break;
+            }
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        eprintln!("[bench datapath] signal {byte}: removing the namespaces and exiting");
+        clean(&prefix, &dir, keep_logs);
+        std::process::exit(128 + i32::from(byte));
     });
 }
 

@@ -1,19 +1,43 @@
-//! A real, throwaway etcd on free loopback ports.
+//! A real, throwaway etcd on free loopback ports, in plaintext or (with [`EtcdTls`])
+//! serving https and requiring client certificates.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::proc::{free_port, wait_until, Child};
 
 pub struct Etcd {
+    /// `http://127.0.0.1:PORT`, or `https://...` in TLS mode.
     pub endpoint: String,
     pub client_port: u16,
     child: Option<Child>,
     peer_port: u16,
     data: tempfile::TempDir,
+    tls: Option<EtcdTls>,
+}
+
+/// PEM files for an etcd in TLS mode: its server certificate (valid for 127.0.0.1), the CA
+/// that client certificates must chain to (etcd's `--client-cert-auth`), and a client
+/// certificate the fixture itself uses for health checks and [`Etcd::etcdctl`].
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// Where etcdctl is, if installed.
+pub fn etcdctl_binary() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("etcdctl"))
+            .find(|p| p.is_file())
+    })
 }
 
 /// Where the etcd binary is, if installed.
@@ -40,6 +64,27 @@ impl Etcd {
 
     /// Starts etcd and waits until it serves requests (well under a second).
     pub fn start() -> Etcd {
+        Self::start_with(None)
+    }
+
+    /// Starts an etcd in TLS mode (needs etcdctl too, for health checks), or explains why
+    /// not.
+    pub fn start_tls_or_skip(test: &str, tls: EtcdTls) -> Option<Etcd> {
+        if etcd_binary().is_none() {
+            crate::skip(test, "etcd is not installed (apt-get install etcd-server)");
+            return None;
+        }
+        if etcdctl_binary().is_none() {
+            crate::skip(
+                test,
+                "etcdctl is not installed (apt-get install etcd-client)",
+            );
+            return None;
+        }
+        Some(Self::start_with(Some(tls)))
+    }
+
+    fn start_with(tls: Option<EtcdTls>) -> Etcd {
         let data = tempfile::tempdir().expect("temp dir");
         let mut etcd = Etcd {
             endpoint: String::new(),
@@ -47,15 +92,29 @@ impl Etcd {
             child: None,
             peer_port: free_port(),
             data,
+            tls,
         };
-        etcd.endpoint = format!("http://127.0.0.1:{}", etcd.client_port);
+        etcd.endpoint = format!("{}://127.0.0.1:{}", etcd.scheme(), etcd.client_port);
         etcd.launch();
         etcd
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The TLS files, in TLS mode.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
     fn launch(&mut self) {
         let bin = etcd_binary().expect("etcd binary");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = format!("{}://127.0.0.1:{}", self.scheme(), self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.data.path().join("etcd.log")).expect("etcd log");
         let mut cmd = Command::new(bin);
@@ -77,9 +136,22 @@ impl Etcd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some(tls) = &self.tls {
+            cmd.arg(format!("--cert-file={}", tls.server_cert.display()))
+                .arg(format!("--key-file={}", tls.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.ca.display()))
+                .arg("--client-cert-auth");
+        }
         self.child = Some(Child::spawn("etcd", &mut cmd).expect("start etcd"));
         let port = self.client_port;
-        wait_until(Duration::from_secs(20), || healthy(port).then_some(())).unwrap_or_else(|| {
+        let up = || match self.tls {
+            None => healthy(port),
+            Some(_) => self
+                .etcdctl(&["endpoint", "health", "--command-timeout=1s"])
+                .status
+                .success(),
+        };
+        wait_until(Duration::from_secs(20), || up().then_some(())).unwrap_or_else(|| {
             panic!(
                 "etcd on port {port} did not become healthy; log: {}",
                 self.log()
@@ -106,6 +178,29 @@ impl Etcd {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.pid())
+    }
+
+    /// etcdctl's flags to reach this etcd: the endpoint and, in TLS mode, the fixture's
+    /// client certificate.
+    pub fn etcdctl_flags(&self) -> Vec<String> {
+        let mut flags = vec![format!("--endpoints={}", self.endpoint)];
+        if let Some(tls) = &self.tls {
+            flags.push(format!("--cacert={}", tls.ca.display()));
+            flags.push(format!("--cert={}", tls.client_cert.display()));
+            flags.push(format!("--key={}", tls.client_key.display()));
+        }
+        flags
+    }
+
+    /// Runs `etcdctl` (API v3) against this etcd and returns what it did, failed or not.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        Command::new(etcdctl_binary().unwrap_or_else(|| PathBuf::from("etcdctl")))
+            .env("ETCDCTL_API", "3")
+            .args(self.etcdctl_flags())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run etcdctl (apt-get install etcd-client)")
     }
 }
 

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{ArgGroup, Args, Subcommand};
-use overlay_core::config::{format_duration, BackendSpec, ConfigError, NetworkConfigSpec, TtlSpec};
+use overlay_core::config::{
+    check_config_size, format_duration, BackendSpec, ConfigError, NetworkConfigSpec, TtlSpec,
+    MAX_CONFIG_BYTES,
+};
 use overlay_proto::v1;
 
 use crate::client::{self, Controllers};
@@ -156,15 +159,29 @@ pub fn spec_from_flags(args: &SetArgs) -> NetworkConfigSpec {
 fn spec_from_file(path: &std::path::Path) -> anyhow::Result<NetworkConfigSpec> {
     let name = path.display().to_string();
     let text = if name == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("--file -: cannot read stdin")?;
-        text
+        read_config(std::io::stdin().lock()).context("--file -: cannot read stdin")?
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("--file: cannot read {name}"))?
+        std::fs::File::open(path)
+            .and_then(read_config)
+            .with_context(|| format!("--file: cannot read {name}"))?
     };
-    serde_json::from_str(&text).map_err(|e| anyhow!("{name}: not a valid config document: {e}"))
+    spec_from_bytes(&name, &text)
+}
+
+/// Reads a config document: at most one byte more than [`MAX_CONFIG_BYTES`], enough for
+/// [`spec_from_bytes`] to refuse an oversized one without holding all of it.
+pub fn read_config(input: impl Read) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    input
+        .take(MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The spec in `bytes` (read from `name`); one over the size limit is refused unparsed.
+pub fn spec_from_bytes(name: &str, bytes: &[u8]) -> anyhow::Result<NetworkConfigSpec> {
+    check_config_size(bytes.len()).map_err(|e| anyhow!("{name}: {e}"))?;
+    serde_json::from_slice(bytes).map_err(|e| anyhow!("{name}: not a valid config document: {e}"))
 }
 
 /// A validation error for a spec built from flags, naming the field and its flag.
@@ -410,6 +427,34 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["backend"]["type"], "vxlan");
         assert_eq!(v["lease_ttl"], "24h");
+    }
+
+    #[test]
+    fn config_files_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("net.json");
+        let doc = r#"{"network":"10.244.0.0/16"}"#;
+        let at_limit = format!("{doc}{}", " ".repeat(MAX_CONFIG_BYTES - doc.len()));
+        std::fs::write(&path, &at_limit).unwrap();
+        let file = path.to_str().unwrap();
+        let json = request_json(&set_args(&["--file", file])).unwrap();
+        assert_eq!(json, doc);
+        // One byte over, and a multi-byte character cut by the bounded read: both are
+        // refused for their size, not for what the cut left.
+        for tail in [" ", "é"] {
+            std::fs::write(&path, format!("{at_limit}{tail}")).unwrap();
+            let e = request_json(&set_args(&["--file", file]))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                e,
+                format!("{file}: invalid config: config: the document is 32769 bytes; the limit is 32768")
+            );
+        }
+        assert_eq!(
+            read_config(std::io::repeat(b'x')).unwrap().len(),
+            MAX_CONFIG_BYTES + 1
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! commands that got that far.
 
 pub mod agent;
-pub mod completions;
 pub mod certs;
+pub mod completions;
 pub mod config;
 pub mod docker_opts;
 pub mod lab;

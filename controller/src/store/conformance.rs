@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::{KeyValue, Store, StoreError, StoreEvent, WatchStream, Written};
+use super::{KeyValue, LeaseInfo, Store, StoreError, StoreEvent, WatchStream, Written};
 
 /// The longest any case waits for something that must happen.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -38,6 +38,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     case!(list_is_sorted_with_a_covering_revision);
     case!(lease_lifecycle);
     case!(lease_expiry_deletes_keys_and_notifies_watchers);
+    case!(leases_are_listed_with_their_keys);
     case!(watch_replays_from_a_past_revision);
     case!(watch_from_zero_sees_only_new_events);
     case!(slow_reader_loses_nothing);
@@ -392,6 +393,85 @@ pub async fn lease_expiry_deletes_keys_and_notifies_watchers(store: &dyn Store) 
         matches!(store.keep_alive(lease).await, Err(StoreError::LeaseNotFound(id)) if id == lease)
     );
     assert_eq!(store.time_to_live(lease).await.unwrap(), None);
+}
+
+async fn must_lease_info(store: &dyn Store, lease: i64) -> LeaseInfo {
+    store
+        .lease_info(lease)
+        .await
+        .expect("lease_info")
+        .unwrap_or_else(|| panic!("lease {lease:x} is missing"))
+}
+
+pub async fn leases_are_listed_with_their_keys(store: &dyn Store) {
+    let prefix = unique_prefix("lease-keys");
+    // Long TTLs: nothing may expire during the case. 1.5 s rounds up to 2 s.
+    let holder = store.grant(Duration::from_secs(600)).await.unwrap();
+    let bare = store.grant(Duration::from_millis(1500)).await.unwrap();
+    let listed = store.list_leases().await.unwrap();
+    assert!(
+        listed.contains(&holder) && listed.contains(&bare),
+        "{holder:x} and {bare:x} not both in {listed:x?}"
+    );
+
+    // Created out of order: keys come back sorted.
+    let (b, a, detached, gone) = (
+        format!("{prefix}b"),
+        format!("{prefix}a"),
+        format!("{prefix}detached"),
+        format!("{prefix}gone"),
+    );
+    for key in [&b, &a, &detached, &gone] {
+        written(store.create(key, b"v".to_vec(), holder).await.unwrap());
+    }
+    let rev = must_get(store, &detached).await.mod_revision;
+    written(
+        store
+            .update(&detached, b"v".to_vec(), rev, 0)
+            .await
+            .unwrap(),
+    );
+    written(store.delete(&gone, None).await.unwrap());
+
+    let info = must_lease_info(store, holder).await;
+    assert_eq!(info.id, holder);
+    assert_eq!(info.keys, vec![a.clone(), b.clone()], "keys of {holder:x}");
+    assert_eq!(info.granted_ttl, Duration::from_secs(600));
+    assert!(
+        info.remaining <= info.granted_ttl && info.idle() < Duration::from_secs(600),
+        "{info:?}"
+    );
+
+    let info = must_lease_info(store, bare).await;
+    assert!(info.keys.is_empty(), "a lease without keys lists {info:?}");
+    assert_eq!(info.granted_ttl, Duration::from_secs(2));
+    // Idle time grows while nobody keeps the lease alive...
+    let before = info.idle();
+    eventually("idle time grows", || async {
+        let now = must_lease_info(store, bare).await.idle();
+        (now > before).then_some(())
+    })
+    .await;
+    // ...and expiry ends the lease (and its listing).
+    eventually("the bare lease expires", || async {
+        store
+            .lease_info(bare)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(!store.list_leases().await.unwrap().contains(&bare));
+
+    store.revoke(holder).await.unwrap();
+    assert_eq!(store.lease_info(holder).await.unwrap(), None);
+    assert!(
+        !store.list_leases().await.unwrap().contains(&holder),
+        "a revoked lease is still listed"
+    );
+    assert_eq!(store.get(&a).await.unwrap(), None, "revoke left {a}");
+    assert!(store.get(&detached).await.unwrap().is_some());
 }
 
 pub async fn watch_replays_from_a_past_revision(store: &dyn Store) {

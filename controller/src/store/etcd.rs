@@ -21,19 +21,34 @@
 //!   `watch()` returned is always seen by a watch from revision 0. The created answer itself
 //!   is not passed on; progress notifications are, as batches with no events, so callers can
 //!   advance their revision while nothing changes.
+//! - TLS and authentication ([`EtcdOptions`]) are checked as far as possible before any
+//!   request: files are read and the TLS config is built up front, so a bad file is an
+//!   [`StoreError::InvalidOptions`] naming the flag and the file, not an endless
+//!   "unavailable". Credentials etcd refuses are [`StoreError::AccessDenied`], so callers
+//!   can stop instead of retrying. Tokens are refreshed automatically when etcd expires
+//!   them (its simple tokens live 5 minutes by default).
+//! - With a user, connecting authenticates, so it needs etcd reachable; without one it
+//!   stays lazy. A user given to an etcd without authentication is ignored with a warning,
+//!   as etcd's own Go client does.
 
+use std::fmt;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType,
-    GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse,
+    Certificate, Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions,
+    EventType, GetOptions, Identity, LeaseTimeToLiveOptions, PutOptions, TlsOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions, WatchResponse,
 };
 use futures::StreamExt;
 use tonic::Code;
+use tracing::warn;
 
-use super::{KeyValue, LeaseId, Store, StoreError, StoreEvent, WatchBatch, WatchStream, Written};
+use super::{
+    KeyValue, LeaseId, LeaseInfo, Store, StoreError, StoreEvent, WatchBatch, WatchStream, Written,
+};
 
 /// Time allowed to open a TCP connection to an etcd endpoint.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,18 +67,211 @@ pub struct EtcdStore {
     client: Client,
 }
 
-impl EtcdStore {
-    /// Creates a client for `endpoints` (`http://host:port`). Does not contact etcd.
-    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        if endpoints.is_empty() {
-            return Err(StoreError::Other("no etcd endpoints given".into()));
+/// How to secure the connection to etcd, beyond the endpoints. Each field is named after
+/// the controller flag that sets it, and errors name that flag.
+#[derive(Clone, Default)]
+pub struct EtcdOptions {
+    /// The CA etcd's server certificate must chain to (`--etcd-cacert`); required for
+    /// `https://` endpoints.
+    pub ca_cert: Option<PathBuf>,
+    /// A client certificate to present, for etcd's `--client-cert-auth` (`--etcd-cert`).
+    pub client_cert: Option<PathBuf>,
+    /// The key of `client_cert` (`--etcd-key`).
+    pub client_key: Option<PathBuf>,
+    /// etcd user (`--etcd-user`), for etcd's own authentication.
+    pub user: Option<String>,
+    /// The user's password (`--etcd-password` or `--etcd-password-file`).
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("ca_cert", &self.ca_cert)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+fn invalid(message: impl Into<String>) -> StoreError {
+    StoreError::InvalidOptions(message.into())
+}
+
+/// Reads a PEM file given by `flag`.
+fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, StoreError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| invalid(format!("{flag} {}: {e}", path.display())))?;
+    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+        return Err(invalid(format!(
+            "{flag} {}: not a PEM file",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+impl EtcdOptions {
+    fn uses_tls(&self) -> bool {
+        self.ca_cert.is_some() || self.client_cert.is_some() || self.client_key.is_some()
+    }
+
+    /// Checks the options against `endpoints` and loads the TLS files; `None` for plaintext.
+    fn tls(&self, endpoints: &[String]) -> Result<Option<TlsOptions>, StoreError> {
+        if self.user.is_some() != self.password.is_some() {
+            return Err(invalid(
+                "--etcd-user and --etcd-password (or --etcd-password-file) go together: pass both",
+            ));
         }
-        let options = ConnectOptions::new()
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(false);
-        let client = within(
+        if self.user.as_deref() == Some("") {
+            return Err(invalid("--etcd-user is empty"));
+        }
+        let https = endpoints.iter().filter(|e| e.starts_with("https://"));
+        let http = endpoints.iter().filter(|e| e.starts_with("http://"));
+        if !self.uses_tls() {
+            if let Some(e) = https.clone().next() {
+                return Err(invalid(format!(
+                    "etcd endpoint {e} is https: pass --etcd-cacert (the CA of etcd's server certificate)"
+                )));
+            }
+            return Ok(None);
+        }
+        if let Some(e) = http.clone().next() {
+            return Err(invalid(format!(
+                "--etcd-cacert/--etcd-cert/--etcd-key need https:// endpoints, got {e}"
+            )));
+        }
+        let Some(ca) = &self.ca_cert else {
+            return Err(invalid(
+                "--etcd-cert/--etcd-key need --etcd-cacert (the CA of etcd's server certificate)",
+            ));
+        };
+        let mut tls =
+            TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem("--etcd-cacert", ca)?));
+        match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                let identity = Identity::from_pem(
+                    read_pem("--etcd-cert", cert)?,
+                    read_pem("--etcd-key", key)?,
+                );
+                tls = tls.identity(identity);
+            }
+            (None, None) => {}
+            _ => return Err(invalid("--etcd-cert and --etcd-key go together: pass both")),
+        }
+        // Building an endpoint parses the certificates and the key (nothing is sent), so a
+        // file that is PEM but not a usable certificate or key fails here, by name.
+        for e in endpoints {
+            let url = if e.contains("://") {
+                e.clone()
+            } else {
+                format!("https://{e}")
+            };
+            tonic::transport::Endpoint::from_shared(url)
+                .map_err(|err| invalid(format!("etcd endpoint {e}: {err}")))?
+                .tls_config(tls.clone())
+                .map_err(|err| {
+                    invalid(format!(
+                        "TLS setup from --etcd-cacert {}, --etcd-cert {}, --etcd-key {}: {}",
+                        ca.display(),
+                        display_opt(&self.client_cert),
+                        display_opt(&self.client_key),
+                        error_chain(&err),
+                    ))
+                })?;
+        }
+        Ok(Some(tls))
+    }
+}
+
+fn display_opt(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map_or_else(|| "(none)".to_string(), |p| p.display().to_string())
+}
+
+/// An error and all its sources, "a: b: c".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn is_auth_not_enabled(e: &StoreError) -> bool {
+    matches!(e, StoreError::Other(m) if m.contains("authentication is not enabled"))
+}
+
+impl EtcdStore {
+    /// Creates a client for plaintext `endpoints` (`http://host:port`). Does not contact etcd.
+    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, &EtcdOptions::default()).await
+    }
+
+    /// Creates a client with TLS and/or a user. Without a user it does not contact etcd;
+    /// with one it authenticates, so it fails with [`StoreError::Unavailable`] while etcd is
+    /// unreachable and with [`StoreError::AccessDenied`] when etcd refuses the credentials.
+    pub async fn connect_with(
+        endpoints: &[String],
+        options: &EtcdOptions,
+    ) -> Result<Self, StoreError> {
+        if endpoints.is_empty() {
+            return Err(invalid("no etcd endpoints given"));
+        }
+        let tls = options.tls(endpoints)?;
+        let base = || {
+            let mut connect = ConnectOptions::new()
+                .with_connect_timeout(CONNECT_TIMEOUT)
+                .with_timeout(REQUEST_TIMEOUT)
+                .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+                .with_keep_alive_while_idle(false);
+            if let Some(tls) = &tls {
+                connect = connect.with_tls(tls.clone());
+            }
+            connect
+        };
+        let with_user = match (&options.user, &options.password) {
+            (Some(user), Some(password)) => Some(
+                base()
+                    .with_user(user.clone(), password.clone())
+                    .with_auto_token_refresh(true),
+            ),
+            _ => None,
+        };
+        let client = match with_user {
+            None => Self::connect_client(endpoints, base()).await?,
+            Some(connect) => match Self::connect_client(endpoints, connect).await {
+                Err(e) if is_auth_not_enabled(&e) => {
+                    warn!(
+                        user = options.user.as_deref().unwrap_or_default(),
+                        "etcd has authentication disabled: connecting without --etcd-user"
+                    );
+                    Self::connect_client(endpoints, base()).await?
+                }
+                Err(StoreError::AccessDenied(m)) => {
+                    return Err(StoreError::AccessDenied(format!(
+                        "etcd user {:?} (--etcd-user, --etcd-password): {m}",
+                        options.user.as_deref().unwrap_or_default()
+                    )))
+                }
+                other => other?,
+            },
+        };
+        Ok(EtcdStore { client })
+    }
+
+    async fn connect_client(
+        endpoints: &[String],
+        options: ConnectOptions,
+    ) -> Result<Client, StoreError> {
+        within(
             REQUEST_TIMEOUT,
             "connect",
             Client::connect(endpoints, Some(options)),
@@ -72,8 +280,7 @@ impl EtcdStore {
         .map_err(|e| match e {
             StoreError::Other(m) => StoreError::Other(format!("etcd endpoints {endpoints:?}: {m}")),
             e => e,
-        })?;
-        Ok(EtcdStore { client })
+        })
     }
 
     /// The underlying etcd client, for what the [`Store`] trait does not cover.
@@ -111,6 +318,21 @@ fn is_lease_not_found(message: &str) -> bool {
     message.contains("lease not found")
 }
 
+/// etcd's answers to missing, wrong or insufficient credentials. Most come with their own
+/// status code, but a few share `InvalidArgument`/`FailedPrecondition` with other errors.
+fn is_access_denied(code: Code, message: &str) -> bool {
+    matches!(code, Code::Unauthenticated | Code::PermissionDenied)
+        || [
+            "authentication failed",
+            "user name is empty",
+            "user name not found",
+            "permission denied",
+            "invalid auth token",
+        ]
+        .iter()
+        .any(|m| message.contains(m))
+}
+
 /// Maps an etcd-client error: unreachable etcd -> `Unavailable`, a missing lease ->
 /// `LeaseNotFound` (when the request named one), anything else -> `Other` with the message.
 fn store_error(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
@@ -121,6 +343,9 @@ fn store_error(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
             match (status.code(), lease) {
                 (Code::NotFound, Some(id)) if is_lease_not_found(message) => {
                     StoreError::LeaseNotFound(id)
+                }
+                (code, _) if is_access_denied(code, message) => {
+                    StoreError::AccessDenied(message.to_string())
                 }
                 (
                     Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted,
@@ -214,6 +439,11 @@ fn watch_step(resp: &WatchResponse, requested: i64) -> WatchStep {
             "" => "no reason given",
             r => r,
         };
+        if is_access_denied(Code::Unknown, reason) {
+            return WatchStep::End(StoreError::AccessDenied(format!(
+                "etcd canceled the watch: {reason}"
+            )));
+        }
         return WatchStep::End(StoreError::Unavailable(format!(
             "etcd canceled the watch: {reason}"
         )));
@@ -453,6 +683,45 @@ impl Store for EtcdStore {
             Ok(_) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    async fn list_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
+        let mut leases = self.client.lease_client();
+        let resp = within(REQUEST_TIMEOUT, "lease list", leases.leases()).await?;
+        Ok(resp.leases().iter().map(|l| l.id()).collect())
+    }
+
+    async fn lease_info(&self, lease: LeaseId) -> Result<Option<LeaseInfo>, StoreError> {
+        let mut leases = self.client.lease_client();
+        let options = LeaseTimeToLiveOptions::new().with_keys();
+        let resp = match within_lease(
+            REQUEST_TIMEOUT,
+            "lease time-to-live",
+            Some(lease),
+            leases.time_to_live(lease, Some(options)),
+        )
+        .await
+        {
+            Ok(resp) => resp,
+            Err(StoreError::LeaseNotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // etcd answers -1 for a lease it does not know.
+        if resp.ttl() < 0 {
+            return Ok(None);
+        }
+        let mut keys: Vec<String> = resp
+            .keys()
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        keys.sort();
+        Ok(Some(LeaseInfo {
+            id: lease,
+            granted_ttl: seconds(resp.granted_ttl()),
+            remaining: seconds(resp.ttl()),
+            keys,
+        }))
     }
 
     async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream, StoreError> {

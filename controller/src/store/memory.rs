@@ -30,7 +30,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::{KeyValue, LeaseId, Store, StoreError, StoreEvent, WatchBatch, WatchStream, Written};
+use super::{
+    KeyValue, LeaseId, LeaseInfo, Store, StoreError, StoreEvent, WatchBatch, WatchStream, Written,
+};
 
 /// How often the background task expires leases.
 pub const EXPIRY_TICK: Duration = Duration::from_millis(50);
@@ -333,6 +335,31 @@ impl Store for MemoryStore {
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.state().drop_lease(lease);
         Ok(())
+    }
+
+    async fn list_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
+        Ok(self.state().leases.keys().copied().collect())
+    }
+
+    async fn lease_info(&self, lease: LeaseId) -> Result<Option<LeaseInfo>, StoreError> {
+        let now = Instant::now();
+        let state = self.state();
+        let Some(l) = state.leases.get(&lease) else {
+            return Ok(None);
+        };
+        // `kvs` is a BTreeMap, so the keys come out sorted.
+        let keys = state
+            .kvs
+            .values()
+            .filter(|kv| kv.lease == lease)
+            .map(|kv| kv.key.clone())
+            .collect();
+        Ok(Some(LeaseInfo {
+            id: lease,
+            granted_ttl: l.ttl,
+            remaining: l.deadline.saturating_duration_since(now),
+            keys,
+        }))
     }
 
     async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream, StoreError> {

@@ -17,7 +17,7 @@ pub mod memory;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use memory::MemoryStore;
 
 /// An etcd lease ID (0 means "no lease").
@@ -59,6 +59,26 @@ impl StoreEvent {
     }
 }
 
+/// What the store knows about one lease (see [`Store::lease_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub id: LeaseId,
+    /// The TTL the lease was granted with, which every keepalive refreshes it to.
+    pub granted_ttl: Duration,
+    /// Time left before it expires (whole seconds, rounded down, on etcd).
+    pub remaining: Duration,
+    /// The keys attached to it, sorted.
+    pub keys: Vec<String>,
+}
+
+impl LeaseInfo {
+    /// Time since the lease was granted or last kept alive. On etcd, where both TTLs are
+    /// whole seconds, this overstates the true time by less than a second.
+    pub fn idle(&self) -> Duration {
+        self.granted_ttl.saturating_sub(self.remaining)
+    }
+}
+
 /// One batch of events from a watch (all events of one or more revisions, in order).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchBatch {
@@ -80,6 +100,14 @@ pub enum StoreError {
     /// The etcd lease no longer exists (expired or revoked).
     #[error("etcd lease {0:x} not found")]
     LeaseNotFound(LeaseId),
+    /// etcd refused our credentials (wrong user or password, no credentials while etcd
+    /// requires them, or a user without permission): retrying will not help.
+    #[error("etcd denied access: {0}")]
+    AccessDenied(String),
+    /// The connection options are unusable (a missing or unreadable file, flags that go
+    /// together given alone); the message names the flag.
+    #[error("invalid etcd options: {0}")]
+    InvalidOptions(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("store error: {0}")]
@@ -149,6 +177,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Revokes a lease and deletes every key attached to it. Revoking a missing lease is ok.
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// Every lease that exists, in no particular order.
+    async fn list_leases(&self) -> Result<Vec<LeaseId>, StoreError>;
+
+    /// A lease with its TTLs and attached keys, `None` when it no longer exists.
+    async fn lease_info(&self, lease: LeaseId) -> Result<Option<LeaseInfo>, StoreError>;
 
     /// Watches every key under `prefix` from `start_revision` (inclusive; 0 = from now).
     /// A compacted start revision yields a `Compacted` error as the first item.

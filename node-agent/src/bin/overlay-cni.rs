@@ -2,7 +2,7 @@
 //! and the network config on stdin; the result or the spec's error JSON goes to stdout.
 //! See `overlay_agent::cni` for what each command does.
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 use anyhow::Context;
 use overlay_agent::cni::{self, CniEnv, CniError, ErrorCode};
@@ -24,10 +24,9 @@ fn main() {
 
 fn run() -> anyhow::Result<i32> {
     let env = CniEnv::from_vars(|k| std::env::var(k).ok());
-    let mut stdin = Vec::new();
-    // VERSION may come with no stdin at all; every other command needs the config.
-    std::io::stdin()
-        .read_to_end(&mut stdin)
+    // VERSION may come with no stdin at all; every other command needs the config. Read
+    // with a bound: a config over it is refused by `cni::run` with the spec's error.
+    let stdin = cni::config::read_stdin(std::io::stdin().lock())
         .context("reading the network config from stdin")?;
     // One thread: the netlink sockets are opened in the namespace of the calling thread,
     // and a single thread makes "the calling thread" unambiguous.

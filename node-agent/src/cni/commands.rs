@@ -19,7 +19,7 @@ use super::error::{CniError, ErrorCode};
 use super::ipam::{IpamError, IpamStore};
 use super::result::{CniResult, Dns, Interface, IpConfig, RouteEntry};
 use crate::datapath::netlink::{open_netns, Netlink, NetlinkError};
-use crate::files::SubnetEnv;
+use crate::files::{read_to_string_bounded, SubnetEnv, MAX_SUBNET_ENV_BYTES};
 
 /// What the plugin prints and how it exits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +123,7 @@ fn check_failed(msg: String) -> CniError {
 
 /// The agent's `subnet.env`; a missing one means the agent is not ready yet.
 fn read_subnet_env(path: &Path) -> Result<SubnetEnv, CniError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_to_string_bounded(path, MAX_SUBNET_ENV_BYTES).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             CniError::new(
                 ErrorCode::TryAgainLater,
@@ -632,6 +632,32 @@ mod tests {
         assert_eq!(error_code(&run_sync(&gc, conf)), 1, "GC on a 1.0.0 config");
         let conf11 = r#"{"cniVersion":"1.1.0","name":"n","type":"overlay-cni"}"#;
         assert_eq!(error_code(&run_sync(&gc, conf11)), 7, "GC without a list");
+    }
+
+    #[test]
+    fn an_oversized_config_is_refused_for_every_command() {
+        let mut stdin = r#"{"cniVersion":"1.0.0","name":"n","type":"overlay-cni"}"#.to_string();
+        stdin.push_str(&" ".repeat(super::super::config::MAX_STDIN_BYTES));
+        let del = env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+        ]);
+        let out = run_sync(&del, &stdin);
+        assert_eq!(error_code(&out), 6);
+        assert!(out.stdout.contains("over the limit"), "{}", out.stdout);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(v["cniVersion"], LATEST_VERSION);
+    }
+
+    #[test]
+    fn a_subnet_env_that_is_too_large_is_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subnet.env");
+        std::fs::write(&path, "#".repeat(MAX_SUBNET_ENV_BYTES + 1)).unwrap();
+        let e = read_subnet_env(&path).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Io);
+        assert!(e.details.contains("larger than 65536 bytes"), "{e}");
     }
 
     #[test]

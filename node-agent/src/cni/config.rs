@@ -7,6 +7,7 @@
 //! shape; only then are the plugin's own fields checked (7, or 2 for `ipam`, which this
 //! plugin deliberately does not delegate).
 
+use std::io::Read;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -24,6 +25,32 @@ pub const LATEST_VERSION: &str = "1.1.0";
 pub const DEFAULT_SUBNET_FILE: &str = "/run/overlay/subnet.env";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/overlay";
 pub const DEFAULT_BRIDGE: &str = "ovl0";
+/// Largest network config accepted on stdin. A real one (with a `prevResult` from a long
+/// chain) is a few KiB; the bound caps what a runtime, or anything that can write to the
+/// plugin's stdin, can make it hold in memory.
+pub const MAX_STDIN_BYTES: usize = 1 << 20;
+/// Longest network name: the name is a directory under `dataDir` (NAME_MAX).
+pub const MAX_NETWORK_NAME: usize = 255;
+
+/// Reads the network config from `input`: at most [`MAX_STDIN_BYTES`] + 1 bytes, so that
+/// [`NetConf::parse`] can tell an oversized config from one at the limit without the
+/// plugin ever holding more.
+pub fn read_stdin(input: impl Read) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    input
+        .take(MAX_STDIN_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The error for a config over [`MAX_STDIN_BYTES`].
+pub fn oversized_stdin(len: usize) -> CniError {
+    CniError::new(
+        ErrorCode::Decoding,
+        format!("the network config on stdin is over the limit of {MAX_STDIN_BYTES} bytes"),
+    )
+    .with_details(format!("read {len} bytes"))
+}
 
 /// `CNI_COMMAND`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +185,7 @@ pub fn valid_ifname(name: &str) -> bool {
 /// A network name: also a directory name under `dataDir`, so nothing that could climb
 /// out of it.
 pub fn valid_network_name(name: &str) -> bool {
-    valid_container_id(name)
+    name.len() <= MAX_NETWORK_NAME && valid_container_id(name)
 }
 
 /// One entry of `cni.dev/valid-attachments` (GC), and the key of an IPAM reservation.
@@ -221,12 +248,18 @@ impl NetConf {
     /// The `cniVersion` of `stdin` when it is one this plugin speaks: the label for an
     /// error about the rest of the config.
     pub fn peek_version(stdin: &[u8]) -> Option<String> {
+        if stdin.len() > MAX_STDIN_BYTES {
+            return None;
+        }
         let v: Value = serde_json::from_slice(stdin).ok()?;
         let version = v.get("cniVersion")?.as_str()?;
         Self::version_supported(version).then(|| version.to_string())
     }
 
     pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
+        if stdin.len() > MAX_STDIN_BYTES {
+            return Err(oversized_stdin(stdin.len()));
+        }
         let value: Value = serde_json::from_slice(stdin).map_err(|e| {
             CniError::new(
                 ErrorCode::Decoding,
@@ -282,9 +315,9 @@ impl NetConf {
             return Err(CniError::new(
                 ErrorCode::InvalidConfig,
                 format!(
-                    "network name {:?} must start with a letter or digit and hold only \
-                     letters, digits, '_', '.' and '-'",
-                    raw.name
+                    "network name {:?} must be at most {MAX_NETWORK_NAME} bytes, start with a \
+                     letter or digit and hold only letters, digits, '_', '.' and '-'",
+                    raw.name.chars().take(64).collect::<String>()
                 ),
             ));
         }
@@ -395,6 +428,31 @@ mod tests {
             code(r#"{"cniVersion":"1.0.0","name":"n","type":"t","prevResult":{"ips":3}}"#),
             6
         );
+    }
+
+    #[test]
+    fn stdin_and_network_names_are_bounded() {
+        let conf = br#"{"cniVersion":"1.0.0","name":"n","type":"t"}"#;
+        let mut at_limit = conf.to_vec();
+        at_limit.resize(MAX_STDIN_BYTES, b' ');
+        assert!(NetConf::parse(&at_limit).is_ok());
+        assert_eq!(NetConf::peek_version(&at_limit).as_deref(), Some("1.0.0"));
+        let mut over = at_limit.clone();
+        over.push(b' ');
+        let e = NetConf::parse(&over).unwrap_err();
+        assert_eq!(e.code.code(), 6);
+        assert!(e.msg.contains("over the limit of 1048576 bytes"), "{e}");
+        assert_eq!(NetConf::peek_version(&over), None);
+        // The reader stops one byte past the limit, whatever is behind it.
+        let endless = std::io::repeat(b' ');
+        assert_eq!(read_stdin(endless).unwrap().len(), MAX_STDIN_BYTES + 1);
+        assert_eq!(read_stdin(&conf[..]).unwrap(), conf);
+
+        let named = |name: &str| {
+            serde_json::json!({"cniVersion": "1.0.0", "name": name, "type": "t"}).to_string()
+        };
+        assert!(NetConf::parse(named(&"n".repeat(255)).as_bytes()).is_ok());
+        assert_eq!(code(&named(&"n".repeat(256))), 7);
     }
 
     #[test]

@@ -33,16 +33,20 @@ pub const PLUGIN_TYPE: &str = "overlay-cni";
 
 /// A conflist (cniVersion 1.0.0) for network `name`: overlay-cni reading `subnet_file`
 /// and attaching to `bridge`, then `portmap` for `-p HOSTPORT:PORT` publishing.
-pub fn conflist(name: &str, subnet_file: &Path, bridge: &str) -> String {
+pub fn conflist(name: &str, subnet_file: &Path, bridge: &str, data_dir: Option<&Path>) -> String {
+    let mut plugin = serde_json::json!({
+        "type": PLUGIN_TYPE,
+        "subnetFile": subnet_file,
+        "bridge": bridge,
+    });
+    if let Some(dir) = data_dir {
+        plugin["dataDir"] = serde_json::json!(dir);
+    }
     let list = serde_json::json!({
         "cniVersion": "1.0.0",
         "name": name,
         "plugins": [
-            {
-                "type": PLUGIN_TYPE,
-                "subnetFile": subnet_file,
-                "bridge": bridge,
-            },
+            plugin,
             {
                 "type": "portmap",
                 "capabilities": {"portMappings": true},
@@ -60,7 +64,7 @@ mod tests {
 
     #[test]
     fn the_conflist_chains_overlay_cni_and_portmap() {
-        let text = conflist("overlay", Path::new("/run/overlay/subnet.env"), "ovl0");
+        let text = conflist("overlay", Path::new("/run/overlay/subnet.env"), "ovl0", None);
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(v["name"], "overlay");
