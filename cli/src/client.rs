@@ -46,12 +46,7 @@ pub fn configure_tls(flags: TlsFlags) {
 
 fn transport() -> anyhow::Result<Transport> {
     let f = TLS_FLAGS.get().cloned().unwrap_or_default();
-    match Transport::from_flags(f.cert.as_deref(), f.key.as_deref(), f.ca.as_deref(), f.insecure) {
-        Ok(t) => Ok(t),
-        // Transitional: no TLS flag at all still means plaintext.
-        Err(_) if f.cert.is_none() && f.key.is_none() && f.ca.is_none() => Ok(Transport::Insecure),
-        Err(e) => Err(anyhow!("{e}")),
-    }
+    Transport::from_flags(f.cert.as_deref(), f.key.as_deref(), f.ca.as_deref(), f.insecure).map_err(|e| anyhow!("{e}"))
 }
 
 /// The `--controller` list, validated.
@@ -287,6 +282,7 @@ mod tests {
 
     #[tokio::test]
     async fn connect_reports_the_refused_url() {
+        configure_tls(TlsFlags { insecure: true, ..Default::default() });
         let port = overlay_tests::free_port();
         let urls = parse_controllers(&format!("127.0.0.1:{port}")).unwrap();
         let err = connect(&urls).await.err().expect("nothing listens there");

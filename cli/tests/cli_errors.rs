@@ -7,6 +7,7 @@ fn overlayctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_overlayctl"))
         .args(args)
         .env_remove("OVERLAY_CONTROLLER")
+        .env("OVERLAY_INSECURE", "true")
         .output()
         .expect("overlayctl runs")
 }
@@ -59,6 +60,7 @@ fn every_url_of_a_list_is_tried_and_named() {
     let out = Command::new(env!("CARGO_BIN_EXE_overlayctl"))
         .arg("leases")
         .env("OVERLAY_CONTROLLER", format!("{a},{b}"))
+        .env("OVERLAY_INSECURE", "true")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -138,4 +140,21 @@ fn a_server_that_hangs_up_is_named() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_one_error_line(&out);
     assert!(stderr(&out).contains(&url), "{}", stderr(&out));
+}
+
+/// Plaintext is never the silent default: without TLS files or `--insecure`, commands
+/// that connect refuse, saying what to pass.
+#[test]
+fn plaintext_needs_insecure() {
+    let out = Command::new(env!("CARGO_BIN_EXE_overlayctl"))
+        .args(["--controller", "http://127.0.0.1:9", "leases"])
+        .env_remove("OVERLAY_INSECURE")
+        .env_remove("OVERLAY_TLS_CERT")
+        .env_remove("OVERLAY_TLS_KEY")
+        .env_remove("OVERLAY_TLS_CA")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("--insecure") && err.contains("--tls-cert"), "{err}");
 }

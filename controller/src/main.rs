@@ -111,17 +111,9 @@ fn init_logging(format: &str) {
     }
 }
 
+/// TLS with all three files, or plaintext only when asked for with --insecure.
 fn transport(args: &Args) -> anyhow::Result<Transport> {
-    let t = Transport::from_flags(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref(), args.insecure);
-    match t {
-        // Until every deployment passes one or the other, no flag at all still means
-        // plaintext, loudly.
-        Err(_) if args.tls_cert.is_none() && args.tls_key.is_none() && args.tls_ca.is_none() => {
-            warn!("no TLS credentials and no --insecure: serving plaintext; pass --tls-cert/--tls-key/--tls-ca or --insecure");
-            Ok(Transport::Insecure)
-        }
-        other => Ok(other?),
-    }
+    Ok(Transport::from_flags(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref(), args.insecure)?)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -167,6 +159,8 @@ async fn connect_etcd(endpoints: &[String], options: &EtcdOptions) -> anyhow::Re
     }
 }
 
+const ETCD_ACCESS_HINT: &str = "etcd denied access: check --etcd-user/--etcd-password, and --etcd-cacert/--etcd-cert/--etcd-key for an etcd with TLS";
+
 /// Exits when etcd refuses us (no or wrong credentials only show on the first request
 /// when no user is given); keeps trying while etcd is unreachable.
 async fn check_etcd_access(store: Arc<dyn Store>, key: String) {
@@ -175,7 +169,7 @@ async fn check_etcd_access(store: Arc<dyn Store>, key: String) {
         match store.get(&key).await {
             Ok(_) => return,
             Err(StoreError::AccessDenied(m)) => {
-                error!(error = %m, "etcd denied access: check --etcd-user/--etcd-password, and --etcd-cert/--etcd-key for an etcd with --client-cert-auth");
+                error!(error = %m, "{}", ETCD_ACCESS_HINT);
                 std::process::exit(1);
             }
             Err(e) => {
@@ -250,7 +244,16 @@ async fn main() -> anyhow::Result<()> {
     let etcd_options = etcd_options(&args)?;
     let etcd: Arc<dyn Store> = Arc::new(connect_etcd(&args.etcd_endpoints, &etcd_options).await?);
     let store: Arc<dyn Store> = Arc::new(MeteredStore::new(etcd, metrics.clone()));
-    tokio::spawn(check_etcd_access(store.clone(), Keys::new(&args.etcd_prefix).config()));
+    // One request before anything else uses etcd: alone on its connection, it is the one
+    // that sees why a TLS handshake fails (concurrent requests only see "connection closed").
+    let probe_key = Keys::new(&args.etcd_prefix).config();
+    match store.get(&probe_key).await {
+        Ok(_) => {}
+        Err(StoreError::AccessDenied(m)) => anyhow::bail!("{}: {m}", ETCD_ACCESS_HINT),
+        Err(_) => {
+            tokio::spawn(check_etcd_access(store.clone(), probe_key));
+        }
+    }
     let election = janitor::spawn(
         store.clone(),
         &args.etcd_prefix,

@@ -140,6 +140,9 @@ pub struct LabSpec {
     pub detach: bool,
     /// Extra agent flags.
     pub agent_args: Vec<String>,
+    /// Plaintext gRPC (`--insecure` everywhere) instead of mutual TLS with certificates
+    /// made for the lab.
+    pub insecure: bool,
 }
 
 impl LabSpec {
@@ -158,6 +161,7 @@ impl LabSpec {
             workloads_per_host: 1,
             detach: false,
             agent_args: Vec::new(),
+            insecure: false,
         }
     }
 }
@@ -208,6 +212,9 @@ pub struct LabState {
     pub network: String,
     pub underlay_ns: String,
     pub controller_url: String,
+    /// The lab's CA and certificates (`overlayctl certs`); `None` for a plaintext lab.
+    #[serde(default)]
+    pub pki: Option<PathBuf>,
     pub etcd_pid: Option<u32>,
     pub controller_pid: Option<u32>,
     pub etcd_log: PathBuf,
@@ -352,6 +359,38 @@ impl LabState {
         Vec::new()
     }
 
+    /// The TLS flags of `identity` (a host name, "controller" or "admin"), or
+    /// `--insecure` in a plaintext lab.
+    pub fn tls_args(&self, identity: &str) -> Vec<String> {
+        match &self.pki {
+            Some(pki) => vec![
+                format!("--tls-cert={}", pki.join(format!("{identity}.pem")).display()),
+                format!("--tls-key={}", pki.join(format!("{identity}-key.pem")).display()),
+                format!("--tls-ca={}", pki.join("ca.pem").display()),
+            ],
+            None => vec!["--insecure".into()],
+        }
+    }
+
+    /// What `overlayctl` needs to talk to the lab's controller as its admin.
+    pub fn admin_client_args(&self) -> Vec<String> {
+        let mut args = vec![format!("--controller={}", self.controller_url)];
+        args.extend(self.tls_args("admin"));
+        args
+    }
+
+    /// Issues a certificate for `identity` from the lab's CA (no-op in a plaintext lab).
+    fn issue_cert(&self, identity: &str, ips: &[&str]) -> Result<(), LabError> {
+        let Some(pki) = &self.pki else { return Ok(()) };
+        let bin = self.bin_dir.join("overlayctl");
+        let dir = pki.display().to_string();
+        let mut args = vec!["certs", "issue", "--dir", dir.as_str(), "--name", identity];
+        for ip in ips {
+            args.extend(["--ip", ip]);
+        }
+        netns::run(Command::new(&bin).args(&args)).map(|_| ())
+    }
+
     /// The host's leased subnet (from its subnet.env), e.g. "10.244.7.0/24".
     pub fn host_subnet(&self, host: &HostState) -> Option<String> {
         let gw = env_value(&host.dir.join("run/subnet.env"), "OVERLAY_SUBNET")?;
@@ -405,7 +444,12 @@ impl Lab {
                 backend: spec.backend.clone(),
                 network: spec.network.clone(),
                 underlay_ns: ul.clone(),
-                controller_url: format!("http://{UNDERLAY_GATEWAY}:{CONTROLLER_PORT}"),
+                controller_url: if spec.insecure {
+                    format!("http://{UNDERLAY_GATEWAY}:{CONTROLLER_PORT}")
+                } else {
+                    format!("https://{UNDERLAY_GATEWAY}:{CONTROLLER_PORT}")
+                },
+                pki: (!spec.insecure).then(|| spec.dir.join("pki")),
                 etcd_pid: None,
                 controller_pid: None,
                 etcd_log: spec.dir.join("etcd.log"),
@@ -460,6 +504,13 @@ impl Lab {
         )?;
         netns::ip_in(&ul, &["link", "set", "br0", "up"])?;
 
+        if let Some(pki) = self.state.pki.clone() {
+            progress(&format!("certificates: a CA and one certificate per component in {}", pki.display()));
+            let bin = spec.bin_dir.join("overlayctl");
+            netns::run(Command::new(&bin).args(["certs", "init", "--dir"]).arg(&pki))?;
+            self.state.issue_cert("controller", &[UNDERLAY_GATEWAY])?;
+            self.state.issue_cert("admin", &[])?;
+        }
         progress("etcd: starting in the underlay namespace");
         let etcd_dir = spec.dir.join("etcd");
         let etcd_args: Vec<String> = vec![
@@ -485,11 +536,12 @@ impl Lab {
             "controller: listening on {}",
             self.state.controller_url
         ));
-        let ctl_args: Vec<String> = vec![
+        let mut ctl_args: Vec<String> = vec![
             "--etcd-endpoints=http://127.0.0.1:2379".into(),
             format!("--listen={UNDERLAY_GATEWAY}:{CONTROLLER_PORT}"),
             "--health-listen=127.0.0.1:7401".into(),
         ];
+        ctl_args.extend(self.state.tls_args("controller"));
         let ctl_bin = spec.bin_dir.join("overlay-controller");
         let ctl_log = self.state.controller_log.clone();
         self.state.controller_pid =
@@ -564,7 +616,7 @@ impl Lab {
     /// Runs `overlayctl --controller URL ARGS` inside the underlay namespace.
     pub fn overlayctl(&self, args: &[String]) -> Result<String, LabError> {
         let bin = self.state.bin_dir.join("overlayctl");
-        let mut all = vec![format!("--controller={}", self.state.controller_url)];
+        let mut all = self.state.admin_client_args();
         all.extend(args.iter().cloned());
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let out = netns::exec(&self.state.underlay_ns, &bin.to_string_lossy(), &all)?;
@@ -632,6 +684,7 @@ impl Lab {
             agent_pid: None,
         };
         self.state.hosts.push(host);
+        self.state.issue_cert(name, &[])?;
         self.start_agent(name)?;
         self.state.save()
     }
@@ -647,6 +700,7 @@ impl Lab {
             format!("--cni-conf-dir={}", host.cni_conf_dir().display()),
             format!("--cni-data-dir={}", host.dir.join("cni-ipam").display()),
         ];
+        args.extend(self.state.tls_args(&host.name));
         args.extend(self.state.agent_args.iter().cloned());
         args
     }

@@ -117,15 +117,8 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log_format);
-    let transport = match Transport::from_flags(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref(), args.insecure) {
-        Ok(t) => t,
-        // Transitional: no TLS flag at all still means plaintext, loudly.
-        Err(_) if args.tls_cert.is_none() && args.tls_key.is_none() && args.tls_ca.is_none() => {
-            tracing::warn!("no TLS credentials and no --insecure: talking plaintext to the controller");
-            Transport::Insecure
-        }
-        Err(e) => return Err(e.into()),
-    };
+    // TLS with all three files, or plaintext only when asked for with --insecure.
+    let transport = Transport::from_flags(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref(), args.insecure)?;
     let node = match (&args.node_name, &transport) {
         (Some(n), _) => n.clone(),
         // With a certificate, the node is who the certificate says it is.

@@ -9,12 +9,18 @@ cat > /etc/overlay/etcd.env <<ENV
 ETCD_LISTEN_CLIENT_URLS=http://127.0.0.1:2379
 ETCD_ADVERTISE_CLIENT_URLS=http://127.0.0.1:2379
 ENV
+install -m 0644 /overlay/vagrant/pki/controller.pem /etc/overlay/pki/
+install -m 0600 /overlay/vagrant/pki/controller-key.pem /etc/overlay/pki/
 cat > /etc/overlay/controller.env <<ENV
 OVERLAY_ETCD_ENDPOINTS=http://127.0.0.1:2379
 OVERLAY_LISTEN=${CONTROLLER_IP}:7400
+OVERLAY_TLS_CERT=/etc/overlay/pki/controller.pem
+OVERLAY_TLS_KEY=/etc/overlay/pki/controller-key.pem
+OVERLAY_TLS_CA=/etc/overlay/pki/ca.pem
 ENV
 systemctl daemon-reload
 systemctl enable --now overlay-etcd.service overlay-controller.service
-overlayctl --controller "http://${CONTROLLER_IP}:7400" config set \
+. /etc/profile.d/overlayctl.sh
+overlayctl --controller "https://${CONTROLLER_IP}:7400" config set \
   --network 10.244.0.0/16 --backend "${OVERLAY_BACKEND}"
-overlayctl --controller "http://${CONTROLLER_IP}:7400" config show
+overlayctl --controller "https://${CONTROLLER_IP}:7400" config show

@@ -503,7 +503,7 @@ fn exec(name: &str, target: &str, command: &[String]) -> anyhow::Result<()> {
 fn ctl(name: &str, args: &[String]) -> anyhow::Result<()> {
     let state = load(name)?;
     let me = std::env::current_exe().context("cannot find the running overlayctl")?;
-    let mut all = vec![format!("--controller={}", state.controller_url)];
+    let mut all = state.admin_client_args();
     all.extend(args.iter().cloned());
     exec_in(&state.underlay_ns, &me, &all, "the underlay namespace")
 }

@@ -148,6 +148,7 @@ impl EtcdOptions {
                 "--etcd-cert/--etcd-key need --etcd-cacert (the CA of etcd's server certificate)",
             ));
         };
+        self.rustls_config()?;
         let mut tls =
             TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem("--etcd-cacert", ca)?));
         match (&self.client_cert, &self.client_key) {
@@ -348,14 +349,19 @@ fn store_error(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
                     StoreError::AccessDenied(message.to_string())
                 }
                 (
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted,
+                    Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+                    | Code::Aborted
+                    | Code::Unknown,
                     _,
-                ) => StoreError::Unavailable(format!("etcd: {message}")),
-                // Connection-level failures surface as Unknown with the transport's text.
-                (Code::Unknown, _)
-                    if message.contains("transport") || message.contains("connect") =>
+                ) if status.code() != Code::Unknown
+                    || message.contains("transport")
+                    || message.contains("connect") =>
                 {
-                    StoreError::Unavailable(format!("etcd: {message}"))
+                    // Connection-level failures (Unknown with the transport's text among
+                    // them) carry what went wrong in their sources only.
+                    connection_error(&transport_detail(&status))
                 }
                 (code, _) => StoreError::Other(format!("etcd: {message} ({code:?})")),
             }
@@ -364,13 +370,38 @@ fn store_error(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
             Some(id) => StoreError::LeaseNotFound(id),
             None => StoreError::Other(format!("etcd: {m}")),
         },
-        E::TransportError(e) => StoreError::Unavailable(format!("etcd transport: {e}")),
+        E::TransportError(e) => connection_error(&format!("transport: {}", error_chain(&e))),
         E::IoError(e) => StoreError::Unavailable(format!("etcd i/o: {e}")),
         // Stream plumbing errors: the stream to etcd broke.
         E::LeaseKeepAliveError(m) | E::WatchError(m) => {
             StoreError::Unavailable(format!("etcd stream: {m}"))
         }
         other => StoreError::Other(format!("etcd: {other}")),
+    }
+}
+
+/// A status's message and the sources behind it (tonic keeps the transport error there).
+fn transport_detail(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut text = status.message().to_string();
+    if let Some(source) = status.source() {
+        let more = error_chain(source);
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+    }
+    text
+}
+
+/// A failed connection: a TLS handshake that failed over certificates is a setup problem
+/// (wrong CA, missing or untrusted client certificate) that retrying does not fix, so it
+/// is [`StoreError::AccessDenied`]; anything else is [`StoreError::Unavailable`].
+fn connection_error(detail: &str) -> StoreError {
+    let lower = detail.to_ascii_lowercase();
+    if lower.contains("certificate") || lower.contains("fatal alert") {
+        StoreError::AccessDenied(format!("TLS handshake with etcd failed: {detail}"))
+    } else {
+        StoreError::Unavailable(format!("etcd: {detail}"))
     }
 }
 
