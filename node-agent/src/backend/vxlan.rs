@@ -27,6 +27,12 @@ use super::{Backend, BackendContext, BackendError, ReconcileReport};
 use crate::datapath::VxlanSpec;
 use crate::files::AgentState;
 
+/// Whether `name` is one of our VTEP names (`ovl.<vni>`).
+fn is_vtep_name(name: &str) -> bool {
+    name.strip_prefix("ovl.")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// VXLAN over IPv4 adds 50 bytes: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
 
@@ -54,6 +60,24 @@ impl VxlanBackend {
                 ))
             });
         Ok(VxlanBackend { fwd, name, mac })
+    }
+
+    /// Deletes `ovl.<n>` VXLAN devices other than ours (left by a VNI change); best effort.
+    async fn remove_stale_vteps(&self) {
+        let dp = &self.fwd.datapath;
+        let Ok(names) = dp.link_names().await else {
+            return;
+        };
+        for name in names.iter().filter(|n| is_vtep_name(n) && **n != self.name) {
+            let is_vxlan = matches!(dp.link_info(name).await, Ok(Some(l)) if l.vxlan.is_some());
+            if !is_vxlan {
+                continue;
+            }
+            match dp.delete_link(name).await {
+                Ok(()) => tracing::info!(vtep = %name, "removed the VTEP of a previous VNI"),
+                Err(e) => tracing::warn!(vtep = %name, error = %e, "could not remove a stale VTEP"),
+            }
+        }
     }
 
     async fn ensure_vtep(&self, own: Option<&Lease>) -> Result<(), BackendError> {
@@ -106,8 +130,9 @@ impl Backend for VxlanBackend {
     }
 
     /// The VTEP exists before the lease is published, so peers never point at a MAC that
-    /// is not there yet.
+    /// is not there yet. VTEPs of other VNIs are ours from before a VNI change: removed.
     async fn prepare(&mut self) -> Result<BackendData, BackendError> {
+        self.remove_stale_vteps().await;
         self.ensure_vtep(None).await?;
         Ok(BackendData {
             vtep_mac: Some(self.mac),
@@ -129,5 +154,76 @@ impl Backend for VxlanBackend {
 
     fn device_changes(&self) -> Option<BoxStream<'static, ()>> {
         self.fwd.device_changes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::datapath::{Datapath, FakeDatapath, VxlanInfo};
+    use crate::hostnet::HostInfo;
+
+    #[test]
+    fn vtep_names() {
+        assert!(is_vtep_name("ovl.1") && is_vtep_name("ovl.16777215"));
+        assert!(
+            !is_vtep_name("ovl.")
+                && !is_vtep_name("ovl0")
+                && !is_vtep_name("ovl.1a")
+                && !is_vtep_name("flannel.1")
+        );
+    }
+
+    /// After a VNI change the agent restarts with the new VNI: the old VTEP goes, ours
+    /// comes, and nothing else is touched.
+    #[tokio::test]
+    async fn prepare_replaces_the_vtep_of_a_previous_vni() {
+        let fake = Arc::new(FakeDatapath::with_underlay(
+            "eth0",
+            "192.0.2.11/24".parse().unwrap(),
+        ));
+        fake.edit_kernel(|k| {
+            k.add_link("ovl.5", Some("vxlan"), &[]);
+            k.links.get_mut("ovl.5").unwrap().vxlan = Some(VxlanInfo {
+                vni: 5,
+                port: 8472,
+                local: None,
+                underlay_ifindex: None,
+                learning: false,
+            });
+            k.add_link("ovl.7", Some("bridge"), &[]);
+        });
+        let config =
+            overlay_core::NetworkConfig::from_json(r#"{"network":"10.244.0.0/16"}"#).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = BackendContext {
+            node: "h1".into(),
+            config,
+            host: HostInfo {
+                public_ip: "192.0.2.11".parse().unwrap(),
+                iface: Some("eth0".into()),
+                underlay: Some("192.0.2.0/24".parse().unwrap()),
+                mtu: 1500,
+            },
+            state_dir: dir.path().into(),
+            bridge: None,
+            ip_masq: false,
+            datapath: Some(fake.clone()),
+        };
+        let mut backend = VxlanBackend::new(ctx).unwrap();
+        let data = backend.prepare().await.unwrap();
+        assert!(data.vtep_mac.is_some());
+        let names = fake.link_names().await.unwrap();
+        assert!(names.contains(&"ovl.1".to_string()), "{names:?}");
+        assert!(
+            !names.contains(&"ovl.5".to_string()),
+            "the old VTEP stayed: {names:?}"
+        );
+        assert!(
+            names.contains(&"ovl.7".to_string()),
+            "a non-VXLAN device was touched: {names:?}"
+        );
     }
 }

@@ -309,6 +309,10 @@ impl Datapath for FakeDatapath {
         Ok(self.info(name).map(|l| l.index))
     }
 
+    async fn link_names(&self) -> Result<Vec<String>, NetlinkError> {
+        Ok(self.kernel().links.keys().cloned().collect())
+    }
+
     async fn link_info(&self, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
         Ok(self.info(name))
     }

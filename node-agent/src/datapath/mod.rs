@@ -134,6 +134,8 @@ pub trait Datapath: Send + Sync {
     /// The index of a link; a missing link is `Ok(None)`.
     async fn link_index(&self, name: &str) -> Result<Option<u32>, NetlinkError>;
 
+    /// The names of every link of the namespace, sorted.
+    async fn link_names(&self) -> Result<Vec<String>, NetlinkError>;
     /// A link's details; a missing link is `Ok(None)`.
     async fn link_info(&self, name: &str) -> Result<Option<LinkInfo>, NetlinkError>;
 

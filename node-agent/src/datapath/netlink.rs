@@ -853,6 +853,12 @@ impl Datapath for Netlink {
         Netlink::link_index(self, name).await
     }
 
+    async fn link_names(&self) -> Result<Vec<String>, NetlinkError> {
+        let mut names: Vec<String> = self.links().await?.into_keys().collect();
+        names.sort();
+        Ok(names)
+    }
+
     async fn link_info(&self, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
         Netlink::link_info(self, name).await
     }
