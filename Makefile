@@ -50,3 +50,10 @@ man:
 .PHONY: bench-cni
 bench-cni: release
 	bench/cni.sh
+
+# Datapath: programming 1000 peers (netlink module vs ip -batch), agent restart with 1000
+# peers, iperf3 over vxlan/host-gw vs hand-built entries vs the underlay; one run, root,
+# namespaces only (results in docs/benchmarks.md, "Datapath").
+.PHONY: bench-datapath
+bench-datapath: release
+	$(CARGO) bench -p overlay-tests --bench datapath

@@ -159,7 +159,8 @@ async fn connect_etcd(endpoints: &[String], options: &EtcdOptions) -> anyhow::Re
     }
 }
 
-const ETCD_ACCESS_HINT: &str = "etcd denied access: check --etcd-user/--etcd-password, and --etcd-cacert/--etcd-cert/--etcd-key for an etcd with TLS";
+const ETCD_ACCESS_HINT: &str =
+    "check --etcd-user/--etcd-password, and --etcd-cacert/--etcd-cert/--etcd-key for an etcd with TLS";
 
 /// Exits when etcd refuses us (no or wrong credentials only show on the first request
 /// when no user is given); keeps trying while etcd is unreachable.
@@ -169,7 +170,7 @@ async fn check_etcd_access(store: Arc<dyn Store>, key: String) {
         match store.get(&key).await {
             Ok(_) => return,
             Err(StoreError::AccessDenied(m)) => {
-                error!(error = %m, "{}", ETCD_ACCESS_HINT);
+                error!(error = %m, "etcd denied access; {ETCD_ACCESS_HINT}");
                 std::process::exit(1);
             }
             Err(e) => {
@@ -247,9 +248,12 @@ async fn main() -> anyhow::Result<()> {
     // One request before anything else uses etcd: alone on its connection, it is the one
     // that sees why a TLS handshake fails (concurrent requests only see "connection closed").
     let probe_key = Keys::new(&args.etcd_prefix).config();
+    if let Err(e) = EtcdStore::check_tls(&args.etcd_endpoints, &etcd_options).await {
+        anyhow::bail!("{e} ({ETCD_ACCESS_HINT})");
+    }
     match store.get(&probe_key).await {
         Ok(_) => {}
-        Err(StoreError::AccessDenied(m)) => anyhow::bail!("{}: {m}", ETCD_ACCESS_HINT),
+        Err(e @ StoreError::AccessDenied(_)) => anyhow::bail!("{e} ({ETCD_ACCESS_HINT})"),
         Err(_) => {
             tokio::spawn(check_etcd_access(store.clone(), probe_key));
         }

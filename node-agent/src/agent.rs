@@ -363,7 +363,12 @@ impl Agent {
             return Ok(());
         };
         let path = dir.join(CNI_CONFLIST);
-        let text = crate::cni::conflist("overlay", &self.opts.run_dir.join(SUBNET_ENV), bridge, self.opts.cni_data_dir.as_deref());
+        let text = crate::cni::conflist(
+            "overlay",
+            &self.opts.run_dir.join(SUBNET_ENV),
+            bridge,
+            self.opts.cni_data_dir.as_deref(),
+        );
         if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
             write_atomic(&path, text.as_bytes())?;
             info!(path = %path.display(), "CNI network config installed");
@@ -438,14 +443,24 @@ impl Agent {
     /// anything (an unreachable controller is not a change).
     async fn config_changed(&self, running: &NetworkConfig) -> Option<String> {
         let mut c = self.controllers.client().await.ok()?;
-        let resp = c.get_config(v1::GetConfigRequest {}).await.ok()?.into_inner();
+        let resp = c
+            .get_config(v1::GetConfigRequest {})
+            .await
+            .ok()?
+            .into_inner();
         let fresh = config_from_proto(&resp.config?).ok()?;
         let mut changes = Vec::new();
         if fresh.network != running.network || fresh.subnet_len != running.subnet_len {
-            changes.push(format!("network {}/{} -> {}/{}", running.network, running.subnet_len, fresh.network, fresh.subnet_len));
+            changes.push(format!(
+                "network {}/{} -> {}/{}",
+                running.network, running.subnet_len, fresh.network, fresh.subnet_len
+            ));
         }
         if fresh.backend != running.backend {
-            changes.push(format!("backend {:?} -> {:?}", running.backend, fresh.backend));
+            changes.push(format!(
+                "backend {:?} -> {:?}",
+                running.backend, fresh.backend
+            ));
         }
         if fresh.mtu != running.mtu {
             changes.push(format!("mtu {:?} -> {:?}", running.mtu, fresh.mtu));

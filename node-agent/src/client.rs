@@ -7,8 +7,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use overlay_proto::v1::agent_client::AgentClient;
 use overlay_proto::tls::Transport;
+use overlay_proto::v1::agent_client::AgentClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -38,17 +38,30 @@ impl Controllers {
     /// Connections over `transport`: with TLS, `http://` URLs are dialled as `https://`.
     pub fn with_transport(urls: &[String], transport: &Transport) -> Result<Self, ClientError> {
         let tls = match transport {
-            Transport::Tls(files) => Some(files.client_config().map_err(|e| ClientError::Tls(e.to_string()))?),
+            Transport::Tls(files) => Some(
+                files
+                    .client_config()
+                    .map_err(|e| ClientError::Tls(e.to_string()))?,
+            ),
             Transport::Insecure => None,
         };
         let endpoints = urls
             .iter()
             .map(|u| {
-                let u = if tls.is_some() { u.replacen("http://", "https://", 1) } else { u.clone() };
-                let e = Endpoint::from_shared(u.clone())
-                    .map_err(|e| ClientError::BadUrl { url: u.clone(), reason: e.to_string() })?;
+                let u = if tls.is_some() {
+                    u.replacen("http://", "https://", 1)
+                } else {
+                    u.clone()
+                };
+                let e = Endpoint::from_shared(u.clone()).map_err(|e| ClientError::BadUrl {
+                    url: u.clone(),
+                    reason: e.to_string(),
+                })?;
                 match &tls {
-                    Some(t) => e.tls_config(t.clone()).map_err(|e| ClientError::BadUrl { url: u.clone(), reason: e.to_string() }),
+                    Some(t) => e.tls_config(t.clone()).map_err(|e| ClientError::BadUrl {
+                        url: u.clone(),
+                        reason: e.to_string(),
+                    }),
                     None => Ok(e),
                 }
             })

@@ -10,8 +10,8 @@ use clap::Parser;
 use overlay_agent::agent::{Agent, AgentOptions, SharedStatus};
 use overlay_agent::client::Controllers;
 use overlay_agent::health;
-use overlay_proto::tls::Transport;
 use overlay_agent::metrics::AgentMetrics;
+use overlay_proto::tls::Transport;
 use tracing::{error, info};
 
 #[derive(Parser, Debug)]
@@ -118,7 +118,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log_format);
     // TLS with all three files, or plaintext only when asked for with --insecure.
-    let transport = Transport::from_flags(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref(), args.insecure)?;
+    let transport = Transport::from_flags(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_ca.as_deref(),
+        args.insecure,
+    )?;
     let node = match (&args.node_name, &transport) {
         (Some(n), _) => n.clone(),
         // With a certificate, the node is who the certificate says it is.
@@ -126,7 +131,8 @@ async fn main() -> anyhow::Result<()> {
         (None, Transport::Insecure) => hostname(),
     };
     overlay_core::lease::validate_node_name(&node).context("--node-name")?;
-    let controllers = Controllers::with_transport(&args.controller, &transport).context("--controller")?;
+    let controllers =
+        Controllers::with_transport(&args.controller, &transport).context("--controller")?;
     let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
         "off" => None,
         a => Some(a.parse().with_context(|| {

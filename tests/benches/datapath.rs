@@ -41,8 +41,8 @@
 //!   path sees the same machine; the injected peers are removed before, so the agents
 //!   are idle as the hand-built hosts are.
 //! - Cleanup: every namespace is named `ovlb-<pid>-...` and deleted (which also kills what
-//!   runs inside) on return, on a panic, and on SIGINT/SIGTERM/SIGHUP (a thread waits for
-//!   them); a later run also removes what a killed run (`kill -9`) left behind.
+//!   runs inside) on return, on a panic, and on SIGINT/SIGTERM/SIGHUP (a handler wakes a
+//!   thread that does it); a later run also removes what a run killed with SIGKILL left.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -352,11 +352,10 @@ fn bench_subnet(i: usize) -> Ipv4Net {
 /// A peer's lease record: a documentation-range public IP and a unique VTEP MAC.
 fn peer_record(i: usize) -> LeaseRecord {
     let host = 1 + (i / 2 % 254) as u8;
-    let public_ip = if i % 2 == 0 {
-        Ipv4Addr::new(198, 51, 100, host)
-    } else {
-        Ipv4Addr::new(203, 0, 113, host)
-    };
+    let public_ip = [
+        Ipv4Addr::new(198, 51, 100, host),
+        Ipv4Addr::new(203, 0, 113, host),
+    ][i % 2];
     let now = now_millis();
     LeaseRecord {
         node: format!("bench-peer-{i}"),
@@ -1098,14 +1097,22 @@ fn throughput(s: &Settings, scratch: &Scratch, vxlan_lab: Option<Lab>) -> Vec<Pa
 // ---------------------------------------------------------------------------------------
 // Report
 
-fn machine() -> String {
+/// The 1-minute load average, read before the run: a busy machine skews every number.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine(load_before: &str) -> String {
     let kernel = Command::new("uname")
         .arg("-r")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores, kernel {kernel}")
+    format!("{cores} cores, kernel {kernel}, load average {load_before} before the run")
 }
 
 fn report_programming(p: &Programming, peers: usize) {
@@ -1227,6 +1234,7 @@ fn main() {
         );
         return;
     }
+    let load_before = load_average();
     remove_leftovers();
     let scratch = Scratch::new(s.keep_logs);
     clean_up_on_signals(scratch.prefix.clone(), scratch.dir.clone(), s.keep_logs);
@@ -1252,7 +1260,7 @@ fn main() {
         None
     };
 
-    println!("## Datapath results ({})\n", machine());
+    println!("## Datapath results ({})\n", machine(&load_before));
     if let Some(p) = &programming {
         report_programming(p, s.peers);
     }
@@ -1263,8 +1271,8 @@ fn main() {
         report_throughput(paths, &s);
     }
     println!(
-        "Whole run: {:.0} s (`OVERLAY_BENCH_PEERS={} make bench-datapath`).",
-        started.elapsed().as_secs_f64(),
-        s.peers
+        "Whole run: {:.0} s. Reproduce as root with `make bench-datapath` (settings: \
+         `OVERLAY_BENCH_*`, see tests/benches/datapath.rs).",
+        started.elapsed().as_secs_f64()
     );
 }

@@ -1933,7 +1933,8 @@ fn cni_cases(b: &Bench) -> Vec<Case> {
         case("ADD with a subnetFile that does not exist", &[r#""code":11"#, "/nonexistent/subnet.env"], b.cni(&[], &conf(serde_json::json!({"subnetFile": "/nonexistent/subnet.env"})))),
         case("ADD with a subnetFile of garbage", &[r#""code":5"#, "garbage.env"], b.cni(&[], &conf(serde_json::json!({"subnetFile": garbage})))),
         // A network name is a directory name under dataDir: at most 255 bytes.
-        case("ADD with a 1 MiB network name", &[r#""code":7"#, "network name"], b.cni(&[], &conf(serde_json::json!({"name": "x".repeat(1 << 20)})))),
+        case("ADD with a 256-byte network name", &[r#""code":7"#, "network name"], b.cni(&[], &conf(serde_json::json!({"name": "x".repeat(256)})))),
+        case("ADD with 2 MiB on stdin", &[r#""code":6"#, "over the limit"], b.cni(&[], &conf(serde_json::json!({"padding": "x".repeat(2 << 20)})))),
     ]
 }
 

@@ -27,13 +27,21 @@
 //!   "unavailable". Credentials etcd refuses are [`StoreError::AccessDenied`], so callers
 //!   can stop instead of retrying. Tokens are refreshed automatically when etcd expires
 //!   them (its simple tokens live 5 minutes by default).
+//! - A client certificate etcd refuses cannot be told from a dropped connection through
+//!   gRPC: with TLS 1.3 the client's handshake is done before etcd checks the certificate,
+//!   so etcd's alert reaches the connection after a request was sent, and the request only
+//!   sees "connection closed". [`EtcdStore::check_tls`] makes one direct handshake and reads
+//!   etcd's first answer (its HTTP/2 settings, or the alert) to say why.
 //! - With a user, connecting authenticates, so it needs etcd reachable; without one it
 //!   stays lazy. A user given to an etcd without authentication is ignored with a warning,
 //!   as etcd's own Go client does.
 
 use std::fmt;
 use std::future::Future;
+use std::io::Read;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -43,6 +51,9 @@ use etcd_client::{
     TxnOpResponse, WatchOptions, WatchResponse,
 };
 use futures::StreamExt;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use tonic::Code;
 use tracing::warn;
 
@@ -113,7 +124,63 @@ fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, StoreError> {
     Ok(bytes)
 }
 
+/// Parses the certificates of a PEM file given by `flag`; at least one.
+fn pem_certs(flag: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, StoreError> {
+    let bytes = read_pem(flag, path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("{flag} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(format!(
+            "{flag} {}: no certificate in the file",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
 impl EtcdOptions {
+    /// A rustls client config with the same trust and identity as the gRPC channel's; it
+    /// checks the files in detail and drives [`EtcdStore::check_tls`].
+    fn rustls_config(&self) -> Result<Option<Arc<ClientConfig>>, StoreError> {
+        let Some(ca) = &self.ca_cert else {
+            return Ok(None);
+        };
+        let mut roots = RootCertStore::empty();
+        for cert in pem_certs("--etcd-cacert", ca)? {
+            roots
+                .add(cert)
+                .map_err(|e| invalid(format!("--etcd-cacert {}: {e}", ca.display())))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(format!("TLS setup: {e}")))?
+            .with_root_certificates(roots);
+        let mut config = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                let chain = pem_certs("--etcd-cert", cert)?;
+                let key_der = PrivateKeyDer::from_pem_slice(&read_pem("--etcd-key", key)?)
+                    .map_err(|e| {
+                        invalid(format!(
+                            "--etcd-key {}: no usable private key in the file ({e})",
+                            key.display()
+                        ))
+                    })?;
+                builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                    invalid(format!(
+                        "--etcd-cert {} with --etcd-key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    ))
+                })?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Some(Arc::new(config)))
+    }
+
     fn uses_tls(&self) -> bool {
         self.ca_cert.is_some() || self.client_cert.is_some() || self.client_key.is_some()
     }
@@ -268,6 +335,38 @@ impl EtcdStore {
         Ok(EtcdStore { client })
     }
 
+    /// Makes one TLS handshake with every https endpoint, as the client would, and returns
+    /// [`StoreError::AccessDenied`] with etcd's or our verifier's reason when it fails over
+    /// certificates. Unreachable endpoints and plaintext options pass: other requests report
+    /// those.
+    pub async fn check_tls(endpoints: &[String], options: &EtcdOptions) -> Result<(), StoreError> {
+        let Some(config) = options.rustls_config()? else {
+            return Ok(());
+        };
+        for endpoint in endpoints.iter().filter(|e| e.starts_with("https://")) {
+            let uri: tonic::codegen::http::Uri = endpoint
+                .parse()
+                .map_err(|e| invalid(format!("etcd endpoint {endpoint}: {e}")))?;
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(2379);
+            let config = config.clone();
+            let refusal = tokio::task::spawn_blocking(move || tls_refusal(&host, port, config))
+                .await
+                .map_err(|e| StoreError::Other(format!("TLS check of {endpoint}: {e}")))?;
+            if let Some(why) = refusal {
+                return Err(StoreError::AccessDenied(format!(
+                    "TLS handshake with etcd {endpoint} failed: {why}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn connect_client(
         endpoints: &[String],
         options: ConnectOptions,
@@ -288,6 +387,47 @@ impl EtcdStore {
     pub fn client(&self) -> &Client {
         &self.client
     }
+}
+
+/// Why a TLS connection to `host:port` fails, if it fails over TLS: a direct handshake,
+/// then a read of etcd's first answer (see the module notes). Nothing is sent after the
+/// handshake: data etcd has not read when it drops us would turn its close into a reset
+/// that can discard the alert.
+fn tls_refusal(host: &str, port: u16, config: Arc<ClientConfig>) -> Option<String> {
+    let name = match ServerName::try_from(host.to_string()) {
+        Ok(name) => name,
+        Err(e) => return Some(format!("{host:?} is not a valid TLS server name: {e}")),
+    };
+    let addr = (host, port).to_socket_addrs().ok()?.next()?;
+    let mut tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).ok()?;
+    tcp.set_read_timeout(Some(REQUEST_TIMEOUT)).ok()?;
+    tcp.set_write_timeout(Some(REQUEST_TIMEOUT)).ok()?;
+    let mut connection = match ClientConnection::new(config, name) {
+        Ok(c) => c,
+        Err(e) => return Some(e.to_string()),
+    };
+    while connection.is_handshaking() {
+        if let Err(e) = connection.complete_io(&mut tcp) {
+            return tls_error(&e);
+        }
+    }
+    // etcd either sends its HTTP/2 settings or, refusing our certificate, an alert.
+    tcp.set_read_timeout(Some(TLS_ANSWER_TIMEOUT)).ok()?;
+    let mut tls = StreamOwned::new(connection, tcp);
+    let e = tls.read(&mut [0u8; 64]).err()?;
+    tls_error(&e)
+}
+
+/// How long [`tls_refusal`] waits for etcd's first answer after the handshake.
+const TLS_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The TLS failure inside an I/O error: rustls reports alerts and certificate checks as
+/// I/O errors wrapping its own error; anything else (a reset, a timeout) says nothing
+/// about TLS.
+fn tls_error(e: &std::io::Error) -> Option<String> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .map(|tls_error| tls_error.to_string())
 }
 
 /// Runs one etcd request under `limit`, mapping its error.

@@ -64,7 +64,12 @@ mod tests {
 
     #[test]
     fn the_conflist_chains_overlay_cni_and_portmap() {
-        let text = conflist("overlay", Path::new("/run/overlay/subnet.env"), "ovl0", None);
+        let text = conflist(
+            "overlay",
+            Path::new("/run/overlay/subnet.env"),
+            "ovl0",
+            None,
+        );
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(v["name"], "overlay");
