@@ -128,12 +128,31 @@ impl SubnetEnv {
                 _ => {}
             }
         }
-        Ok(SubnetEnv {
+        let env = SubnetEnv {
             network: network.ok_or("OVERLAY_NETWORK is missing")?,
             subnet: subnet.ok_or("OVERLAY_SUBNET is missing")?,
             mtu: mtu.ok_or("OVERLAY_MTU is missing")?,
             ip_masq: ip_masq.unwrap_or(false),
-        })
+        };
+        // What the agent can have written, and what ADD can use: a subnet with room for
+        // the gateway and a container (a /31 or /32 has none, and its "gateway" is not
+        // even inside it), inside the network, and an MTU a link can have.
+        if env.subnet.prefix_len() > 30 {
+            return Err(format!(
+                "OVERLAY_SUBNET={}: a host subnet is at most a /30",
+                env.subnet
+            ));
+        }
+        if !env.network.contains(&env.subnet) {
+            return Err(format!(
+                "OVERLAY_SUBNET={} is outside OVERLAY_NETWORK={}",
+                env.subnet, env.network
+            ));
+        }
+        if !(68..=65535).contains(&env.mtu) {
+            return Err(format!("OVERLAY_MTU={} is outside 68..=65535", env.mtu));
+        }
+        Ok(env)
     }
 
     pub fn read(path: &Path) -> Option<SubnetEnv> {
@@ -200,6 +219,32 @@ mod tests {
         assert!(SubnetEnv::parse("OVERLAY_MTU=big\n")
             .unwrap_err()
             .contains("OVERLAY_MTU"));
+    }
+
+    /// Found by the subnet_env fuzz target: a /32 subnet parsed, rendered its "gateway"
+    /// (the next address) and parsed back as another subnet; at 255.255.255.255/32 the
+    /// gateway computation overflowed.
+    #[test]
+    fn subnet_env_values_must_be_usable() {
+        let env = |subnet: &str, mtu: &str| {
+            SubnetEnv::parse(&format!(
+                "OVERLAY_NETWORK=10.244.0.0/16\nOVERLAY_SUBNET={subnet}\nOVERLAY_MTU={mtu}\n"
+            ))
+        };
+        let e = env("10.244.42.1/32", "1450").unwrap_err();
+        assert!(e.contains("at most a /30"), "{e}");
+        assert!(env("10.244.42.1/31", "1450").is_err());
+        let e = env("10.47.42.1/24", "1450").unwrap_err();
+        assert!(e.contains("outside OVERLAY_NETWORK=10.244.0.0/16"), "{e}");
+        assert!(SubnetEnv::parse(
+            "OVERLAY_NETWORK=0.0.0.0/0\nOVERLAY_SUBNET=255.255.255.255/32\nOVERLAY_MTU=1450\n"
+        )
+        .is_err());
+        let e = env("10.244.42.1/24", "67").unwrap_err();
+        assert!(e.contains("outside 68..=65535"), "{e}");
+        assert!(env("10.244.42.1/24", "65536").is_err());
+        let ok = env("10.244.42.1/30", "68").unwrap();
+        assert_eq!(SubnetEnv::parse(&ok.render()).unwrap(), ok);
     }
 
     #[test]

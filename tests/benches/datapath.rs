@@ -1078,11 +1078,17 @@ fn throughput(s: &Settings, scratch: &Scratch, vxlan_lab: Option<Lab>) -> Vec<Pa
         netns::in_netns(&mut cmd, &p.server_ns).unwrap_or_else(|e| panic!("{e}"));
         servers.push(Child::spawn(format!("iperf3 -s ({})", p.name), &mut cmd).expect("iperf3"));
     }
-    for round in 1..=s.iperf_runs {
-        for p in paths.iter_mut() {
+    // Each round starts one path later, so no path always runs right after the same one.
+    let n = paths.len();
+    for round in 0..s.iperf_runs {
+        for k in 0..n {
+            let p = &mut paths[(round + k) % n];
             progress(&format!(
-                "iperf3 {} s, {}, run {round}/{}",
-                s.iperf_seconds, p.name, s.iperf_runs
+                "iperf3 {} s, {}, run {}/{}",
+                s.iperf_seconds,
+                p.name,
+                round + 1,
+                s.iperf_runs
             ));
             let g = iperf(p, s.iperf_seconds);
             p.gbits.push(g);
@@ -1198,7 +1204,7 @@ fn report_restart(r: &Restart) {
 
 fn report_throughput(paths: &[Path3], s: &Settings) {
     println!(
-        "### iperf3 TCP, one stream, {} s, {} runs per path (round-robin)\n",
+        "### iperf3 TCP, one stream, {} s, {} runs per path (round-robin, rotated)\n",
         s.iperf_seconds, s.iperf_runs
     );
     println!("| path | median Gbit/s | runs (Gbit/s) | vs underlay |");

@@ -157,7 +157,10 @@ fn controller_talks_to_etcd_over_tls_with_a_client_certificate() {
         &[flag("etcd-cacert", &ca)],
     );
     assert!(!ok, "{log}");
-    assert!(log.to_lowercase().contains("certificate"), "unclear error:\n{log}");
+    assert!(
+        log.to_lowercase().contains("certificate"),
+        "unclear error:\n{log}"
+    );
 
     // A client certificate from another CA is refused too, and our CA does not trust a
     // server certificate from another CA either.
@@ -175,7 +178,10 @@ fn controller_talks_to_etcd_over_tls_with_a_client_certificate() {
         ],
     );
     assert!(!ok, "{log}");
-    assert!(log.to_lowercase().contains("certificate"), "unclear error:\n{log}");
+    assert!(
+        log.to_lowercase().contains("certificate"),
+        "unclear error:\n{log}"
+    );
     let (cert, key) = pem(&certs_dir, "controller");
     let (ok, log) = controller_exit(
         &etcd,
@@ -188,7 +194,10 @@ fn controller_talks_to_etcd_over_tls_with_a_client_certificate() {
         ],
     );
     assert!(!ok, "{log}");
-    assert!(log.to_lowercase().contains("certificate"), "unclear error:\n{log}");
+    assert!(
+        log.to_lowercase().contains("certificate"),
+        "unclear error:\n{log}"
+    );
 
     // Unusable flags fail at once, naming the flag and the file.
     let missing = dir.path().join("missing.pem");

@@ -4,21 +4,25 @@
 //!
 //! Design notes:
 //! - Loss is measured by the kernel, not sampled: `ping -i 0.05` runs in both directions
-//!   through the whole fault, and every `icmp_seq` it sent must have come back (but the
-//!   one still in flight when ping is stopped, which no fault can be blamed for).
+//!   through the whole fault, and every `icmp_seq` it sent must have come back (but those
+//!   of the last second before ping is stopped, which no fault can be blamed for).
 //! - "Unchanged" is compared exactly: the agent-owned kernel state as `ip`/`bridge` print
-//!   it, the agent's count of datapath writes, the etcd revision (which any write moves).
-//! - Faults that lose state on purpose (a controller killed between granting an etcd
-//!   lease and attaching it) are counted as they happen, and the test then waits for the
-//!   system to converge rather than asserting a moment's picture.
+//!   it, the agent's count of datapath writes, the modification revision of every lease
+//!   key and of the config in etcd.
+//! - Faults that leave debris on purpose (a controller killed between granting an etcd
+//!   lease and attaching it to a key) are counted as they happen; the test then waits for
+//!   the system to clean up rather than asserting a moment's picture.
 //! - No timing assertions: every wait polls up to a generous deadline. How long things
 //!   took is reported, never asserted.
-//! - Each scenario prints a summary table of its counts; with `OVERLAY_FAULTS_REPORT=FILE`
-//!   the tables are also appended to FILE (`make faults` does that, and
-//!   docs/reliability.md holds the result of a real run).
+//! - Each scenario prints a table of its counts; with `OVERLAY_FAULTS_REPORT=FILE` the
+//!   tables are also appended to FILE (`make faults` does that; docs/reliability.md holds
+//!   a real run).
 //!
-//! The lab scenarios (etcd outage, agent kill, underlay cut) need root for namespaces; the
-//! control-plane ones (controller kills, slow watchers, bad input) need only etcd.
+//! The lab scenarios (etcd outage, agent kills, underlay cut) need root for namespaces and
+//! go through the lab library, which starts everything with the lab's TLS setup; the
+//! control-plane ones (controller kills, slow watchers, bad input) need only etcd and talk
+//! plaintext (`--insecure`) to controllers of their own, some through raw gRPC clients
+//! that do what no well-behaved client would.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
@@ -225,6 +229,9 @@ fn controller_ready(lab: &Lab) -> Option<u16> {
     overlay_lab::http_get_in(&lab.state.underlay_ns, "127.0.0.1", 7401, "/readyz").map(|(c, _)| c)
 }
 
+/// Packets sent in the last second before a [`Pinger`] is stopped.
+const PING_UNJUDGED: u64 = 20;
+
 /// `ping -i 0.05` from a namespace, stopped with SIGINT.
 struct Pinger {
     child: std::process::Child,
@@ -253,8 +260,10 @@ impl Pinger {
         }
     }
 
-    /// Sent, and lost: every sequence number without a reply, but the last (in flight
-    /// when ping was stopped).
+    /// Sent (but the last second's), and lost: every sequence number among them without
+    /// a reply. The last second's packets cannot be judged: on SIGINT ping stops at once,
+    /// and on a busy machine some replies it had not read yet would count as lost. Every
+    /// scenario stops its pingers seconds after its fault has ended.
     fn stop(self) -> PingCount {
         // SAFETY: kill(2) on our child; SIGINT makes ping print its summary.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
@@ -278,8 +287,9 @@ impl Pinger {
                     .and_then(|n| n.parse().ok())
             })
             .collect();
-        let lost = (1..sent).filter(|s| !replied.contains(s)).count() as u64;
-        PingCount { sent, lost }
+        let judged = sent.saturating_sub(PING_UNJUDGED);
+        let lost = (1..=judged).filter(|s| !replied.contains(s)).count() as u64;
+        PingCount { sent: judged, lost }
     }
 }
 
@@ -309,8 +319,15 @@ async fn etcd_client(etcd: &Etcd) -> etcd_client::Client {
         .expect("connect to etcd")
 }
 
-/// What etcd holds under the cluster's prefix: lease keys (subnet -> (node, etcd lease)),
-/// the etcd leases that exist, and the store's revision.
+/// Lease keys, modification revisions and config: see [`EtcdView::written`].
+type Written<'a> = (
+    &'a BTreeMap<String, (String, i64)>,
+    &'a BTreeMap<String, i64>,
+    &'a str,
+);
+
+/// What etcd holds for the cluster (prefix `/overlay`), read with a real etcd client:
+/// lease keys, the config, every etcd lease and which of them a key uses.
 #[derive(Debug, Clone, PartialEq)]
 struct EtcdView {
     /// Lease keys: key -> (node, etcd lease).
@@ -375,13 +392,7 @@ impl EtcdView {
 
     /// What no rejected request may change: the leases and the config, down to their
     /// modification revisions.
-    fn written(
-        &self,
-    ) -> (
-        &BTreeMap<String, (String, i64)>,
-        &BTreeMap<String, i64>,
-        &str,
-    ) {
+    fn written(&self) -> Written<'_> {
         (&self.keys, &self.mod_revisions, &self.config)
     }
 }
@@ -406,8 +417,9 @@ fn metric(c: &Controller, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// Whether a status means "no answer from that controller": try the other one.
-fn is_transport(s: &Status) -> bool {
+/// Whether a status is worth trying again on the other controller: no answer from this
+/// one (it died mid-call), or a lost compare-and-set race (`Aborted`), as agents do.
+fn is_retryable(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable
@@ -419,7 +431,7 @@ fn is_transport(s: &Status) -> bool {
 }
 
 fn doc_ip(i: usize) -> String {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         format!("198.51.100.{}", 1 + (i / 2) % 254)
     } else {
         format!("203.0.113.{}", 1 + (i / 2) % 254)
@@ -884,7 +896,7 @@ async fn join(
                 let lease = r.into_inner().lease.ok_or("no lease in the answer")?;
                 return Ok((node, lease.subnet));
             }
-            Err(s) if is_transport(&s) => {
+            Err(s) if is_retryable(&s) => {
                 last = format!("{:?}: {}", s.code(), s.message());
                 which = 1 - which;
                 counts.failovers.fetch_add(1, Ordering::Relaxed);
@@ -921,7 +933,7 @@ async fn renew_all(
                             .await
                         {
                             Ok(_) => return,
-                            Err(s) if is_transport(&s) => {
+                            Err(s) if is_retryable(&s) => {
                                 tokio::time::sleep(Duration::from_millis(100)).await
                             }
                             Err(s) => {
@@ -997,8 +1009,8 @@ fn controllers_killed_during_join_bursts_leave_no_duplicate_or_orphan() {
     let mut kills = 0;
     // Kill after this many joins of the round have succeeded: from "at once" to "almost
     // done", so the kill lands in every phase of a join.
-    let kill_after = [0, 10, 25, 40, 55, 70, 85, 5, 50, 95];
-    for round in 0..JOIN_ROUNDS {
+    let kill_after: [usize; JOIN_ROUNDS] = [0, 10, 25, 40, 55, 70, 85, 5, 50, 95];
+    for (round, &kill_at) in kill_after.iter().enumerate() {
         let victim = round % 2;
         let round_counts = Arc::new(JoinCounts::default());
         let tasks: Vec<_> = (0..JOINS_PER_ROUND)
@@ -1014,7 +1026,7 @@ fn controllers_killed_during_join_bursts_leave_no_duplicate_or_orphan() {
             })
             .collect();
         wait_until(PATIENCE, || {
-            (round_counts.done.load(Ordering::Relaxed) >= kill_after[round]).then_some(())
+            (round_counts.done.load(Ordering::Relaxed) >= kill_at).then_some(())
         })
         .expect("joins progress");
         controllers[victim].child.signal(libc::SIGKILL);
@@ -1085,6 +1097,12 @@ fn controllers_killed_during_join_bursts_leave_no_duplicate_or_orphan() {
     let _ = rt.block_on(renewer);
     let final_view = rt.block_on(EtcdView::read(&mut etcd_kv));
     let lost = lost.lock().unwrap().clone();
+    let lease_key_leases: BTreeSet<i64> = final_view
+        .keys
+        .values()
+        .map(|(_, l)| *l)
+        .filter(|l| final_view.leases.contains(l))
+        .collect();
 
     summary.row(
         "faults injected",
@@ -1131,8 +1149,13 @@ fn controllers_killed_during_join_bursts_leave_no_duplicate_or_orphan() {
     );
     summary.row("leases lost by renewals", lost.len());
     summary.row(
-        "keys / etcd leases at the end",
-        format!("{} / {}", final_view.keys.len(), final_view.leases.len()),
+        "lease keys / their etcd leases / other etcd leases (leader election) at the end",
+        format!(
+            "{} / {} / {}",
+            final_view.keys.len(),
+            lease_key_leases.len(),
+            final_view.leases.len() - lease_key_leases.len()
+        ),
     );
     summary.finish();
 
@@ -1151,7 +1174,12 @@ fn controllers_killed_during_join_bursts_leave_no_duplicate_or_orphan() {
     );
     assert!(lost.is_empty(), "renewals lost leases: {lost:?}");
     assert_eq!(final_view.keys.len(), JOIN_ROUNDS * JOINS_PER_ROUND);
-    assert_eq!(final_view.leases.len(), JOIN_ROUNDS * JOINS_PER_ROUND);
+    assert_eq!(
+        lease_key_leases.len(),
+        JOIN_ROUNDS * JOINS_PER_ROUND,
+        "one etcd lease per key"
+    );
+    assert!(final_view.orphaned_leases().is_empty());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1444,7 +1472,29 @@ fn watch_clients_that_fall_behind_or_resume_after_compaction_end_exact() {
             other => panic!("unexpected watch line type {other:?}: {line}"),
         }
     }
-    let ctl_exit = ctl_watch.exited();
+    let ctl_exact = ctl_view == truth;
+    // Still watching after the stall? One more change must reach it.
+    let probe = churn_subnet(20_000).to_string();
+    rt.block_on(admin.clone().reserve_subnet(v1::ReserveSubnetRequest {
+        subnet: probe.clone(),
+        node: "probe".into(),
+        public_ip: doc_ip(0),
+    }))
+    .expect("reserve the probe");
+    let deadline = Instant::now() + PATIENCE;
+    let mut ctl_follows = false;
+    while !ctl_follows && Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => ctl_follows = line.contains(&probe),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    rt.block_on(admin.clone().revoke_lease(v1::RevokeLeaseRequest {
+        subnet: probe.clone(),
+    }))
+    .expect("revoke the probe");
+    let ctl_exit = ctl_watch.wait_timeout(Duration::from_millis(500));
     let ctl_error = std::fs::read_to_string(&ctl_stderr).unwrap_or_default();
     let fast_exact = wait_until(PATIENCE, || {
         (fast.lock().unwrap().set() == truth).then_some(())
@@ -1475,10 +1525,9 @@ fn watch_clients_that_fall_behind_or_resume_after_compaction_end_exact() {
         format!("{} / {}, {}", slow.snapshots, slow.events, slow_exact),
     );
     summary.row(
-        "slow `overlayctl watch -o json` (stdout unread): lines read, exact at the end",
+        "slow `overlayctl watch -o json` (stdout unread): lines read, exact at the end, still watching",
         format!(
-            "{ctl_lines}, {}{}",
-            ctl_view == truth,
+            "{ctl_lines}, {ctl_exact}, {ctl_follows}{}",
             match ctl_exit {
                 Some(status) => format!(" (exited: {status}: {})", ctl_error.trim()),
                 None => String::new(),
@@ -1500,7 +1549,7 @@ fn watch_clients_that_fall_behind_or_resume_after_compaction_end_exact() {
             format!("{snaps} / {events}, {exact}"),
         );
     }
-    let wrong = [slow_exact, ctl_view == truth, fast_exact]
+    let wrong = [slow_exact, ctl_exact, fast_exact]
         .into_iter()
         .chain(resumed.iter().map(|r| r.2))
         .filter(|ok| !ok)
@@ -1529,6 +1578,16 @@ fn watch_clients_that_fall_behind_or_resume_after_compaction_end_exact() {
         }
     );
     assert_eq!(ctl_view, truth, "overlayctl watch ended with another set");
+    assert!(
+        ctl_follows,
+        "overlayctl watch stopped following after its output stalled for {:.0} s: {}",
+        unread.as_secs_f64(),
+        if ctl_error.is_empty() {
+            "no error"
+        } else {
+            ctl_error.trim()
+        }
+    );
     assert!(fast_exact, "the fast client ended with another set");
     for (name, _, exact, snaps, _, len) in &resumed {
         assert!(

@@ -195,6 +195,9 @@ impl EtcdOptions {
         if self.user.as_deref() == Some("") {
             return Err(invalid("--etcd-user is empty"));
         }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(invalid("--etcd-cert and --etcd-key go together: pass both"));
+        }
         let https = endpoints.iter().filter(|e| e.starts_with("https://"));
         let http = endpoints.iter().filter(|e| e.starts_with("http://"));
         if !self.uses_tls() {
@@ -218,16 +221,10 @@ impl EtcdOptions {
         self.rustls_config()?;
         let mut tls =
             TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem("--etcd-cacert", ca)?));
-        match (&self.client_cert, &self.client_key) {
-            (Some(cert), Some(key)) => {
-                let identity = Identity::from_pem(
-                    read_pem("--etcd-cert", cert)?,
-                    read_pem("--etcd-key", key)?,
-                );
-                tls = tls.identity(identity);
-            }
-            (None, None) => {}
-            _ => return Err(invalid("--etcd-cert and --etcd-key go together: pass both")),
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            let identity =
+                Identity::from_pem(read_pem("--etcd-cert", cert)?, read_pem("--etcd-key", key)?);
+            tls = tls.identity(identity);
         }
         // Building an endpoint parses the certificates and the key (nothing is sent), so a
         // file that is PEM but not a usable certificate or key fails here, by name.

@@ -55,6 +55,13 @@ use super::{
 /// Unassigned in iproute2's rt_protos; Calico uses 80, BIRD 12, Flannel none.
 pub const ROUTE_PROTOCOL: u8 = 79;
 
+/// Whether a neighbour state includes NUD_PERMANENT: ours are plain PERMANENT, while
+/// `bridge fdb add ... permanent` makes PERMANENT|NOARP. The VTEP is ours, so every
+/// permanent entry on it is ours to keep or remove.
+fn is_permanent(state: NeighbourState) -> bool {
+    u16::from(state) & 0x80 != 0
+}
+
 /// A failed datapath operation. Every variant names the operation and its entry or device.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NetlinkError {
@@ -509,7 +516,7 @@ impl Netlink {
             .await
             .map_err(|e| NetlinkError::from_rtnl("list neighbours", e))?;
         for msg in &neighbours {
-            if msg.header.ifindex != vtep_index || msg.header.state != NeighbourState::Permanent {
+            if msg.header.ifindex != vtep_index || !is_permanent(msg.header.state) {
                 continue;
             }
             let ip = msg.attributes.iter().find_map(|a| match a {
@@ -538,7 +545,7 @@ impl Netlink {
             let h = &msg.header;
             if h.ifindex != vtep_index
                 || !h.flags.contains(NeighbourFlags::Own)
-                || h.state != NeighbourState::Permanent
+                || !is_permanent(h.state)
             {
                 continue;
             }
