@@ -198,6 +198,11 @@ impl Controller {
     }
 }
 
+/// Whether a status means the connection broke, rather than the controller's answer.
+pub fn is_transport_failure(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+}
+
 /// See [`Controller::status_error`].
 pub fn status_error(url: &str, status: &Status) -> anyhow::Error {
     let message = if status.message().is_empty() {

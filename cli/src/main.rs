@@ -104,7 +104,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // Two workers: while one blocks writing to a stalled stdout (`watch | slow reader`),
+    // the other keeps the HTTP/2 connection answering keepalives.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {

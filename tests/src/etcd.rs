@@ -95,8 +95,21 @@ impl Etcd {
             tls,
         };
         etcd.endpoint = format!("{}://127.0.0.1:{}", etcd.scheme(), etcd.client_port);
-        etcd.launch();
-        etcd
+        // A port found free can be taken by someone else before etcd binds it (tests run
+        // in parallel): then try again on fresh ports.
+        for _ in 0..5 {
+            match etcd.try_launch() {
+                Ok(()) => return etcd,
+                Err(log) if log.contains("address already in use") => {
+                    etcd.child = None;
+                    etcd.client_port = free_port();
+                    etcd.peer_port = free_port();
+                    etcd.endpoint = format!("{}://127.0.0.1:{}", etcd.scheme(), etcd.client_port);
+                }
+                Err(log) => panic!("etcd on port {} did not become healthy; log: {log}", etcd.client_port),
+            }
+        }
+        panic!("etcd found no free port in 5 tries");
     }
 
     fn scheme(&self) -> &'static str {
@@ -113,6 +126,13 @@ impl Etcd {
     }
 
     fn launch(&mut self) {
+        if let Err(log) = self.try_launch() {
+            panic!("etcd on port {} did not become healthy; log: {log}", self.client_port);
+        }
+    }
+
+    /// Starts etcd and waits for it; the log when it does not come up.
+    fn try_launch(&mut self) -> Result<(), String> {
         let bin = etcd_binary().expect("etcd binary");
         let client = format!("{}://127.0.0.1:{}", self.scheme(), self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
@@ -142,7 +162,7 @@ impl Etcd {
                 .arg(format!("--trusted-ca-file={}", tls.ca.display()))
                 .arg("--client-cert-auth");
         }
-        self.child = Some(Child::spawn("etcd", &mut cmd).expect("start etcd"));
+        let mut child = Child::spawn("etcd", &mut cmd).expect("start etcd");
         let port = self.client_port;
         let up = || match self.tls {
             None => healthy(port),
@@ -151,12 +171,17 @@ impl Etcd {
                 .status
                 .success(),
         };
-        wait_until(Duration::from_secs(20), || up().then_some(())).unwrap_or_else(|| {
-            panic!(
-                "etcd on port {port} did not become healthy; log: {}",
-                self.log()
-            )
+        let ready = wait_until(Duration::from_secs(20), || {
+            if up() {
+                return Some(true);
+            }
+            child.exited().is_some().then_some(false)
         });
+        self.child = Some(child);
+        match ready {
+            Some(true) => Ok(()),
+            _ => Err(self.log()),
+        }
     }
 
     pub fn log(&self) -> String {

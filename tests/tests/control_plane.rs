@@ -59,25 +59,50 @@ fn public_ip(i: usize) -> String {
     format!("198.51.100.{}", i + 1)
 }
 
-/// Lease keys in etcd, and the etcd leases that exist besides the controllers' leader
-/// election lease (`/overlay/leader`).
+/// Lease keys in etcd, and the etcd leases attached to them; panics naming any etcd lease
+/// attached to no key at all (an orphan).
 fn etcd_counts(etcd: &Etcd) -> (usize, usize) {
-    let keys = etcdctl(
-        etcd,
-        &["get", "--prefix", "--keys-only", "/overlay/leases/"],
-    );
-    let leases = etcdctl(etcd, &["lease", "list"]);
-    let leader: Value = serde_json::from_str(&etcdctl(etcd, &["get", "/overlay/leader", "-w", "json"])).unwrap();
-    let leader_lease = leader["kvs"][0]["lease"].as_i64().map(|id| format!("{id:x}"));
-    (
-        keys.lines().filter(|l| !l.trim().is_empty()).count(),
-        leases
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("found"))
-            .filter(|l| Some(l.to_string()) != leader_lease)
-            .count(),
-    )
+    let keys = etcdctl(etcd, &["get", "--prefix", "--keys-only", "/overlay/leases/"]);
+    let keys = keys.lines().filter(|l| !l.trim().is_empty()).count();
+    let ids: Vec<String> = etcdctl(etcd, &["lease", "list"])
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("found"))
+        .map(str::to_string)
+        .collect();
+    let mut attached = 0;
+    for id in ids {
+        let ttl: Value = serde_json::from_str(&etcdctl(etcd, &["lease", "timetolive", &id, "--keys", "-w", "json"])).unwrap();
+        if ttl["ttl"].as_i64().unwrap_or(-1) <= 0 {
+            continue; // expired between the listing and now
+        }
+        let names: Vec<String> = ttl["keys"]
+            .as_array()
+            .map(|k| k.iter().filter_map(|k| k.as_str()).map(base64_text).collect())
+            .unwrap_or_default();
+        assert!(!names.is_empty(), "etcd lease {id} is attached to no key (an orphan)");
+        if names.iter().any(|n| n.starts_with("/overlay/leases/")) {
+            attached += 1;
+        }
+    }
+    (keys, attached)
+}
+
+/// Decodes etcdctl's base64 JSON strings.
+fn base64_text(s: &str) -> String {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    } as u32;
+    let mut out = Vec::new();
+    for chunk in s.trim_end_matches('=').as_bytes().chunks(4) {
+        let acc = chunk.iter().enumerate().fold(0u32, |a, (i, &c)| a | val(c) << (18 - 6 * i));
+        out.extend_from_slice(&acc.to_be_bytes()[1..chunk.len()]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[test]
@@ -500,6 +525,8 @@ fn a_watcher_resuming_after_a_compaction_gets_a_correct_snapshot() {
         .map(|i| Agent::start(&url, &format!("c{i}"), &public_ip(i), s.dir.path(), &[]))
         .collect();
     let subnets: Vec<String> = agents.iter().map(|a| a.wait_subnet(PATIENCE)).collect();
+    // This one stays connected through everything below, controller restart included.
+    let live = Watcher::start(&url, &[]);
     let w = Watcher::start(&url, &[]);
     let first = w.drain();
     let revision = first
@@ -556,6 +583,10 @@ fn a_watcher_resuming_after_a_compaction_gets_a_correct_snapshot() {
     let out = overlayctl(&url, &["lease", "revoke", "10.244.250.0/24"]);
     assert!(out.status.success());
     w.expect("removed", "10.244.250.0/24");
+    // The long-lived watcher reconnected by itself and followed every change.
+    live.expect("removed", &subnets[0]);
+    live.expect("added", "10.244.250.0/24");
+    live.expect("removed", "10.244.250.0/24");
 }
 
 #[test]

@@ -35,33 +35,54 @@ pub struct WatchArgs {
     pub after_revision: i64,
 }
 
+/// How long `watch` keeps trying to reconnect before it gives up.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub async fn run(args: WatchArgs, controllers: &Controllers, format: Format) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let ctl = client::connect(controllers).await?;
-    let mut stream = ctl
-        .call(ctl.agent().watch_leases(v1::WatchLeasesRequest {
-            after_revision: args.after_revision,
-        }))
-        .await?;
     let mut printer = WatchPrinter::new(format);
+    let mut after = args.after_revision;
+    let mut stream = open(controllers, after).await?;
     loop {
-        tokio::select! {
-            _ = interrupt.recv() => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
-            message = stream.message() => match message {
-                Ok(Some(message)) => {
-                    for line in printer.lines_for(message)? {
-                        output::print(&line)?;
+        let broke = loop {
+            tokio::select! {
+                _ = interrupt.recv() => return Ok(()),
+                _ = terminate.recv() => return Ok(()),
+                message = stream.message() => match message {
+                    Ok(Some(message)) => {
+                        for line in printer.lines_for(message)? {
+                            output::print(&line)?;
+                        }
                     }
+                    // The controller ended the stream (it is shutting down).
+                    Ok(None) => break anyhow!("the controller closed the watch"),
+                    Err(status) if client::is_transport_failure(&status) => break anyhow!("{}", status.message()),
+                    Err(status) => return Err(anyhow!("{}", status.message()).context("the watch stream failed")),
+                },
+            }
+        };
+        // Resume after the last revision printed, from any controller of the list: the
+        // controller replays what was missed, or sends a snapshot the printer diffs.
+        after = printer.revision().max(after);
+        eprintln!("overlayctl: watch: {broke:#}; reconnecting");
+        let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
+        stream = loop {
+            match open(controllers, after).await {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(e.context("the watch stream failed and no controller came back"))
                 }
-                Ok(None) => return Ok(()),
-                Err(status) => {
-                    return Err(ctl.status_error(&status).context("the watch stream failed"))
-                }
-            },
-        }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+            }
+        };
     }
+}
+
+/// Connects and opens a watch after `after`.
+async fn open(controllers: &Controllers, after: i64) -> anyhow::Result<tonic::Streaming<v1::WatchLeasesResponse>> {
+    let ctl = client::connect(controllers).await?;
+    ctl.call(ctl.agent().watch_leases(v1::WatchLeasesRequest { after_revision: after })).await
 }
 
 /// Turns stream messages into output lines, remembering what was printed.
@@ -78,6 +99,11 @@ impl WatchPrinter {
             printed: LeaseCache::new(0),
             had_snapshot: false,
         }
+    }
+
+    /// The revision of the last message printed (0 before any).
+    pub fn revision(&self) -> i64 {
+        self.printed.revision()
     }
 
     /// The lines (each ending in a newline) that `message` adds to the output.
