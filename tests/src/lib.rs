@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod labs;
 pub mod proc;
 
 pub use etcd::Etcd;

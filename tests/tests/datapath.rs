@@ -4,82 +4,23 @@
 
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use overlay_lab::{netns, Lab, LabSpec};
-use overlay_tests::{bin_path, is_root, skip, wait_until};
+use overlay_tests::labs::{self, dump, lab_or_skip, ping, subnet_of, workload_ip};
+use overlay_tests::{bin_path, wait_until};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn lab(
-    test: &str,
-    backend: &str,
-    tweak: impl FnOnce(&mut LabSpec),
-) -> Option<(Lab, tempfile::TempDir)> {
-    if !is_root() {
-        skip(test, "needs root for network namespaces");
-        return None;
-    }
-    if overlay_tests::etcd::etcd_binary().is_none() {
-        skip(test, "etcd is not installed (apt-get install etcd-server)");
-        return None;
-    }
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let prefix = format!(
-        "ovlt-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_path_buf();
-    let mut spec = LabSpec::new(test, &prefix, &dir.path().join("lab"), &bin_dir);
-    spec.backend = backend.into();
-    spec.agent_args = vec!["--resync-interval=2s".into()];
-    tweak(&mut spec);
-    let lab = Lab::up(&spec, &mut |_| {}).unwrap_or_else(|e| panic!("lab up: {e}"));
-    Some((lab, dir))
-}
-
-fn ping(lab: &Lab, from: &str, to: &str) -> bool {
-    lab.exec(from, "ping", &["-c", "1", "-W", "2", to])
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+fn lab(test: &str, backend: &str, tweak: impl FnOnce(&mut LabSpec)) -> Option<(Lab, tempfile::TempDir)> {
+    lab_or_skip(test, |spec| {
+        spec.backend = backend.into();
+        tweak(spec);
+    })
 }
 
 fn ping_eventually(lab: &Lab, from: &str, to: &str) -> bool {
-    wait_until(PATIENCE, || ping(lab, from, to).then_some(())).is_some()
-}
-
-fn workload_ip(lab: &Lab, target: &str) -> String {
-    let (h, w) = target.split_once('/').unwrap();
-    lab.state
-        .workloads
-        .iter()
-        .find(|x| x.host == h && x.name == w)
-        .unwrap()
-        .ip
-        .clone()
-}
-
-fn subnet_of(lab: &Lab, host: &str) -> String {
-    lab.state
-        .host_subnet(lab.state.host(host).unwrap())
-        .expect("host has a subnet")
-}
-
-/// The agent-owned kernel state of a host, as `ip`/`bridge` print it.
-fn dump(lab: &Lab, host: &str) -> String {
-    let run = |args: &[&str]| {
-        let out = lab.exec(host, args[0], &args[1..]).unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let mut s = run(&["ip", "route", "show", "proto", "79"]);
-    s += &run(&["ip", "neigh", "show", "nud", "permanent"]);
-    s += &run(&["bridge", "fdb", "show", "dev", "ovl.1"]);
-    s += &run(&["ip", "-d", "link", "show", "ovl.1"]);
-    s += &run(&["ip", "-4", "addr", "show", "ovl0"]);
-    s
+    labs::ping_eventually(lab, from, to, PATIENCE)
 }
 
 fn routes(lab: &Lab, host: &str) -> String {

@@ -37,7 +37,8 @@ use overlay_core::watch::LeaseCache;
 use overlay_lab::{netns, Lab, LabSpec, Service};
 use overlay_proto::v1::{self, admin_client::AdminClient, agent_client::AgentClient};
 use overlay_tests::cluster::{overlayctl, Controller};
-use overlay_tests::{bin_path, is_root, skip, wait_until, Etcd};
+use overlay_tests::labs::{self, dump, lab_or_skip, ping, run_in, subnet_of, workload_ip};
+use overlay_tests::{bin_path, is_root, wait_until, Etcd};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -97,69 +98,11 @@ impl Summary {
 // Lab helpers (root)
 
 fn lab(test: &str, tweak: impl FnOnce(&mut LabSpec)) -> Option<(Lab, tempfile::TempDir)> {
-    if !is_root() {
-        skip(test, "needs root for network namespaces");
-        return None;
-    }
-    if overlay_tests::etcd::etcd_binary().is_none() {
-        skip(test, "etcd is not installed (apt-get install etcd-server)");
-        return None;
-    }
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let prefix = format!(
-        "ovlt-{}-f{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_path_buf();
-    let mut spec = LabSpec::new(test, &prefix, &dir.path().join("lab"), &bin_dir);
-    spec.agent_args = vec!["--resync-interval=2s".into()];
-    tweak(&mut spec);
-    let lab = Lab::up(&spec, &mut |_| {}).unwrap_or_else(|e| panic!("lab up: {e}"));
-    Some((lab, dir))
-}
-
-fn ping(lab: &Lab, from: &str, to: &str) -> bool {
-    lab.exec(from, "ping", &["-n", "-c", "1", "-W", "2", to])
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    lab_or_skip(test, tweak)
 }
 
 fn ping_eventually(lab: &Lab, from: &str, to: &str) -> bool {
-    wait_until(PATIENCE, || ping(lab, from, to).then_some(())).is_some()
-}
-
-fn workload_ip(lab: &Lab, target: &str) -> String {
-    let (h, w) = target.split_once('/').unwrap();
-    lab.state
-        .workloads
-        .iter()
-        .find(|x| x.host == h && x.name == w)
-        .unwrap_or_else(|| panic!("no workload {target}"))
-        .ip
-        .clone()
-}
-
-fn subnet_of(lab: &Lab, host: &str) -> String {
-    lab.state
-        .host_subnet(lab.state.host(host).unwrap())
-        .expect("host has a subnet")
-}
-
-fn run_in(lab: &Lab, target: &str, args: &[&str]) -> String {
-    let out = lab.exec(target, args[0], &args[1..]).unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The agent-owned kernel state of a host, as `ip`/`bridge` print it.
-fn dump(lab: &Lab, host: &str) -> String {
-    let mut s = run_in(lab, host, &["ip", "route", "show", "proto", "79"]);
-    s += &run_in(lab, host, &["ip", "neigh", "show", "nud", "permanent"]);
-    s += &run_in(lab, host, &["bridge", "fdb", "show", "dev", "ovl.1"]);
-    s += &run_in(lab, host, &["ip", "-d", "link", "show", "ovl.1"]);
-    s += &run_in(lab, host, &["ip", "-4", "addr", "show", "ovl0"]);
-    s
+    labs::ping_eventually(lab, from, to, PATIENCE)
 }
 
 /// Lines of the agent-owned state that mention `needle` (a subnet or an underlay IP).
