@@ -46,7 +46,13 @@ pub fn configure_tls(flags: TlsFlags) {
 
 fn transport() -> anyhow::Result<Transport> {
     let f = TLS_FLAGS.get().cloned().unwrap_or_default();
-    Transport::from_flags(f.cert.as_deref(), f.key.as_deref(), f.ca.as_deref(), f.insecure).map_err(|e| anyhow!("{e}"))
+    Transport::from_flags(
+        f.cert.as_deref(),
+        f.key.as_deref(),
+        f.ca.as_deref(),
+        f.insecure,
+    )
+    .map_err(|e| anyhow!("{e}"))
 }
 
 /// The `--controller` list, validated.
@@ -74,7 +80,9 @@ pub fn parse_controllers(text: &str) -> Result<Controllers, String> {
             format!("http://{part}")
         };
         if !url.starts_with("http://") && !url.starts_with("https://") {
-            return Err(format!("{part:?} is not supported: use an http:// or https:// URL"));
+            return Err(format!(
+                "{part:?} is not supported: use an http:// or https:// URL"
+            ));
         }
         let endpoint = Endpoint::from_shared(url.clone())
             .map_err(|_| format!("{part:?} is not a URL such as {DEFAULT_CONTROLLER}"))?;
@@ -200,7 +208,10 @@ impl Controller {
 
 /// Whether a status means the connection broke, rather than the controller's answer.
 pub fn is_transport_failure(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
 }
 
 /// See [`Controller::status_error`].
@@ -238,8 +249,13 @@ mod tests {
         let c = parse_controllers("http://10.0.0.1:7400, ctl-2:7400,").unwrap();
         assert_eq!(c.urls(), ["http://10.0.0.1:7400", "http://ctl-2:7400"]);
         assert!(parse_controllers("").unwrap_err().contains("no URL"));
-        assert_eq!(parse_controllers("https://c:7400").unwrap().urls(), ["https://c:7400"]);
-        assert!(parse_controllers("ftp://c:7400").unwrap_err().contains("http:// or https://"));
+        assert_eq!(
+            parse_controllers("https://c:7400").unwrap().urls(),
+            ["https://c:7400"]
+        );
+        assert!(parse_controllers("ftp://c:7400")
+            .unwrap_err()
+            .contains("http:// or https://"));
         assert!(parse_controllers("http://").is_err());
         assert!(parse_controllers("http://a b:1").is_err());
     }
@@ -287,7 +303,10 @@ mod tests {
 
     #[tokio::test]
     async fn connect_reports_the_refused_url() {
-        configure_tls(TlsFlags { insecure: true, ..Default::default() });
+        configure_tls(TlsFlags {
+            insecure: true,
+            ..Default::default()
+        });
         let port = overlay_tests::free_port();
         let urls = parse_controllers(&format!("127.0.0.1:{port}")).unwrap();
         let err = connect(&urls).await.err().expect("nothing listens there");

@@ -156,5 +156,8 @@ fn plaintext_needs_insecure() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("--insecure") && err.contains("--tls-cert"), "{err}");
+    assert!(
+        err.contains("--insecure") && err.contains("--tls-cert"),
+        "{err}"
+    );
 }

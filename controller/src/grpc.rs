@@ -12,8 +12,8 @@ use futures::{Stream, StreamExt};
 use ipnet::Ipv4Net;
 use overlay_core::lease::{unix_millis, BackendData};
 use overlay_core::MacAddr;
-use overlay_proto::v1::{self, admin_server::Admin, agent_server::Agent};
 use overlay_proto::tls::peer_identity;
+use overlay_proto::v1::{self, admin_server::Admin, agent_server::Agent};
 use overlay_proto::{backend_from_proto, config_to_proto, lease_to_proto};
 use tonic::{Request, Response, Status};
 
@@ -47,27 +47,29 @@ impl Api {
     fn identity<T>(&self, req: &Request<T>) -> Result<Option<String>, ControlError> {
         match &self.auth {
             Auth::Open => Ok(None),
-            Auth::Mtls { .. } => peer_identity(req)
-                .map(Some)
-                .ok_or_else(|| ControlError::Forbidden("the client certificate carries no identity".into())),
+            Auth::Mtls { .. } => peer_identity(req).map(Some).ok_or_else(|| {
+                ControlError::Forbidden("the client certificate carries no identity".into())
+            }),
         }
     }
 
     /// The caller may act for `node`: it is that node, or an admin.
     fn authorize_node<T>(&self, req: &Request<T>, node: &str) -> Result<(), ControlError> {
         match (&self.auth, self.identity(req)?) {
-            (Auth::Mtls { admins }, Some(id)) if id != node && !admins.contains(&id) => Err(ControlError::Forbidden(
-                format!("the certificate of {id:?} may not act for node {node:?}"),
-            )),
+            (Auth::Mtls { admins }, Some(id)) if id != node && !admins.contains(&id) => {
+                Err(ControlError::Forbidden(format!(
+                    "the certificate of {id:?} may not act for node {node:?}"
+                )))
+            }
             _ => Ok(()),
         }
     }
 
     fn authorize_admin<T>(&self, req: &Request<T>, op: &str) -> Result<(), ControlError> {
         match (&self.auth, self.identity(req)?) {
-            (Auth::Mtls { admins }, Some(id)) if !admins.contains(&id) => {
-                Err(ControlError::Forbidden(format!("{op} needs an admin identity; {id:?} is not one")))
-            }
+            (Auth::Mtls { admins }, Some(id)) if !admins.contains(&id) => Err(
+                ControlError::Forbidden(format!("{op} needs an admin identity; {id:?} is not one")),
+            ),
             _ => Ok(()),
         }
     }
@@ -265,9 +267,9 @@ impl Admin for Api {
         }
         .await
         .map(|(config, revoked)| v1::SetConfigResponse {
-                config: Some(config_to_proto(&config)),
-                revoked: revoked.iter().map(|l| l.subnet.to_string()).collect(),
-            });
+            config: Some(config_to_proto(&config)),
+            revoked: revoked.iter().map(|l| l.subnet.to_string()).collect(),
+        });
         self.finish("set_config", result)
     }
 

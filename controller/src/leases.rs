@@ -949,7 +949,10 @@ mod tests {
         // A VNI or backend change with hosts up needs force too.
         let vni = r#"{"network":"10.245.0.0/16","backend":{"type":"alloc","vni":7}}"#;
         let e = m.set_config(vni, false).await.unwrap_err();
-        assert!(e.to_string().contains("VNI 1 -> 7") && e.to_string().contains("--force"), "{e}");
+        assert!(
+            e.to_string().contains("VNI 1 -> 7") && e.to_string().contains("--force"),
+            "{e}"
+        );
         // A change that keeps every lease valid needs no force.
         m.set_config(
             r#"{"network":"10.245.0.0/16","backend":{"type":"alloc"},"lease_ttl":"2h"}"#,

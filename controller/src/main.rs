@@ -9,12 +9,12 @@ use anyhow::Context;
 use clap::Parser;
 use overlay_controller::fanout::Fanout;
 use overlay_controller::grpc::{Api, Auth, MAX_REQUEST_BYTES};
-use overlay_proto::tls::Transport;
 use overlay_controller::health::{self, HealthState, Readiness};
+use overlay_controller::janitor::{self, JanitorConfig};
 use overlay_controller::leases::{Keys, LeaseManager};
 use overlay_controller::metrics::{MeteredStore, Metrics};
-use overlay_controller::janitor::{self, JanitorConfig};
 use overlay_controller::store::{EtcdOptions, EtcdStore, Store, StoreError};
+use overlay_proto::tls::Transport;
 use overlay_proto::v1::{admin_server::AdminServer, agent_server::AgentServer};
 use tracing::{error, info, warn};
 
@@ -69,7 +69,12 @@ struct Args {
     #[arg(long, env = "OVERLAY_ORPHAN_GRACE", default_value = "60s", value_parser = parse_duration, hide = true)]
     orphan_grace: Duration,
     /// etcd revisions kept by the janitor's compaction; 0 disables compaction.
-    #[arg(long, env = "OVERLAY_KEEP_REVISIONS", default_value_t = 10_000, hide = true)]
+    #[arg(
+        long,
+        env = "OVERLAY_KEEP_REVISIONS",
+        default_value_t = 10_000,
+        hide = true
+    )]
     keep_revisions: i64,
     /// gRPC listen address.
     #[arg(long, env = "OVERLAY_LISTEN", default_value = "0.0.0.0:7400")]
@@ -91,7 +96,12 @@ struct Args {
     insecure: bool,
     /// Certificate identities (CN) allowed to change config, reserve and revoke, and to act
     /// for any node; comma separated.
-    #[arg(long, env = "OVERLAY_ADMIN_IDENTITIES", default_value = "admin", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "OVERLAY_ADMIN_IDENTITIES",
+        default_value = "admin",
+        value_delimiter = ','
+    )]
     admin_identities: Vec<String>,
     /// Log format: text or json.
     #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -113,7 +123,12 @@ fn init_logging(format: &str) {
 
 /// TLS with all three files, or plaintext only when asked for with --insecure.
 fn transport(args: &Args) -> anyhow::Result<Transport> {
-    Ok(Transport::from_flags(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref(), args.insecure)?)
+    Ok(Transport::from_flags(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_ca.as_deref(),
+        args.insecure,
+    )?)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -298,7 +313,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(notify_systemd(health_state));
 
     let auth = match &transport {
-        Transport::Tls(_) => Auth::Mtls { admins: args.admin_identities.iter().cloned().collect() },
+        Transport::Tls(_) => Auth::Mtls {
+            admins: args.admin_identities.iter().cloned().collect(),
+        },
         Transport::Insecure => Auth::Open,
     };
     let stopping = fanout.clone();
@@ -315,7 +332,9 @@ async fn main() -> anyhow::Result<()> {
     info!(listen = %args.listen, "serving gRPC");
     let mut server = tonic::transport::Server::builder();
     if let Transport::Tls(files) = &transport {
-        server = server.tls_config(files.server_config()?).context("TLS setup")?;
+        server = server
+            .tls_config(files.server_config()?)
+            .context("TLS setup")?;
         info!(cert = %files.cert.display(), ca = %files.ca.display(), "mutual TLS on: clients need a certificate from the CA");
     }
     server

@@ -236,9 +236,9 @@ pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
     if d.subsec_nanos() != 0 {
         format!("{}ms", d.as_millis())
-    } else if s != 0 && s % 3600 == 0 {
+    } else if s != 0 && s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
-    } else if s != 0 && s % 60 == 0 {
+    } else if s != 0 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")

@@ -364,8 +364,14 @@ impl LabState {
     pub fn tls_args(&self, identity: &str) -> Vec<String> {
         match &self.pki {
             Some(pki) => vec![
-                format!("--tls-cert={}", pki.join(format!("{identity}.pem")).display()),
-                format!("--tls-key={}", pki.join(format!("{identity}-key.pem")).display()),
+                format!(
+                    "--tls-cert={}",
+                    pki.join(format!("{identity}.pem")).display()
+                ),
+                format!(
+                    "--tls-key={}",
+                    pki.join(format!("{identity}-key.pem")).display()
+                ),
                 format!("--tls-ca={}", pki.join("ca.pem").display()),
             ],
             None => vec!["--insecure".into()],
@@ -505,9 +511,16 @@ impl Lab {
         netns::ip_in(&ul, &["link", "set", "br0", "up"])?;
 
         if let Some(pki) = self.state.pki.clone() {
-            progress(&format!("certificates: a CA and one certificate per component in {}", pki.display()));
+            progress(&format!(
+                "certificates: a CA and one certificate per component in {}",
+                pki.display()
+            ));
             let bin = spec.bin_dir.join("overlayctl");
-            netns::run(Command::new(&bin).args(["certs", "init", "--dir"]).arg(&pki))?;
+            netns::run(
+                Command::new(&bin)
+                    .args(["certs", "init", "--dir"])
+                    .arg(&pki),
+            )?;
             self.state.issue_cert("controller", &[UNDERLAY_GATEWAY])?;
             self.state.issue_cert("admin", &[])?;
         }

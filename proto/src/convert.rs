@@ -219,7 +219,8 @@ mod tests {
         assert!(lease_from_proto(&bad).unwrap_err().0.contains("vtep_mac"));
 
         // Each field is held to what a value in etcd must be.
-        let cases: [(&str, fn(&mut v1::Lease)); 8] = [
+        type Case = (&'static str, fn(&mut v1::Lease));
+        let cases: [Case; 8] = [
             ("not an IPv4 CIDR", |l| l.subnet = "10.244.7.0".into()),
             ("host bits", |l| l.subnet = "10.244.7.5/24".into()),
             ("node name", |l| l.node = "a/b".into()),

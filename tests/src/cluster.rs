@@ -38,7 +38,13 @@ impl Controller {
     }
 
     /// [`Controller::start`] with other flags than `--insecure` (e.g. TLS files).
-    pub fn start_with(etcd: &Etcd, prefix: &str, dir: &Path, name: &str, extra: &[String]) -> Controller {
+    pub fn start_with(
+        etcd: &Etcd,
+        prefix: &str,
+        dir: &Path,
+        name: &str,
+        extra: &[String],
+    ) -> Controller {
         let port = free_port();
         let health_port = free_port();
         let mut args = vec![
@@ -150,7 +156,13 @@ impl Agent {
     /// An agent with exactly `flags` besides the controller, address, dirs and health
     /// port: no `--node-name` (a TLS agent takes it from its certificate) and no
     /// `--insecure`. `label` names its directory.
-    pub fn start_no_name(controllers: &str, label: &str, public_ip: &str, dir: &Path, flags: &[&str]) -> Agent {
+    pub fn start_no_name(
+        controllers: &str,
+        label: &str,
+        public_ip: &str,
+        dir: &Path,
+        flags: &[&str],
+    ) -> Agent {
         let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
         Self::launch(controllers, label, public_ip, dir, &flags, &[])
     }

@@ -106,7 +106,10 @@ impl Etcd {
                     etcd.peer_port = free_port();
                     etcd.endpoint = format!("{}://127.0.0.1:{}", etcd.scheme(), etcd.client_port);
                 }
-                Err(log) => panic!("etcd on port {} did not become healthy; log: {log}", etcd.client_port),
+                Err(log) => panic!(
+                    "etcd on port {} did not become healthy; log: {log}",
+                    etcd.client_port
+                ),
             }
         }
         panic!("etcd found no free port in 5 tries");
@@ -127,7 +130,10 @@ impl Etcd {
 
     fn launch(&mut self) {
         if let Err(log) = self.try_launch() {
-            panic!("etcd on port {} did not become healthy; log: {log}", self.client_port);
+            panic!(
+                "etcd on port {} did not become healthy; log: {log}",
+                self.client_port
+            );
         }
     }
 

@@ -11,7 +11,10 @@ use crate::{bin_path, is_root, skip, wait_until};
 /// A lab built from the binaries next to the test, in namespaces `ovlt-<pid>-<n>-*`, torn
 /// down on drop; `None` (skipped, or failed under OVERLAY_TEST_STRICT) without root or etcd.
 /// Agents reconcile every 2 s; `tweak` changes the rest.
-pub fn lab_or_skip(test: &str, tweak: impl FnOnce(&mut LabSpec)) -> Option<(Lab, tempfile::TempDir)> {
+pub fn lab_or_skip(
+    test: &str,
+    tweak: impl FnOnce(&mut LabSpec),
+) -> Option<(Lab, tempfile::TempDir)> {
     if !is_root() {
         skip(test, "needs root for network namespaces");
         return None;
@@ -22,7 +25,11 @@ pub fn lab_or_skip(test: &str, tweak: impl FnOnce(&mut LabSpec)) -> Option<(Lab,
     }
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = tempfile::tempdir().expect("temp dir");
-    let prefix = format!("ovlt-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let prefix = format!(
+        "ovlt-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
     let bin_dir = bin_path("overlay-agent").parent().unwrap().to_path_buf();
     let mut spec = LabSpec::new(test, &prefix, &dir.path().join("lab"), &bin_dir);
     spec.agent_args = vec!["--resync-interval=2s".into()];
@@ -33,7 +40,9 @@ pub fn lab_or_skip(test: &str, tweak: impl FnOnce(&mut LabSpec)) -> Option<(Lab,
 
 /// One ping from a host or workload (`h1`, `h1/w1`); whether it was answered.
 pub fn ping(lab: &Lab, from: &str, to: &str) -> bool {
-    lab.exec(from, "ping", &["-n", "-c", "1", "-W", "2", to]).map(|o| o.status.success()).unwrap_or(false)
+    lab.exec(from, "ping", &["-n", "-c", "1", "-W", "2", to])
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// Pings until one is answered or `patience` passes.
@@ -55,7 +64,9 @@ pub fn workload_ip(lab: &Lab, target: &str) -> String {
 
 /// The subnet a lab host leased, e.g. "10.244.7.0/24".
 pub fn subnet_of(lab: &Lab, host: &str) -> String {
-    lab.state.host_subnet(lab.state.host(host).unwrap()).expect("host has a subnet")
+    lab.state
+        .host_subnet(lab.state.host(host).unwrap())
+        .expect("host has a subnet")
 }
 
 /// A command's stdout, run in a host or workload namespace.

@@ -62,7 +62,10 @@ fn public_ip(i: usize) -> String {
 /// Lease keys in etcd, and the etcd leases attached to them; panics naming any etcd lease
 /// attached to no key at all (an orphan).
 fn etcd_counts(etcd: &Etcd) -> (usize, usize) {
-    let keys = etcdctl(etcd, &["get", "--prefix", "--keys-only", "/overlay/leases/"]);
+    let keys = etcdctl(
+        etcd,
+        &["get", "--prefix", "--keys-only", "/overlay/leases/"],
+    );
     let keys = keys.lines().filter(|l| !l.trim().is_empty()).count();
     let ids: Vec<String> = etcdctl(etcd, &["lease", "list"])
         .lines()
@@ -72,15 +75,27 @@ fn etcd_counts(etcd: &Etcd) -> (usize, usize) {
         .collect();
     let mut attached = 0;
     for id in ids {
-        let ttl: Value = serde_json::from_str(&etcdctl(etcd, &["lease", "timetolive", &id, "--keys", "-w", "json"])).unwrap();
+        let ttl: Value = serde_json::from_str(&etcdctl(
+            etcd,
+            &["lease", "timetolive", &id, "--keys", "-w", "json"],
+        ))
+        .unwrap();
         if ttl["ttl"].as_i64().unwrap_or(-1) <= 0 {
             continue; // expired between the listing and now
         }
         let names: Vec<String> = ttl["keys"]
             .as_array()
-            .map(|k| k.iter().filter_map(|k| k.as_str()).map(base64_text).collect())
+            .map(|k| {
+                k.iter()
+                    .filter_map(|k| k.as_str())
+                    .map(base64_text)
+                    .collect()
+            })
             .unwrap_or_default();
-        assert!(!names.is_empty(), "etcd lease {id} is attached to no key (an orphan)");
+        assert!(
+            !names.is_empty(),
+            "etcd lease {id} is attached to no key (an orphan)"
+        );
         if names.iter().any(|n| n.starts_with("/overlay/leases/")) {
             attached += 1;
         }
@@ -99,7 +114,10 @@ fn base64_text(s: &str) -> String {
     } as u32;
     let mut out = Vec::new();
     for chunk in s.trim_end_matches('=').as_bytes().chunks(4) {
-        let acc = chunk.iter().enumerate().fold(0u32, |a, (i, &c)| a | val(c) << (18 - 6 * i));
+        let acc = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |a, (i, &c)| a | val(c) << (18 - 6 * i));
         out.extend_from_slice(&acc.to_be_bytes()[1..chunk.len()]);
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -235,7 +253,15 @@ fn sigterm_stops_the_agent_and_keeps_its_lease() {
     // The controller too exits cleanly on SIGTERM, even with watch streams open (they
     // end, and their clients fail over).
     let _watching = (0..2)
-        .map(|i| Agent::start(&s.controller.url, &format!("watcher-{i}"), &public_ip(30 + i), s.dir.path(), &[]))
+        .map(|i| {
+            Agent::start(
+                &s.controller.url,
+                &format!("watcher-{i}"),
+                &public_ip(30 + i),
+                s.dir.path(),
+                &[],
+            )
+        })
         .collect::<Vec<_>>();
     for w in &_watching {
         w.wait_subnet(PATIENCE);
@@ -639,7 +665,13 @@ fn config_changes_that_strand_leases_need_force() {
         return;
     };
     let url = &s.controller.url;
-    let mut a = Agent::start(url, "mover", "198.51.100.5", s.dir.path(), &["--resync-interval=1s"]);
+    let mut a = Agent::start(
+        url,
+        "mover",
+        "198.51.100.5",
+        s.dir.path(),
+        &["--resync-interval=1s"],
+    );
     let old = a.wait_subnet(PATIENCE);
     let out = overlayctl(
         url,
@@ -706,5 +738,8 @@ fn config_changes_that_strand_leases_need_force() {
     assert!(!status.success());
     assert!(a.log().contains("network config changed"), "{}", a.log());
     a.restart();
-    assert!(a.wait_subnet(PATIENCE).starts_with("10.245."), "restarted into the new network");
+    assert!(
+        a.wait_subnet(PATIENCE).starts_with("10.245."),
+        "restarted into the new network"
+    );
 }

@@ -12,7 +12,11 @@ use overlay_tests::{bin_path, wait_until};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn lab(test: &str, backend: &str, tweak: impl FnOnce(&mut LabSpec)) -> Option<(Lab, tempfile::TempDir)> {
+fn lab(
+    test: &str,
+    backend: &str,
+    tweak: impl FnOnce(&mut LabSpec),
+) -> Option<(Lab, tempfile::TempDir)> {
     lab_or_skip(test, |spec| {
         spec.backend = backend.into();
         tweak(spec);
@@ -104,30 +108,60 @@ fn datapath_scenario(test: &str, backend: &str) {
 
     // `overlayctl routes --node h1`, computed from the leases alone, is what h1 has.
     let planned: serde_json::Value = serde_json::from_str(
-        &lab.overlayctl(&["routes".into(), "--node".into(), "h1".into(), "-o".into(), "json".into()]).unwrap(),
+        &lab.overlayctl(&[
+            "routes".into(),
+            "--node".into(),
+            "h1".into(),
+            "-o".into(),
+            "json".into(),
+        ])
+        .unwrap(),
     )
     .unwrap();
     let planned: HashSet<(String, String, String)> = planned
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["subnet"].as_str().unwrap().into(), r["via"].as_str().unwrap().into(), r["dev"].as_str().unwrap().into()))
+        .map(|r| {
+            (
+                r["subnet"].as_str().unwrap().into(),
+                r["via"].as_str().unwrap().into(),
+                r["dev"].as_str().unwrap().into(),
+            )
+        })
         .collect();
-    let kernel = lab.exec("h1", "ip", &["-j", "route", "show", "proto", "79"]).unwrap();
+    let kernel = lab
+        .exec("h1", "ip", &["-j", "route", "show", "proto", "79"])
+        .unwrap();
     let kernel: serde_json::Value = serde_json::from_slice(&kernel.stdout).unwrap();
     let kernel: HashSet<(String, String, String)> = kernel
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["dst"].as_str().unwrap().into(), r["gateway"].as_str().unwrap().into(), r["dev"].as_str().unwrap().into()))
+        .map(|r| {
+            (
+                r["dst"].as_str().unwrap().into(),
+                r["gateway"].as_str().unwrap().into(),
+                r["dev"].as_str().unwrap().into(),
+            )
+        })
         .collect();
-    assert_eq!(planned, kernel, "overlayctl routes --node h1 differs from h1's kernel");
+    assert_eq!(
+        planned, kernel,
+        "overlayctl routes --node h1 differs from h1's kernel"
+    );
     assert_eq!(planned.len(), 2);
 
     // A peer that cannot be programmed is reported, not silently broken.
     lab.overlayctl(&[
-        "lease".into(), "reserve".into(), "--subnet".into(), "10.244.250.0/24".into(),
-        "--node".into(), "far".into(), "--public-ip".into(), "198.51.100.50".into(),
+        "lease".into(),
+        "reserve".into(),
+        "--subnet".into(),
+        "10.244.250.0/24".into(),
+        "--node".into(),
+        "far".into(),
+        "--public-ip".into(),
+        "198.51.100.50".into(),
     ])
     .unwrap();
     let reason = wait_until(PATIENCE, || {
@@ -139,16 +173,39 @@ fn datapath_scenario(test: &str, backend: &str) {
             .map(|p| p[1].as_str().unwrap_or_default().to_string())
     })
     .expect("h1 reports the peer it cannot program");
-    let expected = if backend == "host-gw" { "not directly reachable" } else { "has not published a VTEP MAC" };
+    let expected = if backend == "host-gw" {
+        "not directly reachable"
+    } else {
+        "has not published a VTEP MAC"
+    };
     assert!(reason.contains(expected), "{reason}");
     let ctl = bin_path("overlayctl");
-    let shown = lab.exec("h1", ctl.to_str().unwrap(), &["agent", "status"]).unwrap();
+    let shown = lab
+        .exec("h1", ctl.to_str().unwrap(), &["agent", "status"])
+        .unwrap();
     let shown = String::from_utf8_lossy(&shown.stdout);
-    assert!(shown.contains("10.244.250.0/24") && shown.contains(expected), "overlayctl agent status:\n{shown}");
-    let metrics = overlay_lab::http_get_in(&lab.state.host("h1").unwrap().ns, "127.0.0.1", 7402, "/metrics").unwrap().1;
-    assert!(metrics.contains("overlay_agent_skipped_peers 1"), "{metrics}");
-    assert!(!routes(&lab, "h1").contains("10.244.250.0"), "no route to an unreachable peer");
-    lab.overlayctl(&["lease".into(), "revoke".into(), "10.244.250.0/24".into()]).unwrap();
+    assert!(
+        shown.contains("10.244.250.0/24") && shown.contains(expected),
+        "overlayctl agent status:\n{shown}"
+    );
+    let metrics = overlay_lab::http_get_in(
+        &lab.state.host("h1").unwrap().ns,
+        "127.0.0.1",
+        7402,
+        "/metrics",
+    )
+    .unwrap()
+    .1;
+    assert!(
+        metrics.contains("overlay_agent_skipped_peers 1"),
+        "{metrics}"
+    );
+    assert!(
+        !routes(&lab, "h1").contains("10.244.250.0"),
+        "no route to an unreachable peer"
+    );
+    lab.overlayctl(&["lease".into(), "revoke".into(), "10.244.250.0/24".into()])
+        .unwrap();
 
     // An agent restart with an unchanged world: no entry changes, no write, no packet lost.
     let before = dump(&lab, "h1");

@@ -24,10 +24,16 @@ pub struct AgentStatusArgs {
 
 /// Splits `http://host:port` into host and port.
 pub fn parse_agent_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow!("--agent: {url:?} must start with http://"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("--agent: {url:?} must start with http://"))?;
     let rest = rest.trim_end_matches('/');
-    let (host, port) = rest.rsplit_once(':').ok_or_else(|| anyhow!("--agent: {url:?} has no port"))?;
-    let port = port.parse().with_context(|| format!("--agent: {port:?} is not a port"))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--agent: {url:?} has no port"))?;
+    let port = port
+        .parse()
+        .with_context(|| format!("--agent: {port:?} is not a port"))?;
     Ok((host.to_string(), port))
 }
 
@@ -35,14 +41,16 @@ pub async fn run(cmd: AgentCommand, format: Format) -> anyhow::Result<()> {
     let AgentCommand::Status(args) = cmd;
     let (host, port) = parse_agent_url(&args.agent)?;
     let (h, p) = (host.clone(), port);
-    let answer = tokio::task::spawn_blocking(move || overlay_lab::http_get(&h, p, "/status")).await?;
+    let answer =
+        tokio::task::spawn_blocking(move || overlay_lab::http_get(&h, p, "/status")).await?;
     let Some((code, body)) = answer else {
         bail!("cannot reach the agent at {}: is overlay-agent running with --health-listen {host}:{port}?", args.agent)
     };
     if code != 200 {
         bail!("the agent at {} answered HTTP {code}", args.agent);
     }
-    let status: Value = serde_json::from_str(&body).with_context(|| format!("the agent at {} sent invalid JSON", args.agent))?;
+    let status: Value = serde_json::from_str(&body)
+        .with_context(|| format!("the agent at {} sent invalid JSON", args.agent))?;
     output::print(&render(&status, format))?;
     Ok(())
 }
@@ -60,7 +68,20 @@ pub fn render(status: &Value, format: Format) -> String {
         return output::json_pretty(status);
     }
     let mut t = Table::plain();
-    for key in ["node", "ready", "backend", "public_ip", "subnet", "mtu", "lease_expires_at", "last_renewal", "peers", "reconciles", "datapath_writes", "last_error"] {
+    for key in [
+        "node",
+        "ready",
+        "backend",
+        "public_ip",
+        "subnet",
+        "mtu",
+        "lease_expires_at",
+        "last_renewal",
+        "peers",
+        "reconciles",
+        "datapath_writes",
+        "last_error",
+    ] {
         t.row([key.replace('_', " "), text(&status[key])]);
     }
     let r = &status["last_reconcile"];
@@ -82,7 +103,11 @@ pub fn render(status: &Value, format: Format) -> String {
             }
         }
     };
-    list("drift (operations the last reconcile needed)", &r["drift"], &mut out);
+    list(
+        "drift (operations the last reconcile needed)",
+        &r["drift"],
+        &mut out,
+    );
     list("peers not programmed", &r["skipped"], &mut out);
     list("errors", &r["errors"], &mut out);
     out
@@ -94,7 +119,10 @@ mod tests {
 
     #[test]
     fn agent_urls() {
-        assert_eq!(parse_agent_url("http://127.0.0.1:7402").unwrap(), ("127.0.0.1".into(), 7402));
+        assert_eq!(
+            parse_agent_url("http://127.0.0.1:7402").unwrap(),
+            ("127.0.0.1".into(), 7402)
+        );
         assert!(parse_agent_url("127.0.0.1:7402").is_err());
         assert!(parse_agent_url("http://host").is_err());
     }
@@ -109,7 +137,13 @@ mod tests {
                 "errors": []}
         });
         let out = render(&s, Format::Table);
-        assert!(out.contains("drift repaired") && out.contains("add route 10.244.8.0/24"), "{out}");
-        assert!(out.contains("10.244.9.0/24: not directly reachable"), "{out}");
+        assert!(
+            out.contains("drift repaired") && out.contains("add route 10.244.8.0/24"),
+            "{out}"
+        );
+        assert!(
+            out.contains("10.244.9.0/24: not directly reachable"),
+            "{out}"
+        );
     }
 }

@@ -26,7 +26,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tls_ca,
         insecure,
     } = cli;
-    crate::client::configure_tls(crate::client::TlsFlags { cert: tls_cert, key: tls_key, ca: tls_ca, insecure });
+    crate::client::configure_tls(crate::client::TlsFlags {
+        cert: tls_cert,
+        key: tls_key,
+        ca: tls_ca,
+        insecure,
+    });
     match command {
         Command::Config(c) => config::run(c, &controller, output).await,
         Command::Leases => leases::run(&controller, output).await,

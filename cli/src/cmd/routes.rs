@@ -36,32 +36,63 @@ pub struct RouteJson {
     pub fdb_dst: Option<String>,
 }
 
-pub async fn run(args: RoutesArgs, controllers: &Controllers, format: Format) -> anyhow::Result<()> {
+pub async fn run(
+    args: RoutesArgs,
+    controllers: &Controllers,
+    format: Format,
+) -> anyhow::Result<()> {
     overlay_core::lease::validate_node_name(&args.node).context("--node")?;
     let ctl = client::connect(controllers).await?;
-    let config = ctl.call(ctl.agent().get_config(v1::GetConfigRequest {})).await?;
-    let config = overlay_proto::config_from_proto(&config.config.ok_or_else(|| anyhow!("the controller sent no config"))?)
-        .map_err(|e| anyhow!("the controller sent an invalid config: {e}"))?;
-    let listed = ctl.call(ctl.agent().list_leases(v1::ListLeasesRequest {})).await?;
+    let config = ctl
+        .call(ctl.agent().get_config(v1::GetConfigRequest {}))
+        .await?;
+    let config = overlay_proto::config_from_proto(
+        &config
+            .config
+            .ok_or_else(|| anyhow!("the controller sent no config"))?,
+    )
+    .map_err(|e| anyhow!("the controller sent an invalid config: {e}"))?;
+    let listed = ctl
+        .call(ctl.agent().list_leases(v1::ListLeasesRequest {}))
+        .await?;
     let leases = crate::cmd::leases::from_proto(&listed.leases)?;
     let leases: Vec<_> = leases.into_iter().map(|(l, _)| l).collect();
-    let own = leases.iter().find(|l| l.node() == args.node).ok_or_else(|| {
-        let mut nodes: Vec<&str> = leases.iter().map(|l| l.node()).collect();
-        nodes.sort();
-        anyhow!("--node: no lease is held by {:?} (nodes: {})", args.node, nodes.join(", "))
-    })?;
+    let own = leases
+        .iter()
+        .find(|l| l.node() == args.node)
+        .ok_or_else(|| {
+            let mut nodes: Vec<&str> = leases.iter().map(|l| l.node()).collect();
+            nodes.sort();
+            anyhow!(
+                "--node: no lease is held by {:?} (nodes: {})",
+                args.node,
+                nodes.join(", ")
+            )
+        })?;
     let data = &own.record.backend_data;
     let host = HostNet {
         public_ip: own.record.public_ip,
-        iface: data.iface.clone().unwrap_or_else(|| "<public iface>".into()),
-        underlay: data.underlay.unwrap_or_else(|| Ipv4Net::new(own.record.public_ip, 32).expect("/32")),
+        iface: data
+            .iface
+            .clone()
+            .unwrap_or_else(|| "<public iface>".into()),
+        underlay: data
+            .underlay
+            .unwrap_or_else(|| Ipv4Net::new(own.record.public_ip, 32).expect("/32")),
     };
     let desired = plan(&config, own, &leases, &host);
     let node_of = |subnet: Ipv4Net| {
-        leases.iter().find(|l| l.subnet == subnet).map(|l| l.node().to_string()).unwrap_or_default()
+        leases
+            .iter()
+            .find(|l| l.subnet == subnet)
+            .map(|l| l.node().to_string())
+            .unwrap_or_default()
     };
     for (subnet, why) in &desired.skipped {
-        eprintln!("overlayctl: warning: peer {subnet} ({}) gets no entry: {why}", node_of(*subnet));
+        eprintln!(
+            "overlayctl: warning: peer {subnet} ({}) gets no entry: {why}",
+            node_of(*subnet)
+        );
     }
     let rows: Vec<RouteJson> = desired
         .routes
@@ -76,7 +107,9 @@ pub async fn run(args: RoutesArgs, controllers: &Controllers, format: Format) ->
                 kind: r.kind.as_str().to_string(),
                 onlink: r.onlink,
                 peer: peer.map(|p| p.node().to_string()).unwrap_or_default(),
-                vtep_mac: vtep.and_then(|p| p.record.backend_data.vtep_mac).map(|m| m.to_string()),
+                vtep_mac: vtep
+                    .and_then(|p| p.record.backend_data.vtep_mac)
+                    .map(|m| m.to_string()),
                 fdb_dst: vtep.map(|p| p.record.public_ip.to_string()),
             }
         })
@@ -91,8 +124,18 @@ pub fn render(rows: &[RouteJson], format: Format) -> String {
         Format::Table => {
             let mut t = Table::with_header(&["subnet", "via", "dev", "kind", "peer"]);
             for r in rows {
-                let via = if r.onlink { format!("{} onlink", r.via) } else { r.via.clone() };
-                t.row([r.subnet.clone(), via, r.dev.clone(), r.kind.clone(), r.peer.clone()]);
+                let via = if r.onlink {
+                    format!("{} onlink", r.via)
+                } else {
+                    r.via.clone()
+                };
+                t.row([
+                    r.subnet.clone(),
+                    via,
+                    r.dev.clone(),
+                    r.kind.clone(),
+                    r.peer.clone(),
+                ]);
             }
             t.render()
         }

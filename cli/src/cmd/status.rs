@@ -42,13 +42,22 @@ pub async fn run(controllers: &Controllers, format: Format) -> anyhow::Result<()
     let mut summary = None;
     for url in controllers.urls() {
         let one = Controllers::single(url);
-        let mut h = ControllerHealth { url: url.clone(), reachable: false, etcd: false, error: None };
+        let mut h = ControllerHealth {
+            url: url.clone(),
+            reachable: false,
+            etcd: false,
+            error: None,
+        };
         match client::connect(&one).await {
             Err(e) => h.error = Some(format!("{e:#}")),
             Ok(ctl) => {
                 h.reachable = true;
-                let config = ctl.call(ctl.agent().get_config(v1::GetConfigRequest {})).await;
-                let leases = ctl.call(ctl.agent().list_leases(v1::ListLeasesRequest {})).await;
+                let config = ctl
+                    .call(ctl.agent().get_config(v1::GetConfigRequest {}))
+                    .await;
+                let leases = ctl
+                    .call(ctl.agent().list_leases(v1::ListLeasesRequest {}))
+                    .await;
                 match (config, leases) {
                     (Ok(c), Ok(l)) => {
                         h.etcd = true;
@@ -63,7 +72,9 @@ pub async fn run(controllers: &Controllers, format: Format) -> anyhow::Result<()
     let status = build(health, summary, SystemTime::now())?;
     output::print(&render(&status, format))?;
     if status.controllers.iter().all(|c| !c.etcd) {
-        return Err(anyhow!("no controller could answer with the cluster's state"));
+        return Err(anyhow!(
+            "no controller could answer with the cluster's state"
+        ));
     }
     Ok(())
 }
@@ -73,20 +84,37 @@ fn build(
     summary: Option<(v1::GetConfigResponse, v1::ListLeasesResponse)>,
     now: SystemTime,
 ) -> anyhow::Result<ClusterStatus> {
-    let mut status = ClusterStatus { controllers, network: None, backend: None, leases_used: 0, subnets_free: None, expiring: Vec::new() };
-    let Some((config, leases)) = summary else { return Ok(status) };
-    let config = config.config.ok_or_else(|| anyhow!("the controller sent no config"))?;
-    let config = overlay_proto::config_from_proto(&config).map_err(|e| anyhow!("invalid config from the controller: {e}"))?;
+    let mut status = ClusterStatus {
+        controllers,
+        network: None,
+        backend: None,
+        leases_used: 0,
+        subnets_free: None,
+        expiring: Vec::new(),
+    };
+    let Some((config, leases)) = summary else {
+        return Ok(status);
+    };
+    let config = config
+        .config
+        .ok_or_else(|| anyhow!("the controller sent no config"))?;
+    let config = overlay_proto::config_from_proto(&config)
+        .map_err(|e| anyhow!("invalid config from the controller: {e}"))?;
     let listed = crate::cmd::leases::from_proto(&leases.leases)?;
     let range = config.range();
-    let in_range = listed.iter().filter(|(l, _)| range.contains(l.subnet)).count() as u64;
+    let in_range = listed
+        .iter()
+        .filter(|(l, _)| range.contains(l.subnet))
+        .count() as u64;
     status.network = Some(config.network.to_string());
     status.backend = Some(config.backend.kind.to_string());
     status.leases_used = listed.len();
     status.subnets_free = Some(range.len().saturating_sub(in_range));
     let warn_below = config.lease_ttl / 3;
     for (lease, expires) in &listed {
-        if let Some(left) = expires.and_then(|e| e.duration_since(now).ok().or(Some(Duration::ZERO))) {
+        if let Some(left) =
+            expires.and_then(|e| e.duration_since(now).ok().or(Some(Duration::ZERO)))
+        {
             if left < warn_below {
                 status.expiring.push(ExpiringLease {
                     node: lease.node().to_string(),
@@ -106,7 +134,12 @@ pub fn render(s: &ClusterStatus, format: Format) -> String {
     let mut t = Table::with_header(&["controller", "reachable", "etcd", "error"]);
     for c in &s.controllers {
         let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
-        t.row([c.url.clone(), yes(c.reachable), yes(c.etcd), c.error.clone().unwrap_or_else(|| "-".into())]);
+        t.row([
+            c.url.clone(),
+            yes(c.reachable),
+            yes(c.etcd),
+            c.error.clone().unwrap_or_else(|| "-".into()),
+        ]);
     }
     let mut out = t.render();
     if let Some(network) = &s.network {
@@ -122,7 +155,11 @@ pub fn render(s: &ClusterStatus, format: Format) -> String {
             out.push_str("\nleases close to expiry (their agents miss renewals):\n");
             let mut e = Table::with_header(&["node", "subnet", "expires in"]);
             for x in &s.expiring {
-                e.row([x.node.clone(), x.subnet.clone(), short_duration(Duration::from_secs(x.expires_in_secs))]);
+                e.row([
+                    x.node.clone(),
+                    x.subnet.clone(),
+                    short_duration(Duration::from_secs(x.expires_in_secs)),
+                ]);
             }
             out.push_str(&e.render());
         }

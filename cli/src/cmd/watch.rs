@@ -80,9 +80,15 @@ pub async fn run(args: WatchArgs, controllers: &Controllers, format: Format) -> 
 }
 
 /// Connects and opens a watch after `after`.
-async fn open(controllers: &Controllers, after: i64) -> anyhow::Result<tonic::Streaming<v1::WatchLeasesResponse>> {
+async fn open(
+    controllers: &Controllers,
+    after: i64,
+) -> anyhow::Result<tonic::Streaming<v1::WatchLeasesResponse>> {
     let ctl = client::connect(controllers).await?;
-    ctl.call(ctl.agent().watch_leases(v1::WatchLeasesRequest { after_revision: after })).await
+    ctl.call(ctl.agent().watch_leases(v1::WatchLeasesRequest {
+        after_revision: after,
+    }))
+    .await
 }
 
 /// Turns stream messages into output lines, remembering what was printed.
