@@ -373,3 +373,52 @@ fn ip_masq_masquerades_only_traffic_leaving_the_cluster() {
     }
     assert_eq!(seen.len(), 2);
 }
+
+/// `--bridge none`: another runtime (Docker with `--bip`) owns the gateway, so the agent
+/// makes no bridge, and everything else (VTEP, per-peer entries, subnet.env) still works.
+/// The test plays Docker: a bridge with the gateway from subnet.env and a workload on it.
+#[test]
+fn bridge_none_leaves_the_bridge_to_another_runtime() {
+    let Some((lab, _dir)) = lab("bridge_none_leaves_the_bridge_to_another_runtime", "vxlan", |s| {
+        s.hosts = 2;
+        s.workloads_per_host = 0;
+        s.agent_args.extend(["--bridge".to_string(), "none".to_string()]);
+    }) else {
+        return;
+    };
+    for h in ["h1", "h2"] {
+        let links = labs::run_in(&lab, h, &["ip", "-o", "link"]);
+        assert!(!links.contains("ovl0"), "{h} made a bridge:\n{links}");
+        assert!(links.contains("ovl.1"), "{h} has no VTEP:\n{links}");
+    }
+    assert!(routes(&lab, "h1").contains(&subnet_of(&lab, "h2")));
+    // "dockerd --bip=$OVERLAY_SUBNET": a bridge holding the gateway, on each host.
+    let mut ips = Vec::new();
+    for h in ["h1", "h2"] {
+        let host = lab.state.host(h).unwrap().clone();
+        let env = std::fs::read_to_string(host.dir.join("run/subnet.env")).unwrap();
+        let bip = env.lines().find_map(|l| l.strip_prefix("OVERLAY_SUBNET=")).unwrap().to_string();
+        let (gw, len) = bip.split_once('/').unwrap();
+        let ip: std::net::Ipv4Addr = gw.parse().unwrap();
+        let ip = std::net::Ipv4Addr::from(u32::from(ip) + 1).to_string();
+        let w = format!("{}-{h}-d", lab.state.ns_prefix);
+        overlay_lab::netns::create(&w).unwrap();
+        let ip_in = |ns: &str, args: &[&str]| overlay_lab::netns::ip_in(ns, args).unwrap();
+        ip_in(&host.ns, &["link", "add", "docker0", "type", "bridge"]);
+        ip_in(&host.ns, &["addr", "add", &bip, "dev", "docker0"]);
+        ip_in(&host.ns, &["link", "set", "docker0", "up"]);
+        overlay_lab::netns::veth(&w, "eth0", &host.ns, "vd", Some(1450)).unwrap();
+        ip_in(&host.ns, &["link", "set", "vd", "master", "docker0", "up"]);
+        ip_in(&w, &["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"]);
+        ip_in(&w, &["link", "set", "eth0", "up"]);
+        ip_in(&w, &["route", "add", "default", "via", gw]);
+        ips.push((w, ip));
+    }
+    let ok = wait_until(PATIENCE, || {
+        overlay_lab::netns::exec(&ips[0].0, "ping", &["-c", "1", "-W", "2", &ips[1].1]).ok().map(|_| ())
+    });
+    for (w, _) in &ips {
+        let _ = overlay_lab::netns::delete(w);
+    }
+    assert!(ok.is_some(), "containers on Docker-style bridges reach each other across hosts");
+}
