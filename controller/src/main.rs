@@ -108,18 +108,6 @@ struct Args {
     log_format: String,
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.with_ansi(false).init();
-    }
-}
 
 /// TLS with all three files, or plaintext only when asked for with --insecure.
 fn transport(args: &Args) -> anyhow::Result<Transport> {
@@ -229,20 +217,11 @@ async fn notify_systemd(state: HealthState) {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(&args.log_format);
+    overlay_proto::daemon::init_logging(&args.log_format);
     let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
         "off" => None,
         a => Some(a.parse().with_context(|| {
@@ -320,7 +299,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let stopping = fanout.clone();
     let shutdown = async move {
-        shutdown_signal().await;
+        overlay_proto::daemon::shutdown_signal("shutting down").await;
         stopping.close();
     };
     let api = Api {

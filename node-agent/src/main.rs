@@ -12,7 +12,7 @@ use overlay_agent::client::Controllers;
 use overlay_agent::health;
 use overlay_agent::metrics::AgentMetrics;
 use overlay_proto::tls::Transport;
-use tracing::{error, info};
+use tracing::error;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -84,18 +84,6 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     overlay_core::config::parse_duration(s)
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.with_ansi(false).init();
-    }
-}
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -103,20 +91,11 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping; the lease and the datapath stay in place"),
-        _ = int.recv() => info!("SIGINT: stopping; the lease and the datapath stay in place"),
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(&args.log_format);
+    overlay_proto::daemon::init_logging(&args.log_format);
     // TLS with all three files, or plaintext only when asked for with --insecure.
     let transport = Transport::from_flags(
         args.tls_cert.as_deref(),
@@ -165,6 +144,6 @@ async fn main() -> anyhow::Result<()> {
         cni_data_dir: args.cni_data_dir,
     };
     let agent = Agent::new(opts, controllers, Arc::clone(&status)).with_metrics(metrics);
-    agent.run(shutdown_signal()).await?;
+    agent.run(overlay_proto::daemon::shutdown_signal("stopping; the lease and the datapath stay in place")).await?;
     Ok(())
 }

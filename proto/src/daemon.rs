@@ -1,0 +1,26 @@
+//! What both daemons (controller and agent) set up the same way: logging and the signals
+//! that stop them.
+
+/// Logs to stderr, one line per event (journald adds time and unit), filtered by
+/// `OVERLAY_LOG` (default `info`); `format` "json" gives JSON lines for log shippers.
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT, logging which one and `what` happens next.
+pub async fn shutdown_signal(what: &'static str) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: {what}"),
+        _ = int.recv() => tracing::info!("SIGINT: {what}"),
+    }
+}
