@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     let version = NetConf::peek_version(data);
     match NetConf::parse(data) {
         Ok(conf) => {
-            assert!(data.len() <= MAX_STDIN_BYTES, "an oversized config was accepted");
+            assert!(
+                data.len() <= MAX_STDIN_BYTES,
+                "an oversized config was accepted"
+            );
             assert!(valid_network_name(&conf.name), "{:?}", conf.name);
             assert!(valid_ifname(&conf.bridge), "{:?}", conf.bridge);
             assert!(conf.mtu.is_none_or(|m| (68..=65535).contains(&m)));

@@ -9,7 +9,8 @@ use libfuzzer_sys::fuzz_target;
 use overlay_agent::cni::{CniResult, NetConf};
 
 fuzz_target!(|data: &[u8]| {
-    let mut conf = br#"{"cniVersion":"1.1.0","name":"n","type":"overlay-cni","prevResult":"#.to_vec();
+    let mut conf =
+        br#"{"cniVersion":"1.1.0","name":"n","type":"overlay-cni","prevResult":"#.to_vec();
     conf.extend_from_slice(data);
     conf.push(b'}');
     let _ = NetConf::parse(&conf);

@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(config) = NetworkConfig::from_json(text) else {
         return;
     };
-    assert!(text.len() <= MAX_CONFIG_BYTES, "an oversized document was accepted");
+    assert!(
+        text.len() <= MAX_CONFIG_BYTES,
+        "an oversized document was accepted"
+    );
 
     let stored = config.to_json();
     let again = NetworkConfig::from_json(&stored).expect("a config's own JSON is valid");

@@ -11,12 +11,23 @@ fuzz_target!(|data: &[u8]| {
     let Ok(record) = LeaseRecord::decode(data) else {
         return;
     };
-    assert!(data.len() <= MAX_LEASE_VALUE_BYTES, "an oversized value was accepted");
+    assert!(
+        data.len() <= MAX_LEASE_VALUE_BYTES,
+        "an oversized value was accepted"
+    );
 
     let bytes = record.encode();
-    assert!(bytes.len() <= MAX_LEASE_VALUE_BYTES, "encodes to more than decode takes");
+    assert!(
+        bytes.len() <= MAX_LEASE_VALUE_BYTES,
+        "encodes to more than decode takes"
+    );
     let again = LeaseRecord::decode(&bytes).expect("a record's own encoding decodes");
-    assert_eq!(again, record, "round trip through {}", String::from_utf8_lossy(&bytes));
+    assert_eq!(
+        again,
+        record,
+        "round trip through {}",
+        String::from_utf8_lossy(&bytes)
+    );
     assert_eq!(again.encode(), bytes, "the encoding is stable");
 
     // Shown by overlayctl and the agent's status.

@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(env) = SubnetEnv::parse(text) else {
         return;
     };
-    assert!(text.len() <= MAX_SUBNET_ENV_BYTES, "an oversized file was accepted");
+    assert!(
+        text.len() <= MAX_SUBNET_ENV_BYTES,
+        "an oversized file was accepted"
+    );
     let rendered = env.render();
     let again = SubnetEnv::parse(&rendered).expect("a rendered subnet.env parses");
     assert_eq!(again, env, "round trip through {rendered:?}");

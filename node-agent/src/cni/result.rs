@@ -127,6 +127,30 @@ mod tests {
         );
     }
 
+    /// Found by the cni_result fuzz target: serde_json's default float parser is not
+    /// exact, so a float in a field this plugin keeps but does not use came back from a
+    /// print-and-parse one ULP off ("2.1844674407370954" parsed as 2.184467440737095).
+    #[test]
+    fn floats_in_unknown_fields_round_trip_exactly() {
+        let text = r#"{"cniVersion":"1.1.0","somethingNew":[2.184467440737095516165,2.1844674407370954],
+            "interfaces":[{"name":"eth0","weight":0.30000000000000004}]}"#;
+        let r: CniResult = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            r.extra["somethingNew"][0].as_f64(),
+            Some(2.1844674407370954)
+        );
+        assert_eq!(
+            r.extra["somethingNew"][1].as_f64(),
+            Some(2.1844674407370954)
+        );
+        let printed = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            serde_json::from_str::<CniResult>(&printed).unwrap(),
+            r,
+            "{printed}"
+        );
+    }
+
     #[test]
     fn an_empty_dns_is_still_printed() {
         let r = CniResult {
