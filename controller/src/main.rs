@@ -108,7 +108,6 @@ struct Args {
     log_format: String,
 }
 
-
 /// TLS with all three files, or plaintext only when asked for with --insecure.
 fn transport(args: &Args) -> anyhow::Result<Transport> {
     Ok(Transport::from_flags(
@@ -216,7 +215,6 @@ async fn notify_systemd(state: HealthState) {
         .await;
     }
 }
-
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

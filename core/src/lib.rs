@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod lease;
 pub mod mac;
 pub mod subnet;
+pub mod subnet_env;
 pub mod watch;
 
 pub use config::{BackendConfig, BackendType, ConfigError, NetworkConfig, NetworkConfigSpec};

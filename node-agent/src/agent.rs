@@ -185,9 +185,9 @@ impl Agent {
             info!(old = ?state.node, "node name changed; not reusing the old subnet");
             state.subnet = None;
         }
-        let previous = state
-            .subnet
-            .or_else(|| SubnetEnv::read(&self.opts.run_dir.join(SUBNET_ENV)).map(|e| e.subnet));
+        let previous = state.subnet.or_else(|| {
+            crate::files::read_subnet_env(&self.opts.run_dir.join(SUBNET_ENV)).map(|e| e.subnet)
+        });
 
         self.systemd_status("fetching the network config");
         let config = self.fetch_config().await;

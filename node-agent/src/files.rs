@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
-use overlay_core::subnet::gateway;
+pub use overlay_core::subnet_env::{SubnetEnv, MAX_SUBNET_ENV_BYTES};
 use overlay_core::MacAddr;
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +16,6 @@ pub const SUBNET_ENV: &str = "subnet.env";
 pub const STATE_FILE: &str = "state.json";
 /// Largest `subnet.env` read or parsed. The agent writes about 100 bytes; the bound only
 /// keeps a wrong path (a log, a device) from being read whole by every CNI call.
-pub const MAX_SUBNET_ENV_BYTES: usize = 64 * 1024;
 /// Largest state file loaded; the agent writes a few hundred bytes.
 pub const MAX_STATE_BYTES: usize = 64 * 1024;
 
@@ -73,93 +72,11 @@ pub fn read_to_string_bounded(path: &Path, limit: usize) -> std::io::Result<Stri
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// The contents of `subnet.env`, as read by `dockerd --bip`, the CNI plugin and operators.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubnetEnv {
-    pub network: Ipv4Net,
-    pub subnet: Ipv4Net,
-    pub mtu: u32,
-    pub ip_masq: bool,
-}
-
-impl SubnetEnv {
-    pub fn render(&self) -> String {
-        format!(
-            "OVERLAY_NETWORK={}\nOVERLAY_SUBNET={}\nOVERLAY_MTU={}\nOVERLAY_IPMASQ={}\n",
-            self.network,
-            gateway(self.subnet),
-            self.mtu,
-            self.ip_masq
-        )
-    }
-
-    /// Parses a `subnet.env`; unknown keys are ignored, missing ones are an error.
-    pub fn parse(text: &str) -> Result<SubnetEnv, String> {
-        if text.len() > MAX_SUBNET_ENV_BYTES {
-            return Err(format!(
-                "{} bytes is over the limit of {MAX_SUBNET_ENV_BYTES}",
-                text.len()
-            ));
-        }
-        let mut network = None;
-        let mut subnet = None;
-        let mut mtu = None;
-        let mut ip_masq = None;
-        for line in text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| format!("line {line:?} is not KEY=VALUE"))?;
-            let bad = |what: &str| format!("{k}={v}: not {what}");
-            match k {
-                "OVERLAY_NETWORK" => {
-                    network = Some(v.parse::<Ipv4Net>().map_err(|_| bad("a CIDR"))?)
-                }
-                "OVERLAY_SUBNET" => {
-                    subnet = Some(v.parse::<Ipv4Net>().map_err(|_| bad("a CIDR"))?.trunc())
-                }
-                "OVERLAY_MTU" => mtu = Some(v.parse::<u32>().map_err(|_| bad("a number"))?),
-                "OVERLAY_IPMASQ" => {
-                    ip_masq = Some(v.parse::<bool>().map_err(|_| bad("true or false"))?)
-                }
-                _ => {}
-            }
-        }
-        let env = SubnetEnv {
-            network: network.ok_or("OVERLAY_NETWORK is missing")?,
-            subnet: subnet.ok_or("OVERLAY_SUBNET is missing")?,
-            mtu: mtu.ok_or("OVERLAY_MTU is missing")?,
-            ip_masq: ip_masq.unwrap_or(false),
-        };
-        // What the agent can have written, and what ADD can use: a subnet with room for
-        // the gateway and a container (a /31 or /32 has none, and its "gateway" is not
-        // even inside it), inside the network, and an MTU a link can have.
-        if env.subnet.prefix_len() > 30 {
-            return Err(format!(
-                "OVERLAY_SUBNET={}: a host subnet is at most a /30",
-                env.subnet
-            ));
-        }
-        if !env.network.contains(&env.subnet) {
-            return Err(format!(
-                "OVERLAY_SUBNET={} is outside OVERLAY_NETWORK={}",
-                env.subnet, env.network
-            ));
-        }
-        if !(68..=65535).contains(&env.mtu) {
-            return Err(format!("OVERLAY_MTU={} is outside 68..=65535", env.mtu));
-        }
-        Ok(env)
-    }
-
-    pub fn read(path: &Path) -> Option<SubnetEnv> {
-        read_to_string_bounded(path, MAX_SUBNET_ENV_BYTES)
-            .ok()
-            .and_then(|t| SubnetEnv::parse(&t).ok())
-    }
+/// Reads and parses a `subnet.env` (bounded); `None` when missing or unusable.
+pub fn read_subnet_env(path: &Path) -> Option<SubnetEnv> {
+    read_to_string_bounded(path, MAX_SUBNET_ENV_BYTES)
+        .ok()
+        .and_then(|t| SubnetEnv::parse(&t).ok())
 }
 
 /// What the agent remembers across restarts and reboots.
@@ -259,13 +176,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(SUBNET_ENV);
         std::fs::write(&path, &padded).unwrap();
-        assert!(SubnetEnv::read(&path).is_some());
+        assert!(read_subnet_env(&path).is_some());
         assert_eq!(
             read_to_string_bounded(&path, 4).unwrap_err().kind(),
             std::io::ErrorKind::InvalidData
         );
         std::fs::write(&path, format!("{padded}#")).unwrap();
-        assert!(SubnetEnv::read(&path).is_none());
+        assert!(read_subnet_env(&path).is_none());
         let e = read_bounded(&path, MAX_SUBNET_ENV_BYTES).unwrap_err();
         assert!(e.to_string().contains("larger than 65536 bytes"), "{e}");
         std::fs::write(&path, b"\xff").unwrap();

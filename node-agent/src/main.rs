@@ -84,13 +84,11 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     overlay_core::config::parse_duration(s)
 }
 
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default()
 }
-
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -144,6 +142,10 @@ async fn main() -> anyhow::Result<()> {
         cni_data_dir: args.cni_data_dir,
     };
     let agent = Agent::new(opts, controllers, Arc::clone(&status)).with_metrics(metrics);
-    agent.run(overlay_proto::daemon::shutdown_signal("stopping; the lease and the datapath stay in place")).await?;
+    agent
+        .run(overlay_proto::daemon::shutdown_signal(
+            "stopping; the lease and the datapath stay in place",
+        ))
+        .await?;
     Ok(())
 }

@@ -641,20 +641,32 @@ fn sysctls_are_written_only_when_they_differ() {
 /// PERMANENT|NOARP) are seen, so a reconcile removes them.
 #[test]
 fn foreign_permanent_entries_on_the_vtep_are_observed() {
-    in_netns("foreign_permanent_entries_on_the_vtep_are_observed", || async {
-        let nl = Netlink::connect().expect("netlink");
-        let under = underlay(&nl).await;
-        nl.ensure_vxlan(&vtep_spec(1, under)).await.unwrap();
-        run("bridge", "fdb add 0a:58:00:00:09:09 dev ovl.1 dst 192.0.2.99 self permanent");
-        ip("neigh add 10.244.99.0 lladdr 0a:58:00:00:09:09 dev ovl.1 nud permanent");
-        let seen = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
-        assert!(seen.fdb.iter().any(|e| e.dst == addr("192.0.2.99")), "{seen:?}");
-        assert_eq!(seen.neighbours.len(), 1, "{seen:?}");
-        // Nothing desires them: the diff removes both, and they are gone.
-        let ops = diff(&Default::default(), &seen);
-        assert_eq!(ops.len(), 2, "{ops:?}");
-        assert!(nl.apply(&ops).await.is_ok());
-        let after = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
-        assert!(after.fdb.is_empty() && after.neighbours.is_empty(), "{after:?}");
-    });
+    in_netns(
+        "foreign_permanent_entries_on_the_vtep_are_observed",
+        || async {
+            let nl = Netlink::connect().expect("netlink");
+            let under = underlay(&nl).await;
+            nl.ensure_vxlan(&vtep_spec(1, under)).await.unwrap();
+            run(
+                "bridge",
+                "fdb add 0a:58:00:00:09:09 dev ovl.1 dst 192.0.2.99 self permanent",
+            );
+            ip("neigh add 10.244.99.0 lladdr 0a:58:00:00:09:09 dev ovl.1 nud permanent");
+            let seen = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
+            assert!(
+                seen.fdb.iter().any(|e| e.dst == addr("192.0.2.99")),
+                "{seen:?}"
+            );
+            assert_eq!(seen.neighbours.len(), 1, "{seen:?}");
+            // Nothing desires them: the diff removes both, and they are gone.
+            let ops = diff(&Default::default(), &seen);
+            assert_eq!(ops.len(), 2, "{ops:?}");
+            assert!(nl.apply(&ops).await.is_ok());
+            let after = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
+            assert!(
+                after.fdb.is_empty() && after.neighbours.is_empty(),
+                "{after:?}"
+            );
+        },
+    );
 }

@@ -6,7 +6,7 @@ pub mod v1 {
     tonic::include_proto!("overlay.v1");
 }
 
-pub mod daemon;
 mod convert;
+pub mod daemon;
 pub mod tls;
 pub use convert::*;

@@ -14,7 +14,11 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{flag} {path}: {message}")]
-    File { flag: &'static str, path: PathBuf, message: String },
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        message: String,
+    },
     #[error("{0}")]
     Incomplete(String),
 }
@@ -66,17 +70,27 @@ impl Transport {
 }
 
 fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| TlsError::File { flag, path: path.into(), message: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| TlsError::File {
+        flag,
+        path: path.into(),
+        message: e.to_string(),
+    })?;
     if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
-        return Err(TlsError::File { flag, path: path.into(), message: "not a PEM file".into() });
+        return Err(TlsError::File {
+            flag,
+            path: path.into(),
+            message: "not a PEM file".into(),
+        });
     }
     Ok(bytes)
 }
 
 impl TlsFiles {
     fn identity(&self) -> Result<Identity, TlsError> {
-        Ok(Identity::from_pem(read("--tls-cert", &self.cert)?, read("--tls-key", &self.key)?))
+        Ok(Identity::from_pem(
+            read("--tls-cert", &self.cert)?,
+            read("--tls-key", &self.key)?,
+        ))
     }
 
     fn ca(&self) -> Result<Certificate, TlsError> {
@@ -85,12 +99,16 @@ impl TlsFiles {
 
     /// Server side: our certificate, and client certificates required, chained to the CA.
     pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        Ok(ServerTlsConfig::new().identity(self.identity()?).client_ca_root(self.ca()?))
+        Ok(ServerTlsConfig::new()
+            .identity(self.identity()?)
+            .client_ca_root(self.ca()?))
     }
 
     /// Client side: trust only the CA, present our certificate.
     pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
-        Ok(ClientTlsConfig::new().ca_certificate(self.ca()?).identity(self.identity()?))
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(self.ca()?)
+            .identity(self.identity()?))
     }
 
     /// The identity our own certificate carries.
@@ -112,7 +130,12 @@ impl TlsFiles {
 /// The identity a DER certificate proves: subject CN, else the first DNS SAN.
 pub fn cert_identity(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    if let Some(cn) = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()) {
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+    {
         return Some(cn.to_string());
     }
     let san = cert.subject_alternative_name().ok().flatten()?;
@@ -135,11 +158,22 @@ mod tests {
     #[test]
     fn flags_need_all_three_files_or_insecure() {
         let p = Some(Path::new("/x"));
-        assert!(matches!(Transport::from_flags(p, p, p, false), Ok(Transport::Tls(_))));
-        assert_eq!(Transport::from_flags(None, None, None, true).unwrap(), Transport::Insecure);
-        let e = Transport::from_flags(None, None, None, false).unwrap_err().to_string();
+        assert!(matches!(
+            Transport::from_flags(p, p, p, false),
+            Ok(Transport::Tls(_))
+        ));
+        assert_eq!(
+            Transport::from_flags(None, None, None, true).unwrap(),
+            Transport::Insecure
+        );
+        let e = Transport::from_flags(None, None, None, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--insecure") && e.contains("--tls-cert"), "{e}");
-        assert!(Transport::from_flags(p, None, p, false).unwrap_err().to_string().contains("all three"));
+        assert!(Transport::from_flags(p, None, p, false)
+            .unwrap_err()
+            .to_string()
+            .contains("all three"));
         assert!(Transport::from_flags(p, p, p, true).is_err());
     }
 }

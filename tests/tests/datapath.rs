@@ -379,11 +379,16 @@ fn ip_masq_masquerades_only_traffic_leaving_the_cluster() {
 /// The test plays Docker: a bridge with the gateway from subnet.env and a workload on it.
 #[test]
 fn bridge_none_leaves_the_bridge_to_another_runtime() {
-    let Some((lab, _dir)) = lab("bridge_none_leaves_the_bridge_to_another_runtime", "vxlan", |s| {
-        s.hosts = 2;
-        s.workloads_per_host = 0;
-        s.agent_args.extend(["--bridge".to_string(), "none".to_string()]);
-    }) else {
+    let Some((lab, _dir)) = lab(
+        "bridge_none_leaves_the_bridge_to_another_runtime",
+        "vxlan",
+        |s| {
+            s.hosts = 2;
+            s.workloads_per_host = 0;
+            s.agent_args
+                .extend(["--bridge".to_string(), "none".to_string()]);
+        },
+    ) else {
         return;
     };
     for h in ["h1", "h2"] {
@@ -397,7 +402,11 @@ fn bridge_none_leaves_the_bridge_to_another_runtime() {
     for h in ["h1", "h2"] {
         let host = lab.state.host(h).unwrap().clone();
         let env = std::fs::read_to_string(host.dir.join("run/subnet.env")).unwrap();
-        let bip = env.lines().find_map(|l| l.strip_prefix("OVERLAY_SUBNET=")).unwrap().to_string();
+        let bip = env
+            .lines()
+            .find_map(|l| l.strip_prefix("OVERLAY_SUBNET="))
+            .unwrap()
+            .to_string();
         let (gw, len) = bip.split_once('/').unwrap();
         let ip: std::net::Ipv4Addr = gw.parse().unwrap();
         let ip = std::net::Ipv4Addr::from(u32::from(ip) + 1).to_string();
@@ -415,10 +424,15 @@ fn bridge_none_leaves_the_bridge_to_another_runtime() {
         ips.push((w, ip));
     }
     let ok = wait_until(PATIENCE, || {
-        overlay_lab::netns::exec(&ips[0].0, "ping", &["-c", "1", "-W", "2", &ips[1].1]).ok().map(|_| ())
+        overlay_lab::netns::exec(&ips[0].0, "ping", &["-c", "1", "-W", "2", &ips[1].1])
+            .ok()
+            .map(|_| ())
     });
     for (w, _) in &ips {
         let _ = overlay_lab::netns::delete(w);
     }
-    assert!(ok.is_some(), "containers on Docker-style bridges reach each other across hosts");
+    assert!(
+        ok.is_some(),
+        "containers on Docker-style bridges reach each other across hosts"
+    );
 }

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ipnet::Ipv4Net;
+use overlay_core::subnet::gateway;
+use overlay_core::subnet_env::{SubnetEnv, MAX_SUBNET_ENV_BYTES};
 use serde::Serialize;
 
 use crate::output::{json_pretty, print, Format};
@@ -35,31 +36,13 @@ pub struct DockerOpts {
 }
 
 impl DockerOpts {
-    /// From a `subnet.env`'s text.
+    /// From a `subnet.env`'s text (the one parser the agent and the CNI plugin use too).
     pub fn from_subnet_env(text: &str) -> Result<DockerOpts, String> {
-        let value = |key: &str| {
-            text.lines()
-                .map(str::trim)
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-                .map(|v| v.trim().trim_matches('"').to_string())
-        };
-        let subnet = value("OVERLAY_SUBNET").ok_or("OVERLAY_SUBNET is missing")?;
-        let bip: Ipv4Net = subnet
-            .parse()
-            .map_err(|_| format!("OVERLAY_SUBNET={subnet} is not an address/prefix"))?;
-        let mtu = value("OVERLAY_MTU").ok_or("OVERLAY_MTU is missing")?;
-        let mtu: u32 = mtu
-            .parse()
-            .map_err(|_| format!("OVERLAY_MTU={mtu} is not a number"))?;
-        let ip_masq = match value("OVERLAY_IPMASQ").as_deref() {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(other) => return Err(format!("OVERLAY_IPMASQ={other} is not true or false")),
-        };
+        let env = SubnetEnv::parse(text)?;
         Ok(DockerOpts {
-            bip: bip.to_string(),
-            mtu,
-            ip_masq: ip_masq.then_some(false),
+            bip: gateway(env.subnet).to_string(),
+            mtu: env.mtu,
+            ip_masq: env.ip_masq.then_some(false),
         })
     }
 
@@ -73,8 +56,24 @@ impl DockerOpts {
     }
 }
 
+/// The file's text, refusing one larger than any `subnet.env` can be.
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_SUBNET_ENV_BYTES as u64 + 1)
+        .read_to_string(&mut text)?;
+    if text.len() > MAX_SUBNET_ENV_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "larger than any subnet.env",
+        ));
+    }
+    Ok(text)
+}
+
 pub fn read(path: &Path) -> anyhow::Result<DockerOpts> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match read_bounded(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "{} does not exist: is overlay-agent running on this host (with --bridge none for \
@@ -109,9 +108,11 @@ mod tests {
             DockerOpts::from_subnet_env(&masq).unwrap().flags(),
             "--bip=10.244.7.1/24 --mtu=1450 --ip-masq=false"
         );
-        assert!(DockerOpts::from_subnet_env("OVERLAY_MTU=1450\n")
-            .unwrap_err()
-            .contains("OVERLAY_SUBNET"));
+        assert!(
+            DockerOpts::from_subnet_env("OVERLAY_NETWORK=10.244.0.0/16\nOVERLAY_MTU=1450\n")
+                .unwrap_err()
+                .contains("OVERLAY_SUBNET")
+        );
         assert!(
             DockerOpts::from_subnet_env("OVERLAY_SUBNET=10.244.7.1/24\nOVERLAY_MTU=x\n")
                 .unwrap_err()
