@@ -13,9 +13,10 @@
 //! reverse with the cached final result as `prevResult`. Plugins run inside the host
 //! namespace (where a runtime on that host would run them) with CNI_PATH set.
 //!
-//! One deliberate difference: [`ConfOverrides`] may add keys to a plugin's config (the lab
-//! gives each host's `overlay-cni` its own `dataDir` under the lab directory, since every
-//! lab host shares one filesystem and nothing may be left outside the lab's directory).
+//! The conflist is used exactly as the agent installed it: each lab agent writes its
+//! host's own `dataDir` (`--cni-data-dir`, under the lab directory, since every lab host
+//! shares one filesystem) into it, so lab workloads and a real runtime on that host share
+//! one reservation store.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -80,9 +81,6 @@ impl std::fmt::Display for PortMapping {
     }
 }
 
-/// Extra keys merged into the config of plugins of a given `type`.
-pub type ConfOverrides = Vec<(String, serde_json::Map<String, Value>)>;
-
 /// One attachment: what CNI_* says and where the plugins are.
 #[derive(Debug, Clone)]
 pub struct Invocation<'a> {
@@ -95,7 +93,6 @@ pub struct Invocation<'a> {
     /// Searched in order for each plugin `type`; also CNI_PATH.
     pub plugin_dirs: &'a [PathBuf],
     pub port_mappings: &'a [PortMapping],
-    pub overrides: &'a ConfOverrides,
 }
 
 /// A parsed conflist: its version, name and plugin configs.
@@ -157,12 +154,6 @@ impl ConfList {
         let mut conf = self.plugins[index].clone();
         conf.insert("cniVersion".into(), json!(self.cni_version));
         conf.insert("name".into(), json!(self.name));
-        let plugin_type = plugin_type(&conf).to_string();
-        for (t, extra) in inv.overrides {
-            if *t == plugin_type {
-                conf.extend(extra.clone());
-            }
-        }
         // runtimeConfig carries only what the plugin declared it can take, and nothing
         // when there is nothing to carry (libcni's behaviour: portmap then does nothing).
         let wants_ports = conf
@@ -379,9 +370,6 @@ mod tests {
     fn plugin_configs_are_built_as_libcni_builds_them() {
         let list = list();
         let dirs = vec![PathBuf::from("/nowhere")];
-        let mut extra = serde_json::Map::new();
-        extra.insert("dataDir".into(), json!("/lab/h1/cni-ipam"));
-        let overrides = vec![("overlay-cni".to_string(), extra)];
         let ports = vec!["8080:80".parse().unwrap()];
         let inv = Invocation {
             host_ns: "ns",
@@ -390,12 +378,10 @@ mod tests {
             ifname: "eth0",
             plugin_dirs: &dirs,
             port_mappings: &ports,
-            overrides: &overrides,
         };
         let first = list.plugin_conf(0, &inv, None);
         assert_eq!(first["cniVersion"], "1.0.0");
         assert_eq!(first["name"], "overlay");
-        assert_eq!(first["dataDir"], "/lab/h1/cni-ipam");
         assert!(
             !first.contains_key("runtimeConfig"),
             "not a capability of it"
@@ -408,7 +394,6 @@ mod tests {
             second["runtimeConfig"],
             json!({"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]})
         );
-        assert!(!second.contains_key("dataDir"));
         let no_ports = Invocation {
             port_mappings: &[],
             ..inv

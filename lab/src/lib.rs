@@ -352,13 +352,6 @@ impl LabState {
         cni::ConfList::load(&path)
     }
 
-    /// Nothing to override: each lab agent writes its host's own `dataDir` (under the
-    /// host's directory: the hosts share one filesystem) into the conflist it installs, so
-    /// lab workloads and a real runtime on the host share one reservation store.
-    fn cni_overrides(&self, _host: &HostState) -> cni::ConfOverrides {
-        Vec::new()
-    }
-
     /// The TLS flags of `identity` (a host name, "controller" or "admin"), or
     /// `--insecure` in a plaintext lab.
     pub fn tls_args(&self, identity: &str) -> Vec<String> {
@@ -817,7 +810,6 @@ impl Lab {
         netns::create(&ns)?;
         let netns_path = netns::netns_path(&ns);
         let plugin_dirs = self.state.plugin_dirs();
-        let overrides = self.state.cni_overrides(&h);
         let inv = cni::Invocation {
             host_ns: &h.ns,
             container_id: &container_id,
@@ -825,7 +817,6 @@ impl Lab {
             ifname: WORKLOAD_IFNAME,
             plugin_dirs: &plugin_dirs,
             port_mappings: publish,
-            overrides: &overrides,
         };
         let result = match cni::add(&conflist, &inv) {
             Ok(r) => r,
@@ -879,7 +870,6 @@ impl Lab {
         if !w.container_id.is_empty() {
             let conflist = self.state.conflist(&h)?;
             let plugin_dirs = self.state.plugin_dirs();
-            let overrides = self.state.cni_overrides(&h);
             let netns_path = netns::netns_path(&w.ns);
             let inv = cni::Invocation {
                 host_ns: &h.ns,
@@ -888,7 +878,6 @@ impl Lab {
                 ifname: WORKLOAD_IFNAME,
                 plugin_dirs: &plugin_dirs,
                 port_mappings: &w.publish,
-                overrides: &overrides,
             };
             cni::del(&conflist, &inv, w.cni_result.as_ref())?;
         }
