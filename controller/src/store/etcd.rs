@@ -709,17 +709,8 @@ impl Store for EtcdStore {
         value: Vec<u8>,
         lease: LeaseId,
     ) -> Result<Written, StoreError> {
-        let resp = self
-            .txn(
-                Compare::create_revision(key, CompareOp::Equal, 0),
-                TxnOp::put(key, value, put_options(lease)),
-                Some(lease),
-            )
-            .await?;
-        if !resp.succeeded() {
-            return Ok(Written::Conflict);
-        }
-        Ok(Written::Yes(header_revision(resp.header())?))
+        // Expected revision 0 is "only if absent".
+        self.update(key, value, 0, lease).await
     }
 
     async fn update(

@@ -246,23 +246,38 @@ impl Netlink {
         // The MTU is set after creation, not in the create message: only an MTU set on a
         // live bridge marks it as chosen by the user, which stops the kernel from
         // lowering or raising it to its ports' minimum whenever a port is added.
-        self.count_write();
-        self.handle
-            .link()
-            .add(LinkBridge::new(name).address(mac.0.to_vec()).build())
-            .execute()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl(op.clone(), e))?;
         let link = self
-            .link_info(name)
-            .await?
-            .ok_or_else(|| NetlinkError::NoSuchLink {
-                op: op.clone(),
-                name: name.to_string(),
-            })?;
+            .create_link(
+                &op,
+                name,
+                LinkBridge::new(name).address(mac.0.to_vec()).build(),
+            )
+            .await?;
         tracing::info!(link = name, index = link.index, "created bridge {name}");
         self.fix_link(&link, mac, mtu).await?;
         Ok(link.index)
+    }
+
+    /// Sends one link creation and reads the new link back.
+    async fn create_link(
+        &self,
+        op: &str,
+        name: &str,
+        message: LinkMessage,
+    ) -> Result<LinkInfo, NetlinkError> {
+        self.count_write();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnl(op.to_string(), e))?;
+        self.link_info(name)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink {
+                op: op.to_string(),
+                name: name.to_string(),
+            })
     }
 
     /// Creates the VTEP (learning off); recreates it when it differs in what cannot be
@@ -291,20 +306,7 @@ impl Netlink {
             .address(spec.mac.0.to_vec())
             .up()
             .build();
-        self.count_write();
-        self.handle
-            .link()
-            .add(message)
-            .execute()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl(op.clone(), e))?;
-        let link = self
-            .link_info(name)
-            .await?
-            .ok_or_else(|| NetlinkError::NoSuchLink {
-                op: op.clone(),
-                name: name.to_string(),
-            })?;
+        let link = self.create_link(&op, name, message).await?;
         tracing::info!(
             link = name,
             index = link.index,
