@@ -1,7 +1,7 @@
 # Overlay: the two commands that matter are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all deps build release test unit demo bench fmt lint clean
+.PHONY: all deps build release test unit demo bench fmt lint clean check-fresh
 
 all: build
 
@@ -18,6 +18,12 @@ release: deps
 # skipping here, so a green run means they all ran).
 test: build
 	OVERLAY_TEST_STRICT=1 $(CARGO) test --workspace -- --test-threads=4
+
+# The clean-room check: install-deps, a build and the deploy tests inside a minimal Debian
+# 12 root (mmdebstrap), with this machine's Rust toolchain; proves the install path on a
+# machine that has nothing else (scripts/check-fresh.sh). Root; CI runs it after `test`.
+check-fresh: deps
+	scripts/check-fresh.sh
 
 # Fast tests only: pure logic, no etcd, no root.
 unit:

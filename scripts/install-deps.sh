@@ -1,33 +1,58 @@
 #!/usr/bin/env bash
 # Installs the system packages Overlay's build, tests and demo need, when missing.
-# Debian/Ubuntu only (apt-get); run as root. Safe to run again: it installs nothing
-# when everything is there.
+#
+# Target: a minimal Debian 12 (or Ubuntu 22.04/24.04 with universe) that has the Rust
+# toolchain and nothing else. `make check-fresh` proves this list in a clean root made by
+# mmdebstrap --variant=minbase: a package missing here fails that check.
+#
+# Each need is checked by what it provides (a command or a file), not by the package
+# name, so a machine that got etcd or protoc another way installs nothing. Safe to run
+# again: it installs nothing when everything is there. Root, or sudo.
 set -euo pipefail
 
-declare -A pkg_for=(
-  [etcd]=etcd-server
-  [etcdctl]=etcd-client
-  [protoc]=protobuf-compiler
-  [ip]=iproute2
-  [iptables]=iptables
-  [nft]=nftables
-  [ping]=iputils-ping
-  [iperf3]=iperf3
-  [vagrant]=vagrant
-  [systemd-analyze]=systemd
+# What                       how it is checked              Debian package
+needs=(
+  # the build: a C compiler and libc headers (ring, the linker), protoc and the
+  # well-known .proto files (etcd-client's build script imports descriptor.proto;
+  # --no-install-recommends does not bring them with protobuf-compiler)
+  "cmd:cc                                                   gcc"
+  "file:/usr/include/stdio.h                                libc6-dev"
+  "cmd:make                                                 make"
+  "cmd:protoc                                               protobuf-compiler"
+  "file:/usr/include/google/protobuf/descriptor.proto       libprotobuf-dev"
+  "file:/etc/ssl/certs/ca-certificates.crt                  ca-certificates"
+  # the tests and the demo: a real etcd, the kernel's tools in namespaces
+  "cmd:etcd                                                 etcd-server"
+  "cmd:etcdctl                                              etcd-client"
+  "cmd:ip                                                   iproute2"
+  "cmd:bridge                                               iproute2"
+  "cmd:iptables                                             iptables"
+  "cmd:nft                                                  nftables"
+  "cmd:ping                                                 iputils-ping"
+  "cmd:iperf3                                               iperf3"
+  "cmd:setpriv                                              util-linux"
+  "cmd:nsenter                                              util-linux"
+  # the reference CNI plugins, chained after overlay-cni (portmap publishes ports)
+  "file:/usr/lib/cni/portmap                                containernetworking-plugins"
+  # the deployment checks: systemd units and the Vagrantfile
+  "cmd:systemd-analyze                                      systemd"
+  "cmd:vagrant                                              vagrant"
+  # the clean-room check (scripts/check-fresh.sh)
+  "cmd:mmdebstrap                                           mmdebstrap"
 )
-# Files that are no command on PATH: the reference CNI plugins, chained after
-# overlay-cni (portmap publishes ports).
-declare -A pkg_for_file=(
-  [/usr/lib/cni/portmap]=containernetworking-plugins
-)
+
 missing=()
-for cmd in "${!pkg_for[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_for[$cmd]}")
+for line in "${needs[@]}"; do
+  read -r probe pkg <<<"$line"
+  kind=${probe%%:*}
+  what=${probe#*:}
+  case $kind in
+    cmd) command -v "$what" >/dev/null 2>&1 && continue ;;
+    file) [ -e "$what" ] && continue ;;
+  esac
+  case " ${missing[*]-} " in *" $pkg "*) ;; *) missing+=("$pkg") ;; esac
 done
-for file in "${!pkg_for_file[@]}"; do
-  [ -e "$file" ] || missing+=("${pkg_for_file[$file]}")
-done
+
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
@@ -42,4 +67,10 @@ fi
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if ! "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/install-deps.$$.log 2>&1; then
+  echo "install-deps: apt-get install failed; its last lines:" >&2
+  tail -n 20 /tmp/install-deps.$$.log >&2
+  rm -f /tmp/install-deps.$$.log
+  exit 1
+fi
+rm -f /tmp/install-deps.$$.log

@@ -307,12 +307,13 @@ mod tests {
             insecure: true,
             ..Default::default()
         });
-        let port = overlay_tests::free_port();
-        let urls = parse_controllers(&format!("127.0.0.1:{port}")).unwrap();
+        // A port of this process's own that nothing binds.
+        let addr = overlay_tests::loopback_addr(overlay_tests::next_port());
+        let urls = parse_controllers(&addr).unwrap();
         let err = connect(&urls).await.err().expect("nothing listens there");
         assert_eq!(
             err.to_string(),
-            format!("cannot reach the controller at http://127.0.0.1:{port}: connection refused")
+            format!("cannot reach the controller at http://{addr}: connection refused")
         );
     }
 }

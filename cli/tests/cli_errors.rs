@@ -29,9 +29,12 @@ fn assert_one_error_line(out: &Output) {
     );
 }
 
-/// A URL on which nothing listens: a free port, released.
+/// A URL on which nothing listens: a port of this process's own that nothing binds.
 fn dead_controller() -> String {
-    format!("http://127.0.0.1:{}", overlay_tests::free_port())
+    format!(
+        "http://{}",
+        overlay_tests::loopback_addr(overlay_tests::next_port())
+    )
 }
 
 #[test]

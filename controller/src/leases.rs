@@ -228,7 +228,7 @@ impl LeaseManager {
             // Reservations first, then the oldest lease.
             own.sort_by_key(|s| (!s.lease.record.reserved, s.kv.create_revision));
             if let Some((keep, extra)) = own.split_first() {
-                if !config.fits(keep.lease.subnet) {
+                if !config.keeps(keep.lease.subnet, keep.lease.record.reserved) {
                     info!(node = %req.node, subnet = %keep.lease.subnet, "lease no longer fits the config; replacing it");
                     self.delete_stored(keep).await?;
                     continue;
@@ -446,7 +446,7 @@ impl LeaseManager {
         let (stored, _) = self.list_stored().await?;
         let misfits: Vec<&Stored> = stored
             .iter()
-            .filter(|s| !config.fits(s.lease.subnet))
+            .filter(|s| !config.keeps(s.lease.subnet, s.lease.record.reserved))
             .collect();
         if !misfits.is_empty() && !force {
             let names: Vec<String> = misfits
@@ -509,12 +509,10 @@ impl LeaseManager {
         validate_node_name(node)?;
         validate_public_ip(public_ip)?;
         let config = self.config().await?;
-        if !config.fits(subnet) {
+        if !config.is_network_subnet(subnet) {
             return Err(ControlError::InvalidArgument(format!(
-                "subnet {subnet} is not one of the network's subnets ({}/{} ... {})",
-                config.subnet_min.network(),
-                config.subnet_len,
-                config.subnet_max
+                "subnet {subnet} is not one of the network's subnets (a /{} inside {})",
+                config.subnet_len, config.network
             )));
         }
         if config.network.contains(&public_ip) {
@@ -724,6 +722,38 @@ mod tests {
         assert_eq!(m.list().await.unwrap().0.len(), 2);
     }
 
+    /// Fixed subnets kept out of random allocation: reserved after subnet_max, they are
+    /// honoured, never handed to anyone else, and survive a config change of the range.
+    #[tokio::test]
+    async fn reservations_outside_the_dynamic_range_are_honoured() {
+        let m = manager(
+            r#"{"network":"10.244.0.0/16","subnet_min":"10.244.1.0/24","subnet_max":"10.244.2.0/24","backend":{"type":"alloc"}}"#,
+        )
+        .await;
+        let fixed: Ipv4Net = "10.244.250.0/24".parse().unwrap();
+        m.reserve(fixed, "pinned", "192.0.2.9".parse().unwrap())
+            .await
+            .unwrap();
+        let a = m.acquire(&req("a")).await.unwrap();
+        let b = m.acquire(&req("b")).await.unwrap();
+        assert!(m.acquire(&req("c")).await.is_err(), "the range holds two");
+        assert_ne!(a.lease.subnet, fixed);
+        assert_ne!(b.lease.subnet, fixed);
+        let mut pinned = req("pinned");
+        pinned.public_ip = "192.0.2.9".parse().unwrap();
+        assert_eq!(m.acquire(&pinned).await.unwrap().lease.subnet, fixed);
+        // A new range that leaves the dynamic leases in place keeps the reservation too.
+        let (_, revoked) = m
+            .set_config(
+                r#"{"network":"10.244.0.0/16","subnet_min":"10.244.1.0/24","subnet_max":"10.244.3.0/24","backend":{"type":"alloc"}}"#,
+                false,
+            )
+            .await
+            .unwrap();
+        assert!(revoked.is_empty(), "{revoked:?}");
+        assert_eq!(m.list().await.unwrap().0.len(), 3);
+    }
+
     #[tokio::test]
     async fn concurrent_managers_never_hand_out_one_subnet_twice() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
@@ -816,10 +846,10 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("other"), "{e}");
-        // Outside the range: refused.
+        // Outside the network: refused.
         let e = m
             .reserve(
-                "10.244.0.0/24".parse().unwrap(),
+                "10.245.0.0/24".parse().unwrap(),
                 "x",
                 "192.0.2.6".parse().unwrap(),
             )

@@ -79,9 +79,13 @@ struct Args {
     /// gRPC listen address.
     #[arg(long, env = "OVERLAY_LISTEN", default_value = "0.0.0.0:7400")]
     listen: SocketAddr,
-    /// Health endpoint (/healthz, /readyz); "off" disables it.
+    /// Health endpoint (/healthz, /readyz, /metrics); "off" disables it.
     #[arg(long, env = "OVERLAY_HEALTH_LISTEN", default_value = "127.0.0.1:7401")]
     health_listen: String,
+    /// Once listening, write the bound addresses here (`grpc=ADDR`, `health=ADDR`): what
+    /// port 0 in --listen or --health-listen became.
+    #[arg(long, env = "OVERLAY_ADDR_FILE")]
+    addr_file: Option<PathBuf>,
     /// This controller's certificate (PEM); with --tls-key and --tls-ca enables mutual TLS.
     #[arg(long, env = "OVERLAY_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -216,8 +220,20 @@ async fn notify_systemd(state: HealthState) {
     }
 }
 
+/// A failure is one line on stderr, its causes joined (no backtrace, whatever
+/// RUST_BACKTRACE says: what went wrong is in the message), and exit status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("overlay-controller: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     overlay_proto::daemon::init_logging(&args.log_format);
     let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
@@ -231,6 +247,23 @@ async fn main() -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen: cannot listen on {}", args.listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let health_listener = match health_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--health-listen: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    if let Some(path) = &args.addr_file {
+        let mut addrs = vec![("grpc", grpc_addr)];
+        if let Some(l) = &health_listener {
+            addrs.push(("health", l.local_addr()?));
+        }
+        overlay_proto::daemon::write_addr_file(path, &addrs)
+            .with_context(|| format!("--addr-file: cannot write {}", path.display()))?;
+    }
 
     info!(endpoints = ?args.etcd_endpoints, prefix = %args.etcd_prefix, "connecting to etcd");
     let metrics = Arc::new(Metrics::new());
@@ -253,7 +286,7 @@ async fn main() -> anyhow::Result<()> {
     let election = janitor::spawn(
         store.clone(),
         &args.etcd_prefix,
-        janitor::default_identity(args.listen),
+        janitor::default_identity(grpc_addr),
         args.leader_ttl,
         JanitorConfig {
             interval: args.janitor_interval,
@@ -274,10 +307,7 @@ async fn main() -> anyhow::Result<()> {
         leases: manager.clone(),
         metrics: metrics.clone(),
     };
-    if let Some(addr) = health_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
+    if let Some(listener) = health_listener {
         let router = health::router(health_state.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
@@ -306,7 +336,7 @@ async fn main() -> anyhow::Result<()> {
         fanout,
         metrics,
     };
-    info!(listen = %args.listen, "serving gRPC");
+    info!(listen = %grpc_addr, "serving gRPC");
     let mut server = tonic::transport::Server::builder();
     if let Transport::Tls(files) = &transport {
         server = server

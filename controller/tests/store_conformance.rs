@@ -192,7 +192,10 @@ async fn etcd_store_reports_a_dead_etcd_as_unavailable() {
 /// An etcd that is not running gives `Unavailable` right away; connecting does not need it.
 #[tokio::test]
 async fn etcd_store_without_etcd_is_unavailable() {
-    let endpoint = format!("http://127.0.0.1:{}", overlay_tests::free_port());
+    let endpoint = format!(
+        "http://{}",
+        overlay_tests::loopback_addr(overlay_tests::next_port())
+    );
     let store = EtcdStore::connect(&[endpoint])
         .await
         .expect("connecting does not need etcd");

@@ -188,9 +188,27 @@ impl NetworkConfig {
             .expect("validated config has a valid range")
     }
 
-    /// Whether an existing lease for `subnet` is still valid under this config.
+    /// Whether `subnet` is in the range dynamic leases are picked from.
     pub fn fits(&self, subnet: Ipv4Net) -> bool {
         self.range().contains(subnet)
+    }
+
+    /// Whether `subnet` is one of the network's subnets: inside the network, `subnet_len`
+    /// long. A reservation may be any of them, in the dynamic range or outside it: an
+    /// operator keeps fixed subnets out of the way of random allocation by reserving them
+    /// outside `subnet_min..subnet_max`, as with static addresses outside a DHCP pool.
+    pub fn is_network_subnet(&self, subnet: Ipv4Net) -> bool {
+        subnet.prefix_len() == self.subnet_len && self.network.contains(&subnet)
+    }
+
+    /// Whether an existing lease is still valid under this config: a dynamic lease inside
+    /// the range, a reservation anywhere in the network.
+    pub fn keeps(&self, subnet: Ipv4Net, reserved: bool) -> bool {
+        if reserved {
+            self.is_network_subnet(subnet)
+        } else {
+            self.fits(subnet)
+        }
     }
 }
 
@@ -637,5 +655,19 @@ mod tests {
         assert!(!c.fits("10.244.0.0/24".parse().unwrap()));
         assert!(!c.fits("10.245.7.0/24".parse().unwrap()));
         assert!(!c.fits("10.244.7.0/25".parse().unwrap()));
+    }
+
+    #[test]
+    fn reservations_may_sit_outside_the_dynamic_range() {
+        let mut s = spec("10.244.0.0/16");
+        s.subnet_max = Some("10.244.199.0/24".into());
+        let c = s.validate().unwrap();
+        let outside: Ipv4Net = "10.244.200.0/24".parse().unwrap();
+        assert!(!c.fits(outside));
+        assert!(c.is_network_subnet(outside));
+        assert!(c.keeps(outside, true));
+        assert!(!c.keeps(outside, false));
+        assert!(!c.is_network_subnet("10.245.1.0/24".parse().unwrap()));
+        assert!(!c.is_network_subnet("10.244.1.0/25".parse().unwrap()));
     }
 }

@@ -59,6 +59,15 @@ pub enum LabError {
     Invalid(String),
     #[error("timed out: {0}")]
     Timeout(String),
+    /// A component of the lab did not come up: its own last log lines, and where the whole
+    /// log is (kept after the rest of the lab is removed).
+    #[error("{what} ({why}); the last lines of its log:\n{tail}\nwhole log: {}", log.display())]
+    Component {
+        what: String,
+        why: String,
+        log: PathBuf,
+        tail: String,
+    },
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
     #[error("CNI {command} by {plugin}: {message}")]
@@ -132,6 +141,9 @@ pub struct LabSpec {
     pub hosts: usize,
     pub backend: String,
     pub network: String,
+    /// The last subnet handed out at random (`--subnet-max`); subnets after it are left
+    /// for reservations.
+    pub subnet_max: Option<String>,
     pub lease_ttl: Option<String>,
     pub direct_routing: bool,
     pub ip_masq: bool,
@@ -140,6 +152,8 @@ pub struct LabSpec {
     pub detach: bool,
     /// Extra agent flags.
     pub agent_args: Vec<String>,
+    /// Extra controller flags (`--name=value`); one the lab also sets replaces the lab's.
+    pub controller_args: Vec<String>,
     /// Plaintext gRPC (`--insecure` everywhere) instead of mutual TLS with certificates
     /// made for the lab.
     pub insecure: bool,
@@ -155,12 +169,14 @@ impl LabSpec {
             hosts: 3,
             backend: "vxlan".into(),
             network: "10.244.0.0/16".into(),
+            subnet_max: None,
             lease_ttl: None,
             direct_routing: false,
             ip_masq: false,
             workloads_per_host: 1,
             detach: false,
             agent_args: Vec::new(),
+            controller_args: Vec::new(),
             insecure: false,
         }
     }
@@ -272,6 +288,62 @@ fn wait_for<T>(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Waits until `ready` holds for a component the lab started as `pid`; when the process
+/// exits first or time runs out, the error carries its last log lines and the log's path.
+fn wait_component(
+    what: &str,
+    pid: Option<u32>,
+    log: &Path,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), LabError> {
+    let failed = |why: String| LabError::Component {
+        what: format!("{what} did not start"),
+        why,
+        log: log.to_path_buf(),
+        tail: last_lines(log, 20),
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if pid.is_some_and(process_gone) {
+            return Err(failed("it exited".into()));
+        }
+        if Instant::now() > deadline {
+            return Err(failed(format!("not ready after {}s", timeout.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the command name, which ends with ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// The last `n` lines of a text file, each indented for an error message.
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(n)..];
+    if tail.is_empty() {
+        return "  (empty)".into();
+    }
+    tail.iter()
+        .map(|l| format!("  {l}\n"))
+        .collect::<String>()
+        .trim_end()
+        .to_string()
 }
 
 fn file_err(path: &Path, e: impl std::fmt::Display) -> LabError {
@@ -432,6 +504,10 @@ impl Lab {
         {
             return Err(LabError::Exists(spec.name.clone()));
         }
+        // What a failed `up` left: its logs only (no state file, no namespace).
+        if spec.dir.exists() {
+            std::fs::remove_dir_all(&spec.dir).map_err(|e| file_err(&spec.dir, e))?;
+        }
         std::fs::create_dir_all(&spec.dir).map_err(|e| file_err(&spec.dir, e))?;
         let ul = format!("{}-ul", spec.ns_prefix);
         let mut lab = Lab {
@@ -461,12 +537,14 @@ impl Lab {
             detach: spec.detach,
             down_on_drop: !spec.detach,
         };
-        // From here on, a failure tears down what was made.
+        // From here on, a failure tears down what was made, except the logs: they say why
+        // (`lab down` or the next `lab up` removes them).
         match lab.build(spec, progress) {
             Ok(()) => Ok(lab),
             Err(e) => {
                 lab.down_on_drop = false;
-                let _ = lab.teardown();
+                lab.stop_children();
+                let _ = teardown_keeping_logs(&spec.ns_prefix, &spec.dir);
                 Err(e)
             }
         }
@@ -534,9 +612,16 @@ impl Lab {
         let etcd_log = self.state.etcd_log.clone();
         self.state.etcd_pid =
             Some(self.spawn("etcd", &ul, Path::new("etcd"), &etcd_args, &etcd_log)?);
-        wait_for("etcd to become healthy", Duration::from_secs(20), || {
-            http_get_in(&ul, "127.0.0.1", 2379, "/health").filter(|(_, b)| b.contains("true"))
-        })?;
+        wait_component(
+            "etcd",
+            self.state.etcd_pid,
+            &etcd_log,
+            Duration::from_secs(20),
+            || {
+                http_get_in(&ul, "127.0.0.1", 2379, "/health")
+                    .is_some_and(|(_, b)| b.contains("true"))
+            },
+        )?;
 
         progress(&format!(
             "controller: listening on {}",
@@ -548,14 +633,21 @@ impl Lab {
             "--health-listen=127.0.0.1:7401".into(),
         ];
         ctl_args.extend(self.state.tls_args("controller"));
+        for extra in &spec.controller_args {
+            let name = extra.split('=').next().unwrap_or_default();
+            ctl_args.retain(|a| a.split('=').next() != Some(name));
+            ctl_args.push(extra.clone());
+        }
         let ctl_bin = spec.bin_dir.join("overlay-controller");
         let ctl_log = self.state.controller_log.clone();
         self.state.controller_pid =
             Some(self.spawn("controller", &ul, &ctl_bin, &ctl_args, &ctl_log)?);
-        wait_for(
-            "the controller to become ready",
+        wait_component(
+            "the controller",
+            self.state.controller_pid,
+            &ctl_log,
             Duration::from_secs(20),
-            || http_get_in(&ul, "127.0.0.1", 7401, "/readyz").filter(|(c, _)| *c == 200),
+            || http_get_in(&ul, "127.0.0.1", 7401, "/readyz").is_some_and(|(c, _)| c == 200),
         )?;
         let mut config = vec![
             "config".to_string(),
@@ -567,6 +659,9 @@ impl Lab {
         ];
         if let Some(ttl) = &spec.lease_ttl {
             config.extend(["--lease-ttl".into(), ttl.clone()]);
+        }
+        if let Some(max) = &spec.subnet_max {
+            config.extend(["--subnet-max".into(), max.clone()]);
         }
         if spec.direct_routing {
             config.push("--direct-routing".into());
@@ -588,14 +683,12 @@ impl Lab {
         ));
         for h in 0..spec.hosts {
             let host = self.state.hosts[h].clone();
-            wait_for(
-                &format!(
-                    "the agent on {} to become ready (log: {})",
-                    host.name,
-                    host.agent_log.display()
-                ),
+            wait_component(
+                &format!("the agent on {}", host.name),
+                host.agent_pid,
+                &host.agent_log,
                 Duration::from_secs(60),
-                || self.state.agent_ready(&host).then_some(()),
+                || self.state.agent_ready(&host),
             )?;
         }
         for h in 0..spec.hosts {
@@ -644,7 +737,11 @@ impl Lab {
             .map_err(|e| file_err(log, e))?;
         let err = out.try_clone().map_err(|e| file_err(log, e))?;
         let mut cmd = Command::new(bin);
-        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        netns::lab_env(&mut cmd)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
         netns::in_netns(&mut cmd, ns)?;
         if self.detach {
             // SAFETY: setsid is async-signal-safe; the daemon leaves our session.
@@ -905,13 +1002,17 @@ impl Lab {
 
     /// Removes everything; reports every failure but keeps going.
     pub fn teardown(&mut self) -> Vec<LabError> {
+        self.stop_children();
+        teardown_prefix(&self.state.ns_prefix, &self.state.dir)
+    }
+
+    fn stop_children(&mut self) {
         for (_, child) in &mut self.children {
             let _ = child.kill();
         }
         for (_, mut child) in self.children.drain(..) {
             let _ = child.wait();
         }
-        teardown_prefix(&self.state.ns_prefix, &self.state.dir)
     }
 }
 
@@ -928,6 +1029,45 @@ impl Drop for Lab {
 /// Deletes every namespace named `<prefix>-*` (killing what runs inside) and `dir`.
 /// Safe to run twice and on a half-made lab.
 pub fn teardown_prefix(prefix: &str, dir: &Path) -> Vec<LabError> {
+    let mut errors = delete_namespaces(prefix);
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            errors.push(file_err(dir, e));
+        }
+    }
+    errors
+}
+
+/// [`teardown_prefix`], but the `*.log` files under `dir` stay where they are.
+pub fn teardown_keeping_logs(prefix: &str, dir: &Path) -> Vec<LabError> {
+    let mut errors = delete_namespaces(prefix);
+    remove_all_but_logs(dir, &mut errors);
+    errors
+}
+
+fn remove_all_but_logs(dir: &Path, errors: &mut Vec<LabError>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let result = match entry.file_type() {
+            Ok(t) if t.is_dir() => {
+                remove_all_but_logs(&path, errors);
+                // Fails, harmlessly, where a log stays inside.
+                let _ = std::fs::remove_dir(&path);
+                Ok(())
+            }
+            _ if path.extension().is_some_and(|e| e == "log") => Ok(()),
+            _ => std::fs::remove_file(&path),
+        };
+        if let Err(e) = result {
+            errors.push(file_err(&path, e));
+        }
+    }
+}
+
+fn delete_namespaces(prefix: &str) -> Vec<LabError> {
     let mut errors = Vec::new();
     // Workloads first, then hosts, then the underlay (whose bridge ports vanish with them).
     let mut names = netns::list_with_prefix(&format!("{prefix}-"));
@@ -935,11 +1075,6 @@ pub fn teardown_prefix(prefix: &str, dir: &Path) -> Vec<LabError> {
     for ns in names {
         if let Err(e) = netns::delete(&ns) {
             errors.push(e);
-        }
-    }
-    if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            errors.push(file_err(dir, e));
         }
     }
     errors

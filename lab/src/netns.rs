@@ -20,8 +20,23 @@ pub fn netns_path(name: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(name)
 }
 
-/// Runs a command, turning a failure into an error that names it and its stderr.
+/// Gives a command the lab's own environment: the caller's `OVERLAY_*` variables are
+/// removed, since every binary reads its flags from them too (`OVERLAY_INSECURE=true` left
+/// over from a plaintext session would make the lab's TLS controller serve plaintext).
+/// The lab passes everything it means as flags.
+pub fn lab_env(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("OVERLAY_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Runs a command with the lab's environment ([`lab_env`]), turning a failure into an error
+/// that names it and its stderr.
 pub fn run(cmd: &mut Command) -> Result<Output, LabError> {
+    lab_env(cmd);
     let shown = format!("{cmd:?}").replace('"', "");
     let out = cmd
         .stdin(Stdio::null())

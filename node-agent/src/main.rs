@@ -29,7 +29,7 @@ struct Args {
         value_delimiter = ','
     )]
     controller: Vec<String>,
-    /// This node's name (default: the hostname).
+    /// This node's name (default: the common name of --tls-cert, else the hostname).
     #[arg(long, env = "OVERLAY_NODE_NAME")]
     node_name: Option<String>,
     /// The underlay IP other hosts reach this one at.
@@ -48,9 +48,13 @@ struct Args {
     /// Masquerade traffic from the overlay to outside the cluster network.
     #[arg(long, env = "OVERLAY_IP_MASQ")]
     ip_masq: bool,
-    /// Health endpoint (/healthz, /readyz, /status); "off" disables it.
+    /// Health endpoint (/healthz, /readyz, /status, /metrics); "off" disables it.
     #[arg(long, env = "OVERLAY_HEALTH_LISTEN", default_value = "127.0.0.1:7402")]
     health_listen: String,
+    /// Once listening, write the health endpoint's bound address here (`health=ADDR`): what
+    /// port 0 in --health-listen became.
+    #[arg(long, env = "OVERLAY_ADDR_FILE")]
+    addr_file: Option<PathBuf>,
     /// Full reconcile interval even without events.
     #[arg(long, env = "OVERLAY_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     resync_interval: std::time::Duration,
@@ -90,8 +94,20 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// A failure is one line on stderr, its causes joined (no backtrace, whatever
+/// RUST_BACKTRACE says: what went wrong is in the message), and exit status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("overlay-agent: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     overlay_proto::daemon::init_logging(&args.log_format);
     // TLS with all three files, or plaintext only when asked for with --insecure.
@@ -122,6 +138,10 @@ async fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
+        if let Some(path) = &args.addr_file {
+            overlay_proto::daemon::write_addr_file(path, &[("health", listener.local_addr()?)])
+                .with_context(|| format!("--addr-file: cannot write {}", path.display()))?;
+        }
         let router = health::router(status.clone(), metrics.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {

@@ -1,18 +1,22 @@
 //! The project's real binaries as test fixtures: controllers, agents and `overlayctl`.
 //!
-//! Each fixture gets its own directory for logs and state, loopback ports chosen free, and
-//! is killed on drop. Logs stay readable through `log()` for assertion messages.
+//! Each fixture gets its own directory for logs and state, listens on this process's own
+//! loopback address (controllers on ports from [`next_port`], agents on port 0, reported
+//! through `--addr-file`), and is killed on drop. Logs stay readable through `log()` for assertion messages.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::etcd::Etcd;
-use crate::proc::{bin_path, free_port, wait_until, Child};
+use crate::proc::{
+    bin_path, loopback, loopback_addr, next_port, read_addr_file, wait_until, Child,
+};
 
-/// GET `path` from `127.0.0.1:port`; the status code and body.
+/// GET `path` from this process's loopback address ([`loopback`]) at `port`; the status
+/// code and body.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    overlay_lab::http_get("127.0.0.1", port, path)
+    overlay_lab::http_get(&loopback().to_string(), port, path)
 }
 
 fn log_file(dir: &Path, name: &str) -> (PathBuf, std::fs::File) {
@@ -45,19 +49,21 @@ impl Controller {
         name: &str,
         extra: &[String],
     ) -> Controller {
-        let port = free_port();
-        let health_port = free_port();
+        // Fixed ports of this process's own (not port 0): a restart must come back on the
+        // same address, since clients hold the URL.
+        let port = next_port();
+        let health_port = next_port();
         let mut args = vec![
             format!("--etcd-endpoints={}", etcd.endpoint),
             format!("--etcd-prefix={prefix}"),
-            format!("--listen=127.0.0.1:{port}"),
-            format!("--health-listen=127.0.0.1:{health_port}"),
+            format!("--listen={}", loopback_addr(port)),
+            format!("--health-listen={}", loopback_addr(health_port)),
         ];
         args.extend(extra.iter().cloned());
         let (log_path, _) = log_file(dir, name);
         let mut c = Controller {
             child: spawn_logged(name, "overlay-controller", &args, &log_path),
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{}", loopback_addr(port)),
             port,
             health_port,
             log_path,
@@ -176,24 +182,42 @@ impl Agent {
         env: &[(&str, &str)],
     ) -> Agent {
         let dir = dir.join(label);
-        let health_port = free_port();
+        // The agent binds port 0 and writes the port it got to --addr-file.
+        let addr_file = dir.join("addrs");
         let mut args = vec![
             format!("--controller={controllers}"),
             format!("--public-ip={public_ip}"),
             format!("--run-dir={}", dir.join("run").display()),
             format!("--state-dir={}", dir.join("state").display()),
-            format!("--health-listen=127.0.0.1:{health_port}"),
+            format!("--health-listen={}", loopback_addr(0)),
+            format!("--addr-file={}", addr_file.display()),
         ];
         args.extend(extra.iter().cloned());
         let (log_path, _) = log_file(&dir, "agent");
-        Agent {
+        let mut agent = Agent {
             child: spawn_logged_env(label, "overlay-agent", &args, &log_path, env),
             name: label.to_string(),
             dir,
-            health_port,
+            health_port: 0,
             args,
             log_path,
-        }
+        };
+        agent.read_health_port();
+        agent
+    }
+
+    /// Waits for the agent to report its health address (it binds before anything else);
+    /// an agent that exits first keeps port 0, which never answers.
+    fn read_health_port(&mut self) {
+        let file = self.dir.join("addrs");
+        let child = &mut self.child;
+        self.health_port = wait_until(Duration::from_secs(20), || {
+            if let Some(a) = read_addr_file(&file, "health") {
+                return Some(a.port());
+            }
+            child.exited().map(|_| 0)
+        })
+        .unwrap_or(0);
     }
 
     pub fn subnet_env_path(&self) -> PathBuf {
@@ -239,15 +263,17 @@ impl Agent {
             .flatten()
     }
 
-    /// Restarts with the same flags, dirs and ports.
+    /// Restarts with the same flags and dirs (the health port is a new one).
     pub fn restart(&mut self) {
         self.child.kill();
+        let _ = std::fs::remove_file(self.dir.join("addrs"));
         self.child = spawn_logged(
             &self.name.clone(),
             "overlay-agent",
             &self.args,
             &self.log_path,
         );
+        self.read_health_port();
     }
 
     pub fn log(&self) -> String {

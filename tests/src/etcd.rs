@@ -1,4 +1,4 @@
-//! A real, throwaway etcd on free loopback ports, in plaintext or (with [`EtcdTls`])
+//! A real, throwaway etcd on this test process's loopback address, in plaintext or (with [`EtcdTls`])
 //! serving https and requiring client certificates.
 
 use std::io::{Read, Write};
@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::proc::{free_port, wait_until, Child};
+use crate::proc::{loopback, loopback_addr, next_port, wait_until, Child};
 
 pub struct Etcd {
-    /// `http://127.0.0.1:PORT`, or `https://...` in TLS mode.
+    /// `http://127.A.B.C:PORT` on [`loopback`], or `https://...` in TLS mode.
     pub endpoint: String,
     pub client_port: u16,
     child: Option<Child>,
@@ -19,7 +19,7 @@ pub struct Etcd {
     tls: Option<EtcdTls>,
 }
 
-/// PEM files for an etcd in TLS mode: its server certificate (valid for 127.0.0.1), the CA
+/// PEM files for an etcd in TLS mode: its server certificate (valid for [`loopback`]), the CA
 /// that client certificates must chain to (etcd's `--client-cert-auth`), and a client
 /// certificate the fixture itself uses for health checks and [`Etcd::etcdctl`].
 #[derive(Debug, Clone)]
@@ -88,31 +88,15 @@ impl Etcd {
         let data = tempfile::tempdir().expect("temp dir");
         let mut etcd = Etcd {
             endpoint: String::new(),
-            client_port: free_port(),
+            client_port: next_port(),
             child: None,
-            peer_port: free_port(),
+            peer_port: next_port(),
             data,
             tls,
         };
-        etcd.endpoint = format!("{}://127.0.0.1:{}", etcd.scheme(), etcd.client_port);
-        // A port found free can be taken by someone else before etcd binds it (tests run
-        // in parallel): then try again on fresh ports.
-        for _ in 0..5 {
-            match etcd.try_launch() {
-                Ok(()) => return etcd,
-                Err(log) if log.contains("address already in use") => {
-                    etcd.child = None;
-                    etcd.client_port = free_port();
-                    etcd.peer_port = free_port();
-                    etcd.endpoint = format!("{}://127.0.0.1:{}", etcd.scheme(), etcd.client_port);
-                }
-                Err(log) => panic!(
-                    "etcd on port {} did not become healthy; log: {log}",
-                    etcd.client_port
-                ),
-            }
-        }
-        panic!("etcd found no free port in 5 tries");
+        etcd.endpoint = format!("{}://{}", etcd.scheme(), loopback_addr(etcd.client_port));
+        etcd.launch();
+        etcd
     }
 
     fn scheme(&self) -> &'static str {
@@ -140,8 +124,8 @@ impl Etcd {
     /// Starts etcd and waits for it; the log when it does not come up.
     fn try_launch(&mut self) -> Result<(), String> {
         let bin = etcd_binary().expect("etcd binary");
-        let client = format!("{}://127.0.0.1:{}", self.scheme(), self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = self.endpoint.clone();
+        let peer = format!("http://{}", loopback_addr(self.peer_port));
         let log = std::fs::File::create(self.data.path().join("etcd.log")).expect("etcd log");
         let mut cmd = Command::new(bin);
         cmd.arg("--name=test")
@@ -237,7 +221,7 @@ impl Etcd {
 
 /// Whether etcd answers `/health` with `"health":"true"`.
 fn healthy(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+    let Ok(mut s) = TcpStream::connect((loopback(), port)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));

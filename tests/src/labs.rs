@@ -8,9 +8,15 @@ use overlay_lab::{Lab, LabSpec};
 
 use crate::{bin_path, is_root, skip, wait_until};
 
+/// The last subnet a lab host or test agent may lease at random in 10.244.0.0/16; tests
+/// reserve only after it.
+pub const RANDOM_SUBNET_MAX: &str = "10.244.199.0/24";
+
 /// A lab built from the binaries next to the test, in namespaces `ovlt-<pid>-<n>-*`, torn
 /// down on drop; `None` (skipped, or failed under OVERLAY_TEST_STRICT) without root or etcd.
-/// Agents reconcile every 2 s; `tweak` changes the rest.
+/// Agents reconcile every 2 s, and hosts lease from 10.244.1.0/24 ... 10.244.199.0/24 (the
+/// rest is for the tests' reservations, which no random allocation can then take); `tweak`
+/// changes the rest.
 pub fn lab_or_skip(
     test: &str,
     tweak: impl FnOnce(&mut LabSpec),
@@ -33,6 +39,7 @@ pub fn lab_or_skip(
     let bin_dir = bin_path("overlay-agent").parent().unwrap().to_path_buf();
     let mut spec = LabSpec::new(test, &prefix, &dir.path().join("lab"), &bin_dir);
     spec.agent_args = vec!["--resync-interval=2s".into()];
+    spec.subnet_max = Some(RANDOM_SUBNET_MAX.into());
     tweak(&mut spec);
     let lab = Lab::up(&spec, &mut |_| {}).unwrap_or_else(|e| panic!("lab up: {e}"));
     Some((lab, dir))

@@ -1,6 +1,7 @@
 //! Test fixtures shared by the end-to-end tests and by other crates' integration tests.
 //!
-//! Fixtures start real processes (etcd, the project's binaries) on free loopback ports,
+//! Fixtures start real processes (etcd, the project's binaries) on this process's own loopback
+//! address ([`proc::loopback`]),
 //! with temp dirs, and kill them on drop. Tests that need something missing (etcd, root)
 //! print why they are skipped; with `OVERLAY_TEST_STRICT=1` (set by `make test`) a missing
 //! prerequisite fails the test instead, so CI can never pass by skipping.
@@ -11,7 +12,7 @@ pub mod labs;
 pub mod proc;
 
 pub use etcd::Etcd;
-pub use proc::{bin_path, free_port, wait_until, Child};
+pub use proc::{bin_path, loopback, loopback_addr, next_port, read_addr_file, wait_until, Child};
 
 /// Whether missing prerequisites must fail tests instead of skipping them.
 pub fn strict() -> bool {

@@ -1,8 +1,10 @@
-//! Child processes that die with the test, free ports, binaries and polling.
+//! Child processes that die with the test, loopback addresses and ports, binaries and
+//! polling.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 /// A child process killed (SIGKILL) and reaped on drop.
@@ -61,12 +63,59 @@ impl Drop for Child {
     }
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+/// This test process's own loopback address, `127.A.B.C` with `A.B.C` made from the pid
+/// (`A` = 64 + pid / 65536), so no two live test processes share one.
+///
+/// Fixtures listen here on ports from [`next_port`], never on ports found free by probing:
+/// a probed port can be taken before its user binds it, and a port in the kernel's
+/// ephemeral range can be taken while a fixture is down (a restart) by any outgoing
+/// connection, even one to itself. Outgoing connections on this machine take
+/// 127.0.0.1 as their source, and `next_port` stays below the ephemeral range, so nothing
+/// but this process's fixtures ever binds `loopback():port`.
+pub fn loopback() -> Ipv4Addr {
+    let pid = std::process::id();
+    assert!(pid < 1 << 22, "pid {pid} does not fit 22 bits");
+    Ipv4Addr::new(127, 64 + (pid >> 16) as u8, (pid >> 8) as u8, pid as u8)
+}
+
+/// The first port [`next_port`] hands out, and the end of its range (below Linux's default
+/// ephemeral range, 32768-60999; checked against the running kernel).
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port on [`loopback`] that no other fixture of this process has: a counter, not a probe.
+pub fn next_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(PORTS.start);
+    static CHECKED: std::sync::Once = std::sync::Once::new();
+    CHECKED.call_once(|| {
+        let range =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+        let low: u16 = range
+            .split_whitespace()
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(u16::MAX);
+        assert!(
+            low >= PORTS.end,
+            "the kernel's ephemeral ports start at {low}, inside the fixtures' range {PORTS:?}"
+        );
+    });
+    let port = NEXT.fetch_add(1, Ordering::Relaxed);
+    assert!(PORTS.contains(&port), "fixture ports used up");
+    port
+}
+
+/// `loopback():port` as a string, for flags.
+pub fn loopback_addr(port: u16) -> String {
+    format!("{}:{port}", loopback())
+}
+
+/// Reads what a daemon wrote to its `--addr-file` (`grpc=ADDR`, `health=ADDR` lines): the
+/// address it bound for `what`, once the file exists.
+pub fn read_addr_file(path: &Path, what: &str) -> Option<SocketAddr> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(what)?.strip_prefix('='))
+        .and_then(|a| a.parse().ok())
 }
 
 /// The path of one of the workspace's binaries, built next to the running test.

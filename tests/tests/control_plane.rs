@@ -39,7 +39,16 @@ fn setup(test: &str, config: &[&str]) -> Option<Setup> {
     })
 }
 
-const ALLOC_16: &[&str] = &["--network", "10.244.0.0/16", "--backend", "alloc"];
+/// Agents lease at random up to 10.244.199.0/24; the tests reserve only after it, so no
+/// agent can hold a subnet a test is about to reserve.
+const ALLOC_16: &[&str] = &[
+    "--network",
+    "10.244.0.0/16",
+    "--backend",
+    "alloc",
+    "--subnet-max",
+    overlay_tests::labs::RANDOM_SUBNET_MAX,
+];
 
 fn leases(controller: &str) -> Vec<Value> {
     overlayctl_json(controller, &["leases"])

@@ -103,7 +103,9 @@ fn vagrantfile_validates() {
         return;
     }
     let out = Command::new("vagrant")
-        .arg("validate")
+        // Without --ignore-provider, validate fails where no provider (VirtualBox,
+        // libvirt) is installed: "No usable default provider could be found".
+        .args(["validate", "--ignore-provider"])
         .current_dir(repo().join("vagrant"))
         .env("VAGRANT_CHECKPOINT_DISABLE", "1")
         .output()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use overlay_tests::cluster::{http_get, overlayctl, Agent, Controller};
 use overlay_tests::etcd::EtcdTls;
-use overlay_tests::{bin_path, free_port, wait_until, Child, Etcd};
+use overlay_tests::{bin_path, loopback, loopback_addr, next_port, wait_until, Child, Etcd};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 const ALLOC: &[&str] = &[
@@ -32,21 +32,13 @@ fn run_overlayctl(args: &[&str]) {
     );
 }
 
-/// A CA in `dir` and certificates `names` (NAME.pem, NAME-key.pem) valid for 127.0.0.1.
+/// A CA in `dir` and certificates `names` (NAME.pem, NAME-key.pem) valid for this process's loopback address.
 fn certs(dir: &Path, names: &[&str]) {
     let d = dir.to_str().unwrap();
+    let ip = loopback().to_string();
     run_overlayctl(&["certs", "init", "--dir", d]);
     for name in names {
-        run_overlayctl(&[
-            "certs",
-            "issue",
-            "--dir",
-            d,
-            "--name",
-            name,
-            "--ip",
-            "127.0.0.1",
-        ]);
+        run_overlayctl(&["certs", "issue", "--dir", d, "--name", name, "--ip", &ip]);
     }
 }
 
@@ -68,8 +60,8 @@ fn controller_exit(etcd: &Etcd, dir: &Path, name: &str, extra: &[String]) -> (bo
     let mut cmd = Command::new(bin_path("overlay-controller"));
     cmd.arg(format!("--etcd-endpoints={}", etcd.endpoint))
         .arg("--etcd-prefix=/overlay")
-        .arg(format!("--listen=127.0.0.1:{}", free_port()))
-        .arg(format!("--health-listen=127.0.0.1:{}", free_port()))
+        .arg(format!("--listen={}", loopback_addr(next_port())))
+        .arg("--health-listen=off")
         .arg("--insecure")
         .args(extra)
         .stdin(Stdio::null())

@@ -610,8 +610,13 @@ fn an_agent_killed_with_sigkill_keeps_its_subnet_and_loses_no_packet() {
         if subnet_of(&lab, host) == subnets[i] {
             same_subnet += 1;
         }
-        // A couple of resyncs (every 2 s) later it still has written nothing.
-        std::thread::sleep(Duration::from_secs(3));
+        // Two full reconciles (resync every 2 s) later it still has written nothing.
+        let ok = "overlay_agent_reconciles_total{result=\"ok\"}";
+        let done = agent_metric(&lab, host, ok);
+        wait_until(PATIENCE, || {
+            (agent_metric(&lab, host, ok) >= done + 2).then_some(())
+        })
+        .unwrap_or_else(|| panic!("the restarted agent on {host} did not reconcile twice"));
         let w = datapath_writes(&lab, host);
         writes_after_restart += w;
         assert_eq!(w, 0, "the restarted agent on {host} wrote to the kernel");
@@ -1990,7 +1995,18 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
     };
     let dir = tempfile::tempdir().unwrap();
     let controller = Controller::start(&etcd, "/overlay", dir.path(), "controller");
-    set_config(&controller.url, &["--network", NET, "--backend", "alloc"]);
+    // The holder's random lease stays below 10.96.200.0/24, which is reserved below.
+    set_config(
+        &controller.url,
+        &[
+            "--network",
+            NET,
+            "--backend",
+            "alloc",
+            "--subnet-max",
+            "10.96.199.0/24",
+        ],
+    );
     let mut summary = Summary::new("6. bad input catalogue");
     let rt = runtime();
     let channel = {

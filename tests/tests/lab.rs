@@ -446,6 +446,93 @@ fn down_removes_a_half_made_lab() {
     assert_eq!(machine_state(), before);
 }
 
+/// The caller's `OVERLAY_*` variables (here a plaintext session's) do not reach the lab's
+/// components, which run mutual TLS with the lab's own flags.
+#[test]
+fn lab_up_ignores_the_callers_overlay_environment() {
+    let Some(_serial) = prerequisites("lab_up_ignores_the_callers_overlay_environment") else {
+        return;
+    };
+    let name = unique_name();
+    let _guard = LabGuard { name: name.clone() };
+    let out = Command::new(bin_path("overlayctl"))
+        .args(["lab", "up", "--name", &name, "--hosts", "1"])
+        .env("OVERLAY_INSECURE", "true")
+        .env("OVERLAY_HEALTH_LISTEN", "off")
+        .env("OVERLAY_RESYNC_INTERVAL", "banana")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lab up with OVERLAY_* set: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let leases = Command::new(bin_path("overlayctl"))
+        .args(["lab", "ctl", "--name", &name, "--", "-o", "json", "leases"])
+        .env("OVERLAY_INSECURE", "true")
+        .output()
+        .unwrap();
+    assert!(leases.status.success(), "{}", text(&leases.stderr));
+    let leases: Value = serde_json::from_slice(&leases.stdout).unwrap();
+    assert_eq!(leases.as_array().map(Vec::len), Some(1), "{leases}");
+}
+
+/// A component that cannot start fails `up` with its own last log lines and the path of
+/// its whole log, which stays; everything else of the lab is removed. Here the
+/// controller's health port is the one etcd already holds in the underlay namespace.
+#[test]
+fn a_failed_lab_up_shows_the_failing_components_log_and_keeps_it() {
+    let test = "a_failed_lab_up_shows_the_failing_components_log_and_keeps_it";
+    let Some(_serial) = prerequisites(test) else {
+        return;
+    };
+    let before = machine_state();
+    let name = unique_name();
+    let _guard = LabGuard { name: name.clone() };
+    let dir = overlay_lab::dir_for(&name);
+    let mut spec = overlay_lab::LabSpec::new(
+        &name,
+        &overlay_lab::ns_prefix_for(&name),
+        &dir,
+        bin_path("overlayctl").parent().unwrap(),
+    );
+    spec.hosts = 1;
+    spec.controller_args = vec!["--health-listen=127.0.0.1:2379".into()];
+    let err = match overlay_lab::Lab::up(&spec, &mut |_| {}) {
+        Ok(_) => panic!("a controller that cannot listen made a lab"),
+        Err(e) => e,
+    };
+    let log = dir.join("controller.log");
+    let shown = err.to_string();
+    assert!(
+        matches!(err, overlay_lab::LabError::Component { .. }),
+        "{shown}"
+    );
+    assert!(shown.contains("the controller did not start"), "{shown}");
+    assert!(
+        shown.contains("cannot listen on 127.0.0.1:2379"),
+        "the controller's own words: {shown}"
+    );
+    assert!(shown.contains(&log.display().to_string()), "{shown}");
+    let kept = std::fs::read_to_string(&log).expect("the controller's log is kept");
+    assert!(kept.contains("cannot listen on 127.0.0.1:2379"), "{kept}");
+    assert!(
+        netns::list_with_prefix(&format!("{}-", spec.ns_prefix)).is_empty(),
+        "namespaces removed"
+    );
+    assert!(!dir.join(overlay_lab::STATE_FILE).exists());
+    // `lab status` says where the logs are; `lab down` removes them.
+    let status = fails(&["lab", "status", "--name", &name]);
+    assert!(
+        status.contains("failed to start") && status.contains("logs"),
+        "{status}"
+    );
+    assert!(ok(&["lab", "down", "--name", &name]).contains("removed"));
+    assert!(!dir.exists());
+    assert_eq!(machine_state(), before);
+}
+
 #[test]
 fn lab_commands_name_their_errors() {
     // Usage errors need no root.

@@ -20,9 +20,10 @@ fn ctl(args: &[&str]) -> Output {
 
 fn certs(dir: &Path) {
     let d = dir.to_str().unwrap();
+    let ip = overlay_tests::loopback().to_string();
     assert!(ctl(&["certs", "init", "--dir", d]).status.success());
     for (name, extra) in [
-        ("controller", vec!["--ip", "127.0.0.1"]),
+        ("controller", vec!["--ip", ip.as_str()]),
         ("admin", vec![]),
         ("node-a", vec![]),
         ("node-b", vec![]),

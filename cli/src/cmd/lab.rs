@@ -186,7 +186,15 @@ fn load(name: &str) -> anyhow::Result<LabState> {
         return Ok(LabState::load(&dir)?);
     }
     let prefix = format!("{}-", overlay_lab::ns_prefix_for(name));
-    if dir.exists() || !overlay_lab::netns::list_with_prefix(&prefix).is_empty() {
+    let namespaces = overlay_lab::netns::list_with_prefix(&prefix);
+    if dir.exists() && namespaces.is_empty() {
+        bail!(
+            "lab {name:?} failed to start earlier; its logs are in {} (`overlayctl lab down{}` removes them)",
+            dir.display(),
+            name_flag(name)
+        );
+    }
+    if dir.exists() || !namespaces.is_empty() {
         bail!(
             "lab {name:?} is half-made (no {}): remove it with `overlayctl lab down{}`",
             dir.join(overlay_lab::STATE_FILE).display(),
@@ -247,7 +255,8 @@ fn up(args: UpArgs, format: Format) -> anyhow::Result<()> {
     spec.workloads_per_host = args.workloads_per_host.into();
     spec.detach = true;
     let taken = !overlay_lab::netns::list_with_prefix(&format!("{}-", spec.ns_prefix)).is_empty();
-    if spec.dir.exists() || taken {
+    // A directory with only logs is what a failed `lab up` kept: `Lab::up` replaces it.
+    if spec.dir.join(overlay_lab::STATE_FILE).exists() || taken {
         return Err(overlay_lab::LabError::Exists(name).into());
     }
     eprintln!(
@@ -263,7 +272,11 @@ fn up(args: UpArgs, format: Format) -> anyhow::Result<()> {
     })
     .map_err(|e| match e {
         overlay_lab::LabError::Exists(_) => anyhow::Error::from(e),
-        e => anyhow::anyhow!("{e} (what was made is removed again, its logs with it)"),
+        e => anyhow::anyhow!(
+            "{e}\n(the rest of the lab is removed again; its logs stay in {} until `overlayctl lab down{}`)",
+            spec.dir.display(),
+            name_flag(&name)
+        ),
     })?;
     match format {
         Format::Json => print(&json_pretty(&status_json(&lab.state)))?,
@@ -505,7 +518,13 @@ fn ctl(name: &str, args: &[String]) -> anyhow::Result<()> {
     let me = std::env::current_exe().context("cannot find the running overlayctl")?;
     let mut all = state.admin_client_args();
     all.extend(args.iter().cloned());
-    exec_in(&state.underlay_ns, &me, &all, "the underlay namespace")
+    // The lab's own flags, not the caller's OVERLAY_* (say OVERLAY_INSECURE from a
+    // plaintext session, which would clash with the lab's TLS flags).
+    let mut cmd = Command::new(&me);
+    overlay_lab::netns::lab_env(&mut cmd).args(&all);
+    overlay_lab::netns::in_netns(&mut cmd, &state.underlay_ns)?;
+    let e = cmd.exec();
+    bail!("cannot run {} in the underlay namespace: {e}", me.display())
 }
 
 fn workload_add(
