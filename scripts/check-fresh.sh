@@ -88,8 +88,6 @@ step root mmdebstrap --variant=minbase --include=ca-certificates \
 # What the root needs to reach the same package servers as this machine.
 cp /etc/resolv.conf /etc/hosts "$root/etc/" 2>/dev/null || true
 cp -r /etc/apt/apt.conf.d/. "$root/etc/apt/apt.conf.d/" 2>/dev/null || true
-cp "$sources" "$root/etc/apt/sources.list.d/"
-rm -f "$root/etc/apt/sources.list"
 
 # The checkout as a clean clone has it (tracked and untracked-not-ignored files).
 mkdir -p "$root/src"
