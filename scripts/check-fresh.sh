@@ -56,9 +56,15 @@ step() {
     return 0
   fi
   local first
-  first=$(grep -m1 -E '(^|[^a-z])(error|E:|fatal|FAILED|panicked|No such file|not found|cannot)' "$log" || true)
+  # The first line that says "error:" (cargo, rustc, apt's "E:"), and the first that names
+  # what is missing or failed (a build script's panic carries protoc's message).
+  first=$({
+    grep -m1 -E '(^|[[:space:]])(error(\[E[0-9]+\])?:|E:|fatal:)|panicked at|FAILED' "$log"
+    grep -m1 -E 'File not found|No such file|not found|Unable to locate' "$log"
+  } | cut -c1-300 || true)
   say "FAILED at step '$name' after $((SECONDS - started)) s"
-  say "first error: ${first:-(none recognised; see the log)}"
+  say "first error:"
+  echo "${first:-(none recognised; see the log)}" | sed 's/^/    /' >&2
   say "last lines of $log:"
   tail -n 15 "$log" | sed 's/^/    /' >&2
   exit 1
