@@ -10,34 +10,36 @@
 //! same subnet, so its workloads keep their addresses whenever the subnet is still free.
 //! When the controller is unreachable the agent keeps everything it has and retries with
 //! backoff: the datapath does not depend on the control plane being up.
+//!
+//! The loop talks to the cluster through [`ControlPlane`] and to the host through the
+//! backend's [`crate::backend::HostEffects`], both injected: `tests/agent_loop.rs` runs it
+//! against in-memory fakes of both, without root, etcd or a controller. Readiness outputs
+//! (subnet.env, the conflist, systemd) are [`Readiness`]'s job.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use ipnet::Ipv4Net;
+use overlay_core::backoff::Backoff;
 use overlay_core::config::NetworkConfig;
-use overlay_core::lease::{format_rfc3339, BackendData, Lease};
+use overlay_core::lease::{format_rfc3339, BackendData};
+use overlay_core::subnet_env::SubnetEnv;
 use overlay_core::watch::LeaseCache;
-use overlay_proto::v1::{self, watch_leases_response::Kind};
-use overlay_proto::{backend_to_proto, config_from_proto, event_from_proto, lease_from_proto};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::{sleep, Instant};
 use tracing::{debug, info, warn};
 
-use crate::backend::{self, Backend, BackendContext, ReconcileReport};
-use crate::client::{error_chain, is_transport_failure, Controllers};
-use crate::datapath::Datapath;
-use crate::files::{write_atomic, AgentState, SubnetEnv, SUBNET_ENV};
-use crate::hostnet::{self, HostInfo};
+use crate::backend::{self, Backend, BackendContext, HostEffects, ReconcileReport};
+use crate::control_plane::{ControlPlane, ControlPlaneError, Granted, LeaseRequest, PeerUpdate};
+use crate::files::{AgentState, SUBNET_ENV};
+use crate::hostnet::HostInfo;
 use crate::metrics::AgentMetrics;
+use crate::readiness::{self, Readiness};
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     pub node: String,
-    pub public_ip: Option<std::net::Ipv4Addr>,
-    pub iface: Option<String>,
     pub run_dir: PathBuf,
     pub state_dir: PathBuf,
     /// `None` for `--bridge none`.
@@ -53,8 +55,6 @@ pub struct AgentOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error(transparent)]
-    HostNet(#[from] hostnet::HostNetError),
     #[error(transparent)]
     Backend(#[from] backend::BackendError),
     #[error(transparent)]
@@ -86,25 +86,30 @@ pub struct AgentStatus {
 
 pub type SharedStatus = Arc<RwLock<AgentStatus>>;
 
-/// The peers as last seen from the controller's watch.
+/// The peers as last seen from the control plane's watch.
 struct PeerView {
     cache: Mutex<LeaseCache>,
     synced: std::sync::atomic::AtomicBool,
     changed: Notify,
 }
 
-struct Held {
-    lease: Lease,
-    ttl: Duration,
+impl PeerView {
+    fn new() -> Self {
+        PeerView {
+            cache: Mutex::new(LeaseCache::new(0)),
+            synced: Default::default(),
+            changed: Notify::new(),
+        }
+    }
 }
 
-/// The conflist's file name: sorts early, so runtimes that take the first one pick it.
-pub const CNI_CONFLIST: &str = "10-overlay.conflist";
+/// Retry schedules: the control plane (config, acquire, renew) and the watch stream.
+fn control_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
+}
 
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-fn next_backoff(b: Duration) -> Duration {
-    (b * 2).min(MAX_BACKOFF)
+fn watch_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(2))
 }
 
 /// How long to wait before renewing a lease of `ttl` (0 = a reservation, no expiry).
@@ -118,20 +123,34 @@ pub fn renew_interval(ttl: Duration) -> Duration {
 
 pub struct Agent {
     opts: AgentOptions,
-    controllers: Arc<Controllers>,
+    host: HostInfo,
+    control: Arc<dyn ControlPlane>,
+    effects: HostEffects,
     status: SharedStatus,
-    datapath: Option<Arc<dyn Datapath>>,
     metrics: Arc<AgentMetrics>,
 }
 
 impl Agent {
-    pub fn new(opts: AgentOptions, controllers: Controllers, status: SharedStatus) -> Self {
-        status.write().expect("status").node = opts.node.clone();
+    /// An agent for this `host` (its underlay, found by [`crate::hostnet::detect`]) that
+    /// leases through `control` and programs the host through `effects`.
+    pub fn new(
+        opts: AgentOptions,
+        host: HostInfo,
+        control: Arc<dyn ControlPlane>,
+        effects: HostEffects,
+        status: SharedStatus,
+    ) -> Self {
+        {
+            let mut s = status.write().expect("status");
+            s.node = opts.node.clone();
+            s.public_ip = Some(host.public_ip.to_string());
+        }
         Agent {
             opts,
-            controllers: Arc::new(controllers),
+            host,
+            control,
+            effects,
             status,
-            datapath: None,
             metrics: Arc::new(AgentMetrics::new()),
         }
     }
@@ -142,19 +161,8 @@ impl Agent {
         self
     }
 
-    /// Programs `datapath` instead of the kernel (tests use the in-memory fake).
-    pub fn with_datapath(mut self, datapath: Arc<dyn Datapath>) -> Self {
-        self.datapath = Some(datapath);
-        self
-    }
-
     fn set_status(&self, f: impl FnOnce(&mut AgentStatus)) {
         f(&mut self.status.write().expect("status"));
-    }
-
-    /// A STATUS= line for systemd (Type=notify); a no-op outside systemd.
-    fn systemd_status(&self, text: &str) {
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(text)]);
     }
 
     fn note_error(&self, what: &str, e: &dyn std::fmt::Display) {
@@ -176,10 +184,8 @@ impl Agent {
     }
 
     async fn run_inner(&self) -> Result<(), AgentError> {
-        let host = hostnet::detect(self.opts.public_ip, self.opts.iface.as_deref())?;
+        let host = &self.host;
         info!(node = %self.opts.node, public_ip = %host.public_ip, iface = ?host.iface, mtu = host.mtu, "underlay found");
-        self.set_status(|s| s.public_ip = Some(host.public_ip.to_string()));
-
         let mut state = AgentState::load(&self.opts.state_dir);
         if state.node.as_deref().is_some_and(|n| n != self.opts.node) {
             info!(old = ?state.node, "node name changed; not reusing the old subnet");
@@ -189,17 +195,17 @@ impl Agent {
             crate::files::read_subnet_env(&self.opts.run_dir.join(SUBNET_ENV)).map(|e| e.subnet)
         });
 
-        self.systemd_status("fetching the network config");
+        readiness::status("fetching the network config");
         let config = self.fetch_config().await;
         info!(network = %config.network, backend = %config.backend.kind, "network config received");
         let ctx = BackendContext {
             node: self.opts.node.clone(),
-            datapath: self.datapath.clone(),
             config: config.clone(),
             host: host.clone(),
             state_dir: self.opts.state_dir.clone(),
             bridge: self.opts.bridge.clone(),
             ip_masq: self.opts.ip_masq,
+            effects: self.effects.clone(),
         };
         let mut backend = backend::create(config.backend.kind, ctx)?;
         let data = backend.prepare().await?;
@@ -208,35 +214,44 @@ impl Agent {
             s.mtu = Some(backend.mtu());
         });
 
-        self.systemd_status("acquiring a lease");
-        let mut held = self.acquire_lease(&host, &config, &data, previous).await;
-        self.metrics.renewed(true);
-        self.systemd_status(&format!(
+        readiness::status("acquiring a lease");
+        let request = LeaseRequest {
+            node: self.opts.node.clone(),
+            public_ip: host.public_ip,
+            backend: config.backend.kind,
+            data: data.clone(),
+            preferred: previous,
+            iface: host.iface.clone(),
+            underlay: host.underlay,
+        };
+        let mut held = self.acquire_lease(&request).await;
+        readiness::status(&format!(
             "lease {} held; programming the datapath",
             held.lease.subnet
         ));
-        self.remember(&mut state, &held, &host, &data)?;
+        self.remember(&mut state, &held, &data)?;
 
-        let view = Arc::new(PeerView {
-            cache: Mutex::new(LeaseCache::new(0)),
-            synced: Default::default(),
-            changed: Notify::new(),
-        });
+        let view = Arc::new(PeerView::new());
         let watcher = tokio::spawn(watch_peers(
-            self.controllers.clone(),
+            self.control.clone(),
             view.clone(),
             self.status.clone(),
         ));
         let _abort = AbortOnDrop(watcher);
 
+        let mut readiness = Readiness::new(
+            self.opts.run_dir.clone(),
+            self.opts.cni_conf_dir.clone(),
+            self.opts.cni_data_dir.clone(),
+            self.opts.bridge.clone(),
+        );
         let mut next_renew = Instant::now() + renew_interval(held.ttl);
-        let mut renew_backoff = Duration::from_millis(500);
+        let mut renew_backoff = control_backoff();
         let mut dirty = true;
         let mut retry_at: Option<Instant> = None;
-        let mut written_env: Option<SubnetEnv> = None;
         let mut device_changes = backend.device_changes();
         let mut first_reconcile = true;
-        let watchdog_every = sd_notify::watchdog_enabled().map(|d| d / 2);
+        let watchdog_every = readiness::watchdog_interval();
         let mut watchdog =
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
         let mut resync = tokio::time::interval(self.opts.resync_interval);
@@ -264,7 +279,7 @@ impl Agent {
                     next_renew = Instant::now();
                 }
                 match self
-                    .reconcile(backend.as_mut(), &held.lease, &peers, first_reconcile)
+                    .reconcile(backend.as_mut(), &held, &peers, first_reconcile)
                     .await
                 {
                     Ok(failed) => {
@@ -278,20 +293,11 @@ impl Agent {
                             mtu: backend.mtu(),
                             ip_masq: self.opts.ip_masq,
                         };
-                        if written_env.as_ref() != Some(&env) {
-                            write_atomic(
-                                &self.opts.run_dir.join(SUBNET_ENV),
-                                env.render().as_bytes(),
-                            )?;
-                            info!(subnet = %held.lease.subnet, path = %self.opts.run_dir.join(SUBNET_ENV).display(), "subnet.env written; ready");
-                            written_env = Some(env);
-                            self.install_cni_conf()?;
+                        if readiness.publish(&env)? {
                             self.set_status(|s| s.ready = true);
-                            // READY=1 only now: subnet.env and the datapath are in place.
-                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                         }
                         let peers_now = self.status.read().expect("status").peers;
-                        self.systemd_status(&format!(
+                        readiness::status(&format!(
                             "ready: subnet {}, {peers_now} peers",
                             held.lease.subnet
                         ));
@@ -319,10 +325,7 @@ impl Agent {
                         return Err(AgentError::ConfigChanged(changed));
                     }
                 }
-                _ = watchdog.tick(), if watchdog_every.is_some() => {
-                    // The main loop is alive: tell systemd's watchdog.
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                }
+                _ = watchdog.tick(), if watchdog_every.is_some() => readiness::watchdog(),
                 Some(()) = next_change(&mut device_changes) => {
                     info!("a datapath device changed under us; reconciling");
                     dirty = true;
@@ -332,23 +335,26 @@ impl Agent {
                     match self.renew(&held).await {
                         Ok(ttl) => {
                             self.metrics.renewed(true);
-                            renew_backoff = Duration::from_millis(500);
+                            renew_backoff.reset();
                             next_renew = Instant::now() + renew_interval(ttl);
                         }
-                        Err(RenewFailure::Gone(why)) => {
+                        Err(ControlPlaneError::LeaseGone(why)) => {
                             warn!(subnet = %held.lease.subnet, reason = %why, "lease lost; acquiring again");
-                            let prev = held.lease.subnet;
-                            held = self.acquire_lease(&host, &config, &data, Some(prev)).await;
-                            self.remember(&mut state, &held, &host, &data)?;
+                            let request = LeaseRequest {
+                                preferred: Some(held.lease.subnet),
+                                ..request.clone()
+                            };
+                            held = self.acquire_lease(&request).await;
+                            self.remember(&mut state, &held, &data)?;
                             next_renew = Instant::now() + renew_interval(held.ttl);
                             dirty = true;
                         }
-                        Err(RenewFailure::Retry(why)) => {
+                        Err(why) => {
                             self.metrics.renewed(false);
-                            debug!(reason = %why, retry_in = ?renew_backoff, "renewal failed; keeping everything and retrying");
+                            let wait = renew_backoff.next_delay();
+                            debug!(reason = %why, retry_in = ?wait, "renewal failed; keeping everything and retrying");
                             self.note_error("renew", &why);
-                            next_renew = Instant::now() + renew_backoff;
-                            renew_backoff = next_backoff(renew_backoff);
+                            next_renew = Instant::now() + wait;
                         }
                     }
                 }
@@ -356,37 +362,16 @@ impl Agent {
         }
     }
 
-    /// Writes `<cni-conf-dir>/10-overlay.conflist` (atomically, only when it differs), so
-    /// container runtimes find the network only once it works.
-    fn install_cni_conf(&self) -> Result<(), AgentError> {
-        let (Some(dir), Some(bridge)) = (&self.opts.cni_conf_dir, &self.opts.bridge) else {
-            return Ok(());
-        };
-        let path = dir.join(CNI_CONFLIST);
-        let text = crate::cni::conflist(
-            "overlay",
-            &self.opts.run_dir.join(SUBNET_ENV),
-            bridge,
-            self.opts.cni_data_dir.as_deref(),
-        );
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-            write_atomic(&path, text.as_bytes())?;
-            info!(path = %path.display(), "CNI network config installed");
-        }
-        Ok(())
-    }
-
     fn remember(
         &self,
         state: &mut AgentState,
-        held: &Held,
-        host: &HostInfo,
+        held: &Granted,
         data: &BackendData,
     ) -> Result<(), AgentError> {
         let fresh = AgentState {
             node: Some(self.opts.node.clone()),
             subnet: Some(held.lease.subnet),
-            public_ip: Some(host.public_ip),
+            public_ip: Some(self.host.public_ip),
             vtep_mac: data.vtep_mac.or(state.vtep_mac),
         };
         if &fresh != state {
@@ -404,12 +389,12 @@ impl Agent {
     async fn reconcile(
         &self,
         backend: &mut dyn Backend,
-        own: &Lease,
-        peers: &[Lease],
+        held: &Granted,
+        peers: &[overlay_core::lease::Lease],
         first: bool,
     ) -> Result<usize, backend::BackendError> {
         let started = std::time::Instant::now();
-        let report = match backend.reconcile(own, peers).await {
+        let report = match backend.reconcile(&held.lease, peers).await {
             Ok(r) => r,
             Err(e) => {
                 self.metrics
@@ -442,13 +427,7 @@ impl Agent {
     /// What changed in the cluster config that this agent cannot apply while running, if
     /// anything (an unreachable controller is not a change).
     async fn config_changed(&self, running: &NetworkConfig) -> Option<String> {
-        let mut c = self.controllers.client().await.ok()?;
-        let resp = c
-            .get_config(v1::GetConfigRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        let fresh = config_from_proto(&resp.config?).ok()?;
+        let fresh = self.control.config().await.ok()?;
         let mut changes = Vec::new();
         if fresh.network != running.network || fresh.subnet_len != running.subnet_len {
             changes.push(format!(
@@ -468,138 +447,55 @@ impl Agent {
         (!changes.is_empty()).then(|| changes.join(", "))
     }
 
-    /// Waits (with backoff) until a controller hands out the network config.
+    /// Waits (with backoff) until the control plane hands out the network config.
     async fn fetch_config(&self) -> NetworkConfig {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = control_backoff();
         loop {
-            let result = async {
-                let mut c = self.controllers.client().await.map_err(|e| e.to_string())?;
-                let resp = c.get_config(v1::GetConfigRequest {}).await.map_err(|s| {
-                    if is_transport_failure(&s) {
-                        self.controllers.failed();
-                    }
-                    s.message().to_string()
-                })?;
-                let cfg = resp
-                    .into_inner()
-                    .config
-                    .ok_or("the controller sent no config")?;
-                config_from_proto(&cfg).map_err(|e| e.to_string())
-            }
-            .await;
-            match result {
+            match self.control.config().await {
                 Ok(c) => return c,
                 Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "cannot get the network config");
+                    let wait = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?wait, "cannot get the network config");
                     self.note_error("config", &e);
+                    sleep(wait).await;
                 }
             }
-            sleep(backoff).await;
-            backoff = next_backoff(backoff);
         }
     }
 
     /// Acquires a lease, retrying (with backoff) until one is granted.
-    async fn acquire_lease(
-        &self,
-        host: &HostInfo,
-        config: &NetworkConfig,
-        data: &BackendData,
-        preferred: Option<Ipv4Net>,
-    ) -> Held {
-        let request = v1::AcquireLeaseRequest {
-            node: self.opts.node.clone(),
-            public_ip: host.public_ip.to_string(),
-            backend: backend_to_proto(config.backend.kind).into(),
-            vtep_mac: data.vtep_mac.map(|m| m.to_string()),
-            preferred_subnet: preferred.map(|p| p.to_string()),
-            iface: host.iface.clone(),
-            underlay: host.underlay.map(|u| u.to_string()),
-        };
-        let mut backoff = Duration::from_millis(200);
+    async fn acquire_lease(&self, request: &LeaseRequest) -> Granted {
+        let mut backoff = control_backoff();
         loop {
-            let outcome: Result<(), String> = match self.controllers.client().await {
-                Err(e) => Err(e.to_string()),
-                Ok(mut c) => match c.acquire_lease(request.clone()).await {
-                    Ok(resp) => {
-                        let r = resp.into_inner();
-                        match r.lease.as_ref().map(lease_from_proto) {
-                            Some(Ok(lease)) => {
-                                info!(subnet = %lease.subnet, ttl_secs = r.ttl_secs, "lease acquired");
-                                return Held {
-                                    lease,
-                                    ttl: Duration::from_secs(r.ttl_secs),
-                                };
-                            }
-                            Some(Err(e)) => Err(format!("the controller sent a bad lease: {e}")),
-                            None => Err("the controller sent no lease".into()),
-                        }
-                    }
-                    Err(s) if s.code() == tonic::Code::ResourceExhausted => {
-                        // The message says "subnet range exhausted".
-                        Err(s.message().to_string())
-                    }
-                    Err(s) => {
-                        if is_transport_failure(&s) {
-                            self.controllers.failed();
-                        }
-                        Err(s.message().to_string())
-                    }
-                },
-            };
-            if let Err(e) = outcome {
-                warn!(error = %e, retry_in = ?backoff, "cannot acquire a lease");
-                self.note_error("acquire", &e);
-            }
-            sleep(backoff).await;
-            backoff = next_backoff(backoff);
-        }
-    }
-
-    async fn renew(&self, held: &Held) -> Result<Duration, RenewFailure> {
-        let mut c = self
-            .controllers
-            .client()
-            .await
-            .map_err(|e| RenewFailure::Retry(e.to_string()))?;
-        let req = v1::RenewLeaseRequest {
-            node: self.opts.node.clone(),
-            subnet: held.lease.subnet.to_string(),
-        };
-        match c.renew_lease(req).await {
-            Ok(r) => {
-                let ttl = Duration::from_secs(r.into_inner().ttl_secs);
-                let now = SystemTime::now();
-                let expires = (!ttl.is_zero()).then(|| format_rfc3339(now + ttl));
-                self.set_status(|s| {
-                    s.last_renewal = Some(format_rfc3339(now));
-                    s.lease_expires_at = expires;
-                });
-                Ok(ttl)
-            }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::NotFound | tonic::Code::PermissionDenied
-                ) =>
-            {
-                Err(RenewFailure::Gone(s.message().to_string()))
-            }
-            Err(s) => {
-                if is_transport_failure(&s) {
-                    self.controllers.failed();
+            match self.control.acquire(request).await {
+                Ok(granted) => {
+                    info!(subnet = %granted.lease.subnet, ttl = ?granted.ttl, "lease acquired");
+                    self.metrics.renewed(true);
+                    return granted;
                 }
-                Err(RenewFailure::Retry(s.message().to_string()))
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?wait, "cannot acquire a lease");
+                    self.note_error("acquire", &e);
+                    sleep(wait).await;
+                }
             }
         }
     }
-}
 
-enum RenewFailure {
-    /// The lease no longer exists (or is someone else's): acquire again.
-    Gone(String),
-    /// The controller could not answer: keep everything, retry.
-    Retry(String),
+    async fn renew(&self, held: &Granted) -> Result<Duration, ControlPlaneError> {
+        let ttl = self
+            .control
+            .renew(&self.opts.node, held.lease.subnet)
+            .await?;
+        let now = SystemTime::now();
+        let expires = (!ttl.is_zero()).then(|| format_rfc3339(now + ttl));
+        self.set_status(|s| {
+            s.last_renewal = Some(format_rfc3339(now));
+            s.lease_expires_at = expires;
+        });
+        Ok(ttl)
+    }
 }
 
 async fn next_change(changes: &mut Option<futures::stream::BoxStream<'static, ()>>) -> Option<()> {
@@ -618,81 +514,49 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Keeps `view` equal to the controller's leases: a snapshot, then events; on any break,
-/// reconnect (failing over) and resume after the last revision seen.
-async fn watch_peers(controllers: Arc<Controllers>, view: Arc<PeerView>, status: SharedStatus) {
-    let mut backoff = Duration::from_millis(100);
+/// Keeps `view` equal to the cluster's leases: a snapshot, then events; on any break,
+/// reconnect and resume after the last revision seen.
+async fn watch_peers(control: Arc<dyn ControlPlane>, view: Arc<PeerView>, status: SharedStatus) {
+    use futures::StreamExt;
+    let mut backoff = watch_backoff();
     loop {
         let after = view.cache.lock().expect("cache").revision();
-        let stream = match controllers.client().await {
-            Err(e) => Err(e.to_string()),
-            Ok(mut c) => c
-                .watch_leases(v1::WatchLeasesRequest {
-                    after_revision: after,
-                })
-                .await
-                .map_err(|s| {
-                    if is_transport_failure(&s) {
-                        controllers.failed();
-                    }
-                    s.message().to_string()
-                }),
-        };
-        match stream {
+        match control.watch(after).await {
             Err(e) => debug!(error = %e, "cannot watch leases; retrying"),
-            Ok(resp) => {
-                let mut stream = resp.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(msg)) => {
-                            backoff = Duration::from_millis(100);
-                            if let Err(e) = apply_watch_message(&view, msg) {
-                                warn!(error = %e, "ignoring a bad watch message");
-                                continue;
-                            }
-                            let rev = view.cache.lock().expect("cache").revision();
-                            status.write().expect("status").watch_revision = rev;
-                            view.synced
-                                .store(true, std::sync::atomic::Ordering::Release);
-                            view.changed.notify_one();
+            Ok(mut stream) => {
+                while let Some(update) = stream.next().await {
+                    let update = match update {
+                        Ok(u) => u,
+                        Err(ControlPlaneError::BadAnswer(e)) => {
+                            warn!(error = %e, "ignoring a bad watch message");
+                            continue;
                         }
-                        Ok(None) => {
-                            debug!("watch stream ended");
+                        Err(e) => {
+                            debug!(error = %e, "watch stream broke");
                             break;
                         }
-                        Err(s) => {
-                            debug!(error = %error_chain(&s), "watch stream broke");
-                            if is_transport_failure(&s) {
-                                controllers.failed();
+                    };
+                    backoff.reset();
+                    let rev = {
+                        let mut cache = view.cache.lock().expect("cache");
+                        match update {
+                            PeerUpdate::Snapshot { leases, revision } => {
+                                cache.resync(leases, revision);
                             }
-                            break;
+                            PeerUpdate::Event(event) => {
+                                cache.apply(&event);
+                            }
                         }
-                    }
+                        cache.revision()
+                    };
+                    status.write().expect("status").watch_revision = rev;
+                    view.synced
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    view.changed.notify_one();
                 }
+                debug!("watch stream ended");
             }
         }
-        sleep(backoff).await;
-        backoff = next_backoff(backoff).min(Duration::from_secs(2));
+        sleep(backoff.next_delay()).await;
     }
-}
-
-fn apply_watch_message(view: &PeerView, msg: v1::WatchLeasesResponse) -> Result<(), String> {
-    let mut cache = view.cache.lock().expect("cache");
-    match msg.kind {
-        Some(Kind::Snapshot(s)) => {
-            let leases = s
-                .leases
-                .iter()
-                .map(lease_from_proto)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
-            cache.resync(leases, s.revision);
-        }
-        Some(Kind::Event(e)) => {
-            let event = event_from_proto(&e).map_err(|e| e.to_string())?;
-            cache.apply(&event);
-        }
-        None => return Err("empty message".into()),
-    }
-    Ok(())
 }

@@ -12,7 +12,7 @@ pub use overlay_core::subnet_env::{SubnetEnv, MAX_SUBNET_ENV_BYTES};
 use overlay_core::MacAddr;
 use serde::{Deserialize, Serialize};
 
-pub const SUBNET_ENV: &str = "subnet.env";
+pub use overlay_core::host_files::SUBNET_ENV;
 pub const STATE_FILE: &str = "state.json";
 /// Largest `subnet.env` read or parsed. The agent writes about 100 bytes; the bound only
 /// keeps a wrong path (a log, a device) from being read whole by every CNI call.

@@ -15,6 +15,58 @@
 use std::process::Command;
 
 use ipnet::Ipv4Net;
+use tracing::warn;
+
+/// The rules the forwarding backends want on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FirewallRules {
+    /// The cluster network: forwarded both ways, and not masqueraded inside itself.
+    pub network: Ipv4Net,
+    /// Masquerade traffic from the cluster network to anywhere else (`--ip-masq`).
+    pub masquerade: bool,
+}
+
+/// A host's packet filter, as the agent drives it: one implementation per tool
+/// ([`Iptables`] today), and a recording fake for tests. Like the datapath, it is
+/// reconciled: `ensure` compares and writes only what differs.
+pub trait Firewall: Send + Sync {
+    /// Makes the agent's rules equal `rules`; whether anything was written.
+    fn ensure(&self, rules: &FirewallRules) -> Result<bool, FirewallError>;
+}
+
+/// The `iptables` command (iptables-nft on current distributions).
+pub struct Iptables;
+
+impl Firewall for Iptables {
+    fn ensure(&self, rules: &FirewallRules) -> Result<bool, FirewallError> {
+        let mut wrote = ensure_chain(&forward_rules(rules.network))?;
+        if rules.masquerade {
+            wrote |= ensure_chain(&masq_rules(rules.network))?;
+        } else {
+            for e in remove_chain("nat", "POSTROUTING", MASQ_CHAIN) {
+                warn!(error = %e, "could not remove old masquerade rules");
+            }
+        }
+        Ok(wrote)
+    }
+}
+
+/// Records the rules asked for instead of installing them.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Default)]
+pub struct FakeFirewall {
+    pub ensured: std::sync::Mutex<Vec<FirewallRules>>,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl Firewall for FakeFirewall {
+    fn ensure(&self, rules: &FirewallRules) -> Result<bool, FirewallError> {
+        let mut ensured = self.ensured.lock().expect("firewall");
+        let changed = ensured.last() != Some(rules);
+        ensured.push(*rules);
+        Ok(changed)
+    }
+}
 
 pub const FORWARD_CHAIN: &str = "OVERLAY-FORWARD";
 pub const MASQ_CHAIN: &str = "OVERLAY-POSTROUTING";

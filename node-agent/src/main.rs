@@ -8,7 +8,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use overlay_agent::agent::{Agent, AgentOptions, SharedStatus};
+use overlay_agent::backend::HostEffects;
 use overlay_agent::client::Controllers;
+use overlay_agent::control_plane::grpc::GrpcControlPlane;
 use overlay_agent::health;
 use overlay_agent::metrics::AgentMetrics;
 use overlay_proto::tls::Transport;
@@ -149,10 +151,10 @@ async fn run() -> anyhow::Result<()> {
             }
         });
     }
+    let host = overlay_agent::hostnet::detect(args.public_ip, args.iface.as_deref())?;
+    let effects = HostEffects::kernel().context("netlink")?;
     let opts = AgentOptions {
         node,
-        public_ip: args.public_ip,
-        iface: args.iface,
         run_dir: args.run_dir,
         state_dir: args.state_dir,
         bridge: (args.bridge != "none").then_some(args.bridge),
@@ -161,7 +163,8 @@ async fn run() -> anyhow::Result<()> {
         cni_conf_dir: args.cni_conf_dir,
         cni_data_dir: args.cni_data_dir,
     };
-    let agent = Agent::new(opts, controllers, Arc::clone(&status)).with_metrics(metrics);
+    let control = Arc::new(GrpcControlPlane::new(controllers));
+    let agent = Agent::new(opts, host, control, effects, Arc::clone(&status)).with_metrics(metrics);
     agent
         .run(overlay_proto::daemon::shutdown_signal(
             "stopping; the lease and the datapath stay in place",

@@ -356,7 +356,7 @@ fn vxlan_plan_is_applied_observed_back_and_reapplied_with_zero_writes() {
         assert_eq!(report.applied, 9);
 
         let observed = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
-        assert_eq!(observed, desired.entries());
+        assert_eq!(observed, desired.kernel_entries());
         assert!(observed.routes.values().all(|r| r.kind == RouteKind::Vxlan));
         assert!(diff(&desired, &observed).is_empty());
 
@@ -392,7 +392,7 @@ fn vxlan_plan_is_applied_observed_back_and_reapplied_with_zero_writes() {
         assert!(report.is_ok(), "{:?}", report.failed);
         assert_eq!(
             nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap(),
-            desired.entries()
+            desired.kernel_entries()
         );
 
         // A peer goes away: its route, neighbour and FDB entry go, nothing else changes.
@@ -411,7 +411,7 @@ fn vxlan_plan_is_applied_observed_back_and_reapplied_with_zero_writes() {
         assert!(ops.iter().all(Op::is_delete));
         assert!(nl.apply(&ops).await.is_ok());
         let observed = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
-        assert_eq!(observed, desired.entries());
+        assert_eq!(observed, desired.kernel_entries());
         assert!(!ip("route show proto 79").contains("10.244.3.0"));
         assert!(!ip("neigh show dev ovl.1").contains("10.244.3.0"));
         assert!(!run("bridge", "fdb show dev ovl.1").contains(&mac(3).to_string()));
@@ -432,7 +432,7 @@ fn vxlan_plan_is_applied_observed_back_and_reapplied_with_zero_writes() {
         assert!(nl.apply(&ops).await.is_ok());
         assert_eq!(
             nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap(),
-            desired.entries()
+            desired.kernel_entries()
         );
     });
 }
@@ -456,7 +456,7 @@ fn host_gw_and_direct_routes_go_via_the_peers_public_ip() {
             .await;
         assert!(report.is_ok(), "{:?}", report.failed);
         let observed = nl.observe(None, UNDERLAY).await.unwrap();
-        assert_eq!(observed, desired.entries());
+        assert_eq!(observed, desired.kernel_entries());
         assert!(observed
             .routes
             .values()
@@ -617,7 +617,7 @@ fn a_thousand_peers_are_applied_in_one_pipelined_call() {
         assert_eq!(observed.routes.len(), 1000);
         assert_eq!(observed.neighbours.len(), 1000);
         assert_eq!(observed.fdb.len(), 1000);
-        assert_eq!(observed, desired.entries());
+        assert_eq!(observed, desired.kernel_entries());
         assert!(diff(&desired, &observed).is_empty());
     });
 }
@@ -625,7 +625,7 @@ fn a_thousand_peers_are_applied_in_one_pipelined_call() {
 #[test]
 fn sysctls_are_written_only_when_they_differ() {
     in_netns("sysctl_ip_forward", || async {
-        use overlay_agent::datapath::set_sysctl;
+        use overlay_agent::sysctl::set_sysctl;
         let key = "net/ipv4/ip_forward";
         set_sysctl(key, "0").unwrap();
         assert!(set_sysctl(key, "1").unwrap());

@@ -501,7 +501,7 @@ fn verify_entries(ns: &str, vtep: &str, desired: &DesiredState, who: &str, fdb_b
     if fdb_by_bridge {
         observed.fdb = bridge_fdb(ns, vtep);
     }
-    let want = desired.entries();
+    let want = desired.kernel_entries();
     assert!(
         observed == want,
         "{who} did not program the planned entries: kernel has {} routes, {} neighbours, {} FDB \

@@ -13,15 +13,16 @@ use std::sync::Arc;
 use futures::stream::{BoxStream, StreamExt};
 use ipnet::Ipv4Net;
 use overlay_core::config::NetworkConfig;
-use overlay_core::datapath::{diff, plan, HostNet, ObservedState};
+use overlay_core::datapath::{diff, plan, HostNet, KernelEntries};
 use overlay_core::lease::Lease;
 use overlay_core::subnet::gateway;
 use overlay_core::MacAddr;
 use tracing::{info, warn};
 
 use super::{BackendContext, BackendError, ReconcileReport};
-use crate::datapath::{set_sysctl, Datapath, Netlink};
-use crate::firewall;
+use crate::datapath::Datapath;
+use crate::firewall::{Firewall, FirewallRules};
+use crate::sysctl::Sysctl;
 
 pub struct Forwarding {
     pub backend: &'static str,
@@ -32,17 +33,16 @@ pub struct Forwarding {
     pub ip_masq: bool,
     pub mtu: u32,
     pub datapath: Arc<dyn Datapath>,
+    pub firewall: Arc<dyn Firewall>,
+    pub sysctl: Arc<dyn Sysctl>,
     /// The VTEP name, for backends that have one (its entries are observed too).
     pub vtep: Option<String>,
-    /// Whether to manage host-wide settings (sysctl, firewall): only against the real
-    /// kernel, never with an injected (fake) datapath.
-    manage_host: bool,
     last_skipped: Vec<(Ipv4Net, String)>,
 }
 
 impl Forwarding {
-    /// Connects to the kernel (or takes the datapath given in `ctx`) and checks that the
-    /// host has what a forwarding backend needs: an interface holding the public IP.
+    /// Checks that the host has what a forwarding backend needs: an interface holding the
+    /// public IP.
     pub fn new(
         backend: &'static str,
         ctx: &BackendContext,
@@ -54,11 +54,6 @@ impl Forwarding {
                 "the public IP {} is not on any interface of this host; pass --iface or a --public-ip the host has",
                 ctx.host.public_ip
             )));
-        };
-        let manage_host = ctx.datapath.is_none();
-        let datapath: Arc<dyn Datapath> = match &ctx.datapath {
-            Some(d) => d.clone(),
-            None => Arc::new(Netlink::connect().map_err(|e| err(format!("netlink: {e}")))?),
         };
         Ok(Forwarding {
             backend,
@@ -72,9 +67,10 @@ impl Forwarding {
             bridge_mac: MacAddr::derive(&format!("overlay-bridge/{}", ctx.node)),
             ip_masq: ctx.ip_masq,
             mtu,
-            datapath,
+            datapath: ctx.effects.datapath.clone(),
+            firewall: ctx.effects.firewall.clone(),
+            sysctl: ctx.effects.sysctl.clone(),
             vtep: None,
-            manage_host,
             last_skipped: Vec::new(),
         })
     }
@@ -98,42 +94,35 @@ impl Forwarding {
                 .await
                 .map_err(|e| self.err(&format!("address of bridge {bridge}"), e))?;
         }
-        if !self.manage_host {
-            return Ok(());
-        }
-        set_sysctl("net/ipv4/ip_forward", "1")
+        self.sysctl
+            .set("net/ipv4/ip_forward", "1")
             .map_err(|e| self.err("enabling IP forwarding", e))?;
-        let (network, ip_masq) = (self.config.network, self.ip_masq);
-        let result =
-            tokio::task::spawn_blocking(move || -> Result<bool, firewall::FirewallError> {
-                let mut wrote = firewall::ensure_chain(&firewall::forward_rules(network))?;
-                if ip_masq {
-                    wrote |= firewall::ensure_chain(&firewall::masq_rules(network))?;
-                } else {
-                    for e in firewall::remove_chain("nat", "POSTROUTING", firewall::MASQ_CHAIN) {
-                        warn!(error = %e, "could not remove old masquerade rules");
-                    }
-                }
-                Ok(wrote)
-            })
+        let rules = FirewallRules {
+            network: self.config.network,
+            masquerade: self.ip_masq,
+        };
+        let firewall = self.firewall.clone();
+        let wrote = tokio::task::spawn_blocking(move || firewall.ensure(&rules))
             .await
-            .map_err(|e| self.err("firewall task", e))?;
-        if result.map_err(|e| self.err("firewall rules", e))? {
-            info!(%network, ip_masq, "firewall rules installed");
+            .map_err(|e| self.err("firewall task", e))?
+            .map_err(|e| self.err("firewall rules", e))?;
+        if wrote {
+            info!(network = %rules.network, ip_masq = rules.masquerade, "firewall rules installed");
         }
         Ok(())
     }
 
-    /// Brings per-peer entries to the plan for `own` and `peers`.
+    /// Brings per-peer entries to the plan for `own` and `peers`. `report.writes` counts
+    /// every datapath write since `before` (the caller's own writes, like the VTEP's, too).
     pub async fn reconcile(
         &mut self,
         own: &Lease,
         peers: &[Lease],
+        before: u64,
     ) -> Result<ReconcileReport, BackendError> {
-        let before = self.datapath.writes();
         self.ensure_host(own).await?;
         let desired = plan(&self.config, own, peers, &self.host);
-        let observed: ObservedState = self
+        let observed: KernelEntries = self
             .datapath
             .observe(self.vtep.as_deref(), &self.host.iface)
             .await
@@ -146,7 +135,7 @@ impl Forwarding {
             }
             self.last_skipped = desired.skipped.clone();
         }
-        let entries = desired.entries();
+        let entries = desired.kernel_entries();
         Ok(ReconcileReport {
             desired: entries.routes.len() + entries.neighbours.len() + entries.fdb.len(),
             observed: observed.routes.len() + observed.neighbours.len() + observed.fdb.len(),

@@ -44,7 +44,8 @@ impl Backend for HostGwBackend {
         own: &Lease,
         peers: &[Lease],
     ) -> Result<ReconcileReport, BackendError> {
-        self.fwd.reconcile(own, peers).await
+        let before = self.fwd.datapath.writes();
+        self.fwd.reconcile(own, peers, before).await
     }
 
     fn device_changes(&self) -> Option<BoxStream<'static, ()>> {

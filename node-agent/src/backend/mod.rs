@@ -15,8 +15,10 @@ use overlay_core::lease::{BackendData, Lease};
 use overlay_core::BackendType;
 use serde::Serialize;
 
-use crate::datapath::Datapath;
+use crate::datapath::{Datapath, Netlink, NetlinkError};
+use crate::firewall::{Firewall, Iptables};
 use crate::hostnet::HostInfo;
+use crate::sysctl::{ProcSysctl, Sysctl};
 
 pub mod alloc;
 mod forwarding;
@@ -33,14 +35,35 @@ pub struct BackendContext {
     /// `None` with `--bridge none`.
     pub bridge: Option<String>,
     pub ip_masq: bool,
-    /// The datapath to program; `None` connects to the kernel (and lets the backend manage
-    /// host-wide settings such as sysctls and firewall rules, which a fake must not).
-    pub datapath: Option<Arc<dyn Datapath>>,
+    pub effects: HostEffects,
 }
 
-impl std::fmt::Debug for dyn Datapath {
+/// Everything a backend changes on the host, injected (as netavark injects its firewall
+/// driver): the kernel's forwarding entries and devices, the packet filter, and sysctls.
+/// The agent passes [`HostEffects::kernel`]; tests pass fakes, and the backends cannot tell
+/// the difference.
+#[derive(Clone)]
+pub struct HostEffects {
+    pub datapath: Arc<dyn Datapath>,
+    pub firewall: Arc<dyn Firewall>,
+    pub sysctl: Arc<dyn Sysctl>,
+}
+
+impl HostEffects {
+    /// This host's kernel (netlink in the calling thread's network namespace), `iptables`
+    /// and `/proc/sys`. Needs a tokio runtime.
+    pub fn kernel() -> Result<Self, NetlinkError> {
+        Ok(HostEffects {
+            datapath: Arc::new(Netlink::connect()?),
+            firewall: Arc::new(Iptables),
+            sysctl: Arc::new(ProcSysctl),
+        })
+    }
+}
+
+impl std::fmt::Debug for HostEffects {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Datapath")
+        f.write_str("HostEffects")
     }
 }
 

@@ -147,9 +147,7 @@ impl Backend for VxlanBackend {
     ) -> Result<ReconcileReport, BackendError> {
         let before = self.fwd.datapath.writes();
         self.ensure_vtep(Some(own)).await?;
-        let mut report = self.fwd.reconcile(own, peers).await?;
-        report.writes = self.fwd.datapath.writes() - before;
-        Ok(report)
+        self.fwd.reconcile(own, peers, before).await
     }
 
     fn device_changes(&self) -> Option<BoxStream<'static, ()>> {
@@ -162,8 +160,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::backend::HostEffects;
     use crate::datapath::{Datapath, FakeDatapath, VxlanInfo};
+    use crate::firewall::FakeFirewall;
     use crate::hostnet::HostInfo;
+    use crate::sysctl::FakeSysctl;
 
     #[test]
     fn vtep_names() {
@@ -210,7 +211,11 @@ mod tests {
             state_dir: dir.path().into(),
             bridge: None,
             ip_masq: false,
-            datapath: Some(fake.clone()),
+            effects: HostEffects {
+                datapath: fake.clone(),
+                firewall: Arc::new(FakeFirewall::default()),
+                sysctl: Arc::new(FakeSysctl::default()),
+            },
         };
         let mut backend = VxlanBackend::new(ctx).unwrap();
         let data = backend.prepare().await.unwrap();

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use ipnet::Ipv4Net;
-use overlay_core::datapath::{FdbEntry, Neighbour, ObservedState, Op, Route};
+use overlay_core::datapath::{FdbEntry, KernelEntries, Neighbour, Op, Route};
 use overlay_core::MacAddr;
 use tokio::sync::broadcast;
 
@@ -421,9 +421,9 @@ impl Datapath for FakeDatapath {
         &self,
         vtep: Option<&str>,
         underlay_iface: &str,
-    ) -> Result<ObservedState, NetlinkError> {
+    ) -> Result<KernelEntries, NetlinkError> {
         let k = self.kernel.lock().unwrap();
-        let mut state = ObservedState::default();
+        let mut state = KernelEntries::default();
         for r in k.routes.values() {
             let mut r = r.clone();
             r.kind = infer_route_kind(&r.dev, vtep, underlay_iface);
@@ -526,7 +526,7 @@ mod tests {
         assert!(report.is_ok(), "{:?}", report.failed);
         assert_eq!(report.applied, 9);
         let observed = fake.observe(Some("ovl.1"), "eth0").await.unwrap();
-        assert_eq!(observed, desired.entries());
+        assert_eq!(observed, desired.kernel_entries());
         assert!(observed.routes.values().all(|r| r.kind == RouteKind::Vxlan));
         let before = fake.writes();
         assert!(diff(&desired, &observed).is_empty());
@@ -539,7 +539,7 @@ mod tests {
         let fake = fake_with_vtep().await;
         let peers: Vec<Lease> = (1..=3).map(lease).collect();
         let desired = plan(&config(), &peers[0], &peers, &host());
-        fake.apply(&diff(&desired, &ObservedState::default())).await;
+        fake.apply(&diff(&desired, &KernelEntries::default())).await;
         fake.edit_kernel(|k| {
             k.routes.remove(&"10.244.2.0/24".parse().unwrap());
             k.fdb.clear();
@@ -552,7 +552,7 @@ mod tests {
         assert!(fake.apply(&ops).await.is_ok());
         assert_eq!(
             fake.observe(Some("ovl.1"), "eth0").await.unwrap(),
-            desired.entries()
+            desired.kernel_entries()
         );
     }
 
@@ -565,7 +565,7 @@ mod tests {
             |op| matches!(op, Op::AddNeighbour(n) if n.ip.octets()[2] == 2),
             libc::ENOBUFS,
         );
-        let report = fake.apply(&diff(&desired, &ObservedState::default())).await;
+        let report = fake.apply(&diff(&desired, &KernelEntries::default())).await;
         let failed: Vec<String> = report.failed.iter().map(|(op, _)| op.to_string()).collect();
         assert_eq!(failed.len(), 2, "{failed:?}");
         assert!(
@@ -618,7 +618,7 @@ mod tests {
         let mut events = fake.subscribe_link_changes().unwrap();
         let peers: Vec<Lease> = (1..=3).map(lease).collect();
         let desired = plan(&config(), &peers[0], &peers, &host());
-        fake.apply(&diff(&desired, &ObservedState::default())).await;
+        fake.apply(&diff(&desired, &KernelEntries::default())).await;
         fake.remove_link_externally("ovl.1");
         assert_eq!(
             events.next().await,

@@ -10,6 +10,7 @@
 //! Writes are counted ([`Datapath::writes`]) because "a restart with an unchanged world
 //! issues zero writes" is a promise the agent must be able to prove, not just intend.
 
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod netlink;
 
@@ -20,11 +21,12 @@ use async_trait::async_trait;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{BoxStream, StreamExt};
 use ipnet::Ipv4Net;
-use overlay_core::datapath::{ObservedState, Op, Phase, RouteKind};
+use overlay_core::datapath::{KernelEntries, Op, Phase, RouteKind};
 use overlay_core::MacAddr;
 
+#[cfg(any(test, feature = "testing"))]
 pub use fake::FakeDatapath;
-pub use netlink::{set_sysctl, Netlink, NetlinkError, ROUTE_PROTOCOL};
+pub use netlink::{Netlink, NetlinkError, ROUTE_PROTOCOL};
 
 /// How many requests are in flight at once on the netlink socket during [`Datapath::apply`].
 pub const PIPELINE_DEPTH: usize = 64;
@@ -161,7 +163,7 @@ pub trait Datapath: Send + Sync {
         &self,
         vtep: Option<&str>,
         underlay_iface: &str,
-    ) -> Result<ObservedState, NetlinkError>;
+    ) -> Result<KernelEntries, NetlinkError>;
 
     /// Applies operations phase by phase ([`Phase`]), pipelined within a phase. A route
     /// whose neighbour or FDB entry failed in the same call is not attempted.

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
-use overlay_core::datapath::{FdbEntry, Neighbour, ObservedState, Op, Route};
+use overlay_core::datapath::{FdbEntry, KernelEntries, Neighbour, Op, Route};
 use overlay_core::MacAddr;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
@@ -79,12 +79,6 @@ pub enum NetlinkError {
     NoSuchLink { op: String, name: String },
     #[error("{op}: not attempted because \"{dependency}\" failed")]
     DependencyFailed { op: String, dependency: String },
-    #[error("cannot set sysctl {path}: {source}")]
-    Sysctl {
-        path: String,
-        #[source]
-        source: Arc<std::io::Error>,
-    },
 }
 
 impl NetlinkError {
@@ -92,9 +86,7 @@ impl NetlinkError {
     pub fn errno(&self) -> Option<i32> {
         match self {
             NetlinkError::Kernel { errno, .. } => Some(*errno),
-            NetlinkError::Sysctl { source, .. } | NetlinkError::Connect(source) => {
-                source.raw_os_error()
-            }
+            NetlinkError::Connect(source) => source.raw_os_error(),
             _ => None,
         }
     }
@@ -125,23 +117,6 @@ fn errno_of(e: &rtnetlink::Error) -> Option<i32> {
         rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| -c.get()),
         _ => None,
     }
-}
-
-/// Writes `value` to `/proc/sys/<key>` (e.g. `net/ipv4/ip_forward`) unless it already
-/// holds it; returns whether it wrote. Sysctls under `net/` belong to the calling thread's
-/// network namespace.
-pub fn set_sysctl(key: &str, value: &str) -> Result<bool, NetlinkError> {
-    let path = format!("/proc/sys/{}", key.trim_start_matches('/'));
-    let err = |source: std::io::Error| NetlinkError::Sysctl {
-        path: path.clone(),
-        source: Arc::new(source),
-    };
-    let current = std::fs::read_to_string(&path).map_err(err)?;
-    if current.trim() == value.trim() {
-        return Ok(false);
-    }
-    std::fs::write(&path, value).map_err(err)?;
-    Ok(true)
 }
 
 /// An rtnetlink connection in the network namespace it was opened in.
@@ -483,11 +458,11 @@ impl Netlink {
         &self,
         vtep: Option<&str>,
         underlay_iface: &str,
-    ) -> Result<ObservedState, NetlinkError> {
+    ) -> Result<KernelEntries, NetlinkError> {
         let links = self.links().await?;
         let names: HashMap<u32, &str> =
             links.values().map(|l| (l.index, l.name.as_str())).collect();
-        let mut state = ObservedState::default();
+        let mut state = KernelEntries::default();
 
         let routes: Vec<RouteMessage> = self
             .handle
@@ -896,7 +871,7 @@ impl Datapath for Netlink {
         &self,
         vtep: Option<&str>,
         underlay_iface: &str,
-    ) -> Result<ObservedState, NetlinkError> {
+    ) -> Result<KernelEntries, NetlinkError> {
         Netlink::observe(self, vtep, underlay_iface).await
     }
 
