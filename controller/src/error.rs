@@ -37,10 +37,12 @@ pub enum ControlError {
     Store(#[from] StoreError),
 }
 
-impl From<ControlError> for tonic::Status {
-    fn from(e: ControlError) -> Self {
+impl ControlError {
+    /// The gRPC status code of this error: the one mapping, used for the reply and for
+    /// the metrics' `code` label alike.
+    pub fn code(&self) -> tonic::Code {
         use tonic::Code;
-        let code = match &e {
+        match self {
             ControlError::NoConfig => Code::FailedPrecondition,
             ControlError::BadStoredConfig(_) => Code::Internal,
             ControlError::Config(_) | ControlError::Lease(_) | ControlError::InvalidArgument(_) => {
@@ -54,7 +56,12 @@ impl From<ControlError> for tonic::Status {
             ControlError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             ControlError::Store(StoreError::LeaseNotFound(_)) => Code::NotFound,
             ControlError::Store(_) => Code::Internal,
-        };
-        tonic::Status::new(code, e.to_string())
+        }
+    }
+}
+
+impl From<ControlError> for tonic::Status {
+    fn from(e: ControlError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
     }
 }

@@ -168,21 +168,29 @@ impl Metrics {
     }
 }
 
+/// The metrics label of an error: its gRPC code in snake case (`resource_exhausted`).
 fn status_label(e: &ControlError) -> String {
-    let code = match e {
-        ControlError::Exhausted { .. } => "resource_exhausted",
-        ControlError::NoConfig | ControlError::FailedPrecondition(_) => "failed_precondition",
-        ControlError::Config(_) | ControlError::Lease(_) | ControlError::InvalidArgument(_) => {
-            "invalid_argument"
-        }
-        ControlError::NotFound(_) => "not_found",
-        ControlError::NotHolder { .. } | ControlError::Forbidden(_) => "permission_denied",
-        ControlError::Contention(_) => "aborted",
-        ControlError::Store(StoreError::Unavailable(_)) => "unavailable",
-        ControlError::Store(StoreError::LeaseNotFound(_)) => "not_found",
-        ControlError::Store(_) | ControlError::BadStoredConfig(_) => "internal",
-    };
-    code.to_string()
+    use tonic::Code;
+    match e.code() {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+    .to_string()
 }
 
 /// A [`Store`] that times every request.
