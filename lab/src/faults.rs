@@ -5,7 +5,9 @@
 //! /proc just before it is signalled, rather than from a second copy of the flags
 //! [`Lab::up`] gave it: whatever `up` starts it with (ports, data dir, certificates) the
 //! restarted process gets too, so the two can never drift apart. etcd comes back on the
-//! same data dir, which is what an operator's restart does.
+//! same data dir, which is what an operator's restart does. It is started by the same
+//! `Lab::spawn` as the first time (namespace, the lab's environment, log, detached or
+//! a child), given only the old command line and environment instead of the lab's.
 //!
 //! A host is cut at the underlay end of its veth (the bridge port in the underlay
 //! namespace), not at its own `eth0`: the host keeps its addresses and routes, exactly
@@ -14,10 +16,11 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::{file_err, http_get_in, netns, wait_for, Lab, LabError};
+use crate::process::wait_for;
+use crate::{file_err, http_get_in, netns, Lab, LabError};
 
 /// A process [`Lab::up`] starts in the underlay namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,19 +63,6 @@ fn proc_strings(pid: u32, file: &str) -> Result<Vec<OsString>, LabError> {
         .collect())
 }
 
-fn gone(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks whether the pid exists.
-    let exists = unsafe { libc::kill(pid as i32, 0) } == 0;
-    !exists
-        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, r)| r.split_whitespace().next().map(str::to_string))
-            })
-            .is_none_or(|state| state == "Z" || state == "X")
-}
-
 impl Lab {
     /// The pid of a running service.
     pub fn service_pid(&self, service: Service) -> Option<u32> {
@@ -80,6 +70,15 @@ impl Lab {
             Service::Etcd => self.state.etcd_pid,
             Service::Controller => self.state.controller_pid,
         }
+    }
+
+    /// Records (and saves) the pid of a service.
+    fn set_service_pid(&mut self, service: Service, pid: Option<u32>) -> Result<(), LabError> {
+        match service {
+            Service::Etcd => self.state.etcd_pid = pid,
+            Service::Controller => self.state.controller_pid = pid,
+        }
+        self.state.save()
     }
 
     /// Sends `signal` (one that ends the process: SIGKILL, SIGTERM) to a service and waits
@@ -109,24 +108,9 @@ impl Lab {
                 "the lab's {service} (pid {pid}) has no command line: it has exited"
             )));
         }
-        // SAFETY: kill(2) on a pid this lab started.
-        unsafe { libc::kill(pid as i32, signal) };
-        let role = service.role();
-        if let Some(pos) = self.children.iter().position(|(r, _)| r == role) {
-            let (_, mut child) = self.children.remove(pos);
-            let _ = child.wait();
-        } else {
-            wait_for(
-                &format!("the lab's {service} (pid {pid}) to exit"),
-                Duration::from_secs(10),
-                || gone(pid).then_some(()),
-            )?;
-        }
-        match service {
-            Service::Etcd => self.state.etcd_pid = None,
-            Service::Controller => self.state.controller_pid = None,
-        }
-        self.state.save()?;
+        let what = format!("the lab's {service} (pid {pid}) to exit");
+        self.stop(service.role(), pid, signal, &what)?;
+        self.set_service_pid(service, None)?;
         Ok(StoppedService { service, argv, env })
     }
 
@@ -140,45 +124,12 @@ impl Lab {
             Service::Etcd => self.state.etcd_log.clone(),
             Service::Controller => self.state.controller_log.clone(),
         };
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|e| file_err(&log, e))?;
-        let err = out.try_clone().map_err(|e| file_err(&log, e))?;
         let mut cmd = Command::new(&stopped.argv[0]);
         cmd.args(&stopped.argv[1..])
             .env_clear()
-            .envs(stopped.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        netns::in_netns(&mut cmd, &ul)?;
-        if self.detach {
-            // SAFETY: setsid is async-signal-safe; the daemon leaves our session.
-            unsafe {
-                use std::os::unix::process::CommandExt;
-                cmd.pre_exec(|| {
-                    libc::setsid();
-                    Ok(())
-                });
-            }
-        }
-        let child = cmd.spawn().map_err(|e| LabError::Command {
-            cmd: stopped.argv[0].to_string_lossy().into_owned(),
-            message: e.to_string(),
-        })?;
-        let pid = child.id();
-        if self.detach {
-            std::mem::forget(child);
-        } else {
-            self.children.push((service.role().to_string(), child));
-        }
-        match service {
-            Service::Etcd => self.state.etcd_pid = Some(pid),
-            Service::Controller => self.state.controller_pid = Some(pid),
-        }
-        self.state.save()?;
+            .envs(stopped.env.iter().map(|(k, v)| (k, v)));
+        let pid = self.spawn(service.role(), &ul, &mut cmd, &log)?;
+        self.set_service_pid(service, Some(pid))?;
         let what = format!("the restarted {service} to serve (log: {})", log.display());
         match service {
             Service::Etcd => wait_for(&what, Duration::from_secs(20), || {

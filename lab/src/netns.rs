@@ -7,11 +7,12 @@
 //! run unmodified and nothing depends on `ip netns exec` remounting /sys.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use crate::process::exited;
 use crate::LabError;
 
 pub const NETNS_DIR: &str = "/run/netns";
@@ -96,22 +97,10 @@ pub fn delete(name: &str) -> Result<(), LabError> {
     // SIGKILL is delivered asynchronously: wait (briefly) until they are gone, so that
     // whoever deletes their files next (etcd's data dir) does not race a dying writer.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while killed.iter().any(|&p| alive(p)) && std::time::Instant::now() < deadline {
+    while killed.iter().any(|&p| !exited(p as u32)) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     ip(&["netns", "del", name]).map(|_| ())
-}
-
-/// Whether `pid` still runs (a zombie has finished: only its parent's wait is missing).
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // "pid (comm) S ...": the state follows the last ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
 }
 
 /// Every namespace whose name starts with `prefix`.
@@ -148,23 +137,34 @@ pub fn veth(
     Ok(())
 }
 
-/// Makes `cmd` run inside namespace `ns` (setns in the child before exec).
-pub fn in_netns(cmd: &mut Command, ns: &str) -> Result<(), LabError> {
-    let file = File::open(netns_path(ns)).map_err(|e| LabError::Namespace {
+/// Moves the calling thread into the network namespace `ns` (an open `/run/netns/*` or
+/// `/proc/<pid>/ns/net` file): setns(2), nothing else, so it is async-signal-safe and
+/// serves both in a child between fork and exec ([`in_netns`]) and on a thread of its
+/// own ([`run_in`]). The one place the lab calls setns.
+pub fn setns_net(ns: BorrowedFd<'_>) -> std::io::Result<()> {
+    // SAFETY: setns(2) on a file descriptor the borrow keeps open; it changes only the
+    // calling thread's network namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens namespace `ns` for [`setns_net`].
+fn open(ns: &str) -> Result<File, LabError> {
+    File::open(netns_path(ns)).map_err(|e| LabError::Namespace {
         ns: ns.into(),
         message: e.to_string(),
-    })?;
-    let fd = file.as_raw_fd();
+    })
+}
+
+/// Makes `cmd` run inside namespace `ns` (setns in the child before exec).
+pub fn in_netns(cmd: &mut Command, ns: &str) -> Result<(), LabError> {
+    let file = open(ns)?;
     // SAFETY: only async-signal-safe calls (setns) between fork and exec; `file` is moved
     // into the closure so the fd stays open until the command is spawned.
     unsafe {
-        cmd.pre_exec(move || {
-            let _keep = &file;
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || setns_net(file.as_fd()));
     }
     Ok(())
 }
@@ -182,19 +182,14 @@ pub fn run_in<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, LabError> {
-    let file = File::open(netns_path(ns)).map_err(|e| LabError::Namespace {
-        ns: ns.into(),
-        message: e.to_string(),
-    })?;
+    let file = open(ns)?;
     let ns_name = ns.to_string();
+    // The thread ends after `f`, so no other work runs in `ns` by mistake.
     std::thread::spawn(move || {
-        // SAFETY: setns on this thread only; the thread ends after `f`.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(LabError::Namespace {
-                ns: ns_name,
-                message: std::io::Error::last_os_error().to_string(),
-            });
-        }
+        setns_net(file.as_fd()).map_err(|e| LabError::Namespace {
+            ns: ns_name,
+            message: e.to_string(),
+        })?;
         Ok(f())
     })
     .join()
