@@ -75,7 +75,7 @@ pub enum Command {
     Leases,
     /// Reserve a subnet for a node, or revoke a lease
     #[command(subcommand)]
-    Lease(cmd::lease::LeaseCommand),
+    Lease(cmd::reserve_revoke::LeaseCommand),
     /// Follow lease changes: a line per added or removed lease
     Watch(cmd::watch::WatchArgs),
     /// The routes (and VXLAN entries) a node should have, from the leases

@@ -3,6 +3,7 @@
 //! It stores the network config and the subnet leases in etcd, hands leases out to agents,
 //! and serves every agent's watch from one in-memory cache fed by a single etcd watch.
 
+pub mod election;
 pub mod error;
 pub mod fanout;
 pub mod grpc;

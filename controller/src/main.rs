@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use overlay_controller::election;
 use overlay_controller::fanout::Fanout;
 use overlay_controller::grpc::{Api, Auth, MAX_REQUEST_BYTES};
 use overlay_controller::health::{self, HealthState, Readiness};
@@ -286,7 +287,7 @@ async fn run() -> anyhow::Result<()> {
     let election = janitor::spawn(
         store.clone(),
         &args.etcd_prefix,
-        janitor::default_identity(grpc_addr),
+        election::default_identity(grpc_addr),
         args.leader_ttl,
         JanitorConfig {
             interval: args.janitor_interval,

@@ -55,7 +55,7 @@ pub const STATE_FILE: &str = "lab.json";
 /// ends the lab's state instead of leaving a `lab.json` that names nothing.
 pub const LAB_ROOT: &str = "/run/overlay-lab";
 /// The agent's conflist inside its `--cni-conf-dir`.
-pub const CNI_CONFLIST: &str = "10-overlay.conflist";
+pub use overlay_core::host_files::CNI_CONFLIST;
 /// The interface name a workload gets (CNI_IFNAME).
 pub const WORKLOAD_IFNAME: &str = "eth0";
 

@@ -8,8 +8,8 @@ pub mod completions;
 pub mod config;
 pub mod docker_opts;
 pub mod lab;
-pub mod lease;
-pub mod leases;
+pub mod list_leases;
+pub mod reserve_revoke;
 pub mod routes;
 pub mod status;
 pub mod watch;
@@ -34,8 +34,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     match command {
         Command::Config(c) => config::run(c, &controller, output).await,
-        Command::Leases => leases::run(&controller, output).await,
-        Command::Lease(c) => lease::run(c, &controller, output).await,
+        Command::Leases => list_leases::run(&controller, output).await,
+        Command::Lease(c) => reserve_revoke::run(c, &controller, output).await,
         Command::Watch(args) => watch::run(args, &controller, output).await,
         Command::Routes(args) => routes::run(args, &controller, output).await,
         Command::Agent(c) => agent::run(c, output).await,

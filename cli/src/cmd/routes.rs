@@ -55,7 +55,7 @@ pub async fn run(
     let listed = ctl
         .call(ctl.agent().list_leases(v1::ListLeasesRequest {}))
         .await?;
-    let leases = crate::cmd::leases::from_proto(&listed.leases)?;
+    let leases = crate::cmd::list_leases::from_proto(&listed.leases)?;
     let leases: Vec<_> = leases.into_iter().map(|(l, _)| l).collect();
     let own = leases
         .iter()

@@ -100,7 +100,7 @@ fn build(
         .ok_or_else(|| anyhow!("the controller sent no config"))?;
     let config = overlay_proto::config_from_proto(&config)
         .map_err(|e| anyhow!("invalid config from the controller: {e}"))?;
-    let listed = crate::cmd::leases::from_proto(&leases.leases)?;
+    let listed = crate::cmd::list_leases::from_proto(&leases.leases)?;
     let range = config.range();
     let in_range = listed
         .iter()
