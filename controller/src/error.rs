@@ -33,6 +33,19 @@ pub enum ControlError {
     Forbidden(String),
     #[error("gave up after {0} attempts: the store kept changing under us; retry")]
     Contention(u32),
+    #[error(
+        "too many listing calls from {identity:?}: the controller allows {rate} per second \
+         per identity, in bursts of up to {burst} (--list-rate, --list-burst); retry in {} ms",
+        retry_after.as_millis()
+    )]
+    RateLimited {
+        identity: String,
+        rate: f64,
+        burst: u32,
+        retry_after: std::time::Duration,
+    },
+    #[error("the request did not finish within the controller's --request-timeout ({0:?}); retry")]
+    Timeout(std::time::Duration),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -48,7 +61,10 @@ impl ControlError {
             ControlError::Config(_) | ControlError::Lease(_) | ControlError::InvalidArgument(_) => {
                 Code::InvalidArgument
             }
-            ControlError::Exhausted { .. } => Code::ResourceExhausted,
+            ControlError::Exhausted { .. } | ControlError::RateLimited { .. } => {
+                Code::ResourceExhausted
+            }
+            ControlError::Timeout(_) => Code::DeadlineExceeded,
             ControlError::NotFound(_) => Code::NotFound,
             ControlError::FailedPrecondition(_) => Code::FailedPrecondition,
             ControlError::NotHolder { .. } | ControlError::Forbidden(_) => Code::PermissionDenied,

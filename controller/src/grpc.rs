@@ -4,9 +4,11 @@
 //! (`impl From<ControlError> for Status`).
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use ipnet::Ipv4Net;
@@ -20,6 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::error::ControlError;
 use crate::fanout::Fanout;
 use crate::leases::{AcquireRequest, LeaseManager};
+use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 
 /// Largest request accepted from a client; every field we take is small.
@@ -41,6 +44,10 @@ pub struct Api {
     pub fanout: Arc<Fanout>,
     pub metrics: Arc<Metrics>,
     pub auth: Auth,
+    /// Listing calls (ListLeases, GetConfig, WatchLeases) per node identity.
+    pub list_limiter: Arc<RateLimiter>,
+    /// Deadline of every unary call (not of the watch stream).
+    pub request_timeout: Duration,
 }
 
 impl Api {
@@ -72,6 +79,27 @@ impl Api {
             ),
             _ => Ok(()),
         }
+    }
+
+    /// Takes a listing call from the caller's bucket. Admins and plaintext clients are not
+    /// limited.
+    fn rate_limit<T>(&self, req: &Request<T>) -> Result<(), ControlError> {
+        match (&self.auth, self.identity(req)?) {
+            (Auth::Mtls { admins }, Some(id)) if !admins.contains(&id) => {
+                self.list_limiter.check(&id)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs a unary call's work under `--request-timeout`.
+    async fn bounded<T>(
+        &self,
+        work: impl Future<Output = Result<T, ControlError>>,
+    ) -> Result<T, ControlError> {
+        tokio::time::timeout(self.request_timeout, work)
+            .await
+            .unwrap_or(Err(ControlError::Timeout(self.request_timeout)))
     }
 
     fn finish<T>(&self, op: &str, result: Result<T, ControlError>) -> Result<Response<T>, Status> {
@@ -165,9 +193,13 @@ impl Api {
 impl Agent for Api {
     async fn get_config(
         &self,
-        _: Request<v1::GetConfigRequest>,
+        req: Request<v1::GetConfigRequest>,
     ) -> Result<Response<v1::GetConfigResponse>, Status> {
-        let r = self.leases.config().await.map(|c| v1::GetConfigResponse {
+        let r = match self.rate_limit(&req) {
+            Ok(()) => self.bounded(self.leases.config()).await,
+            Err(e) => Err(e),
+        }
+        .map(|c| v1::GetConfigResponse {
             config: Some(config_to_proto(&c)),
         });
         self.finish("get_config", r)
@@ -178,7 +210,7 @@ impl Agent for Api {
         req: Request<v1::AcquireLeaseRequest>,
     ) -> Result<Response<v1::AcquireLeaseResponse>, Status> {
         let r = match self.authorize_node(&req, &req.get_ref().node) {
-            Ok(()) => self.acquire(req.into_inner()).await,
+            Ok(()) => self.bounded(self.acquire(req.into_inner())).await,
             Err(e) => Err(e),
         };
         self.finish("acquire", r)
@@ -190,17 +222,18 @@ impl Agent for Api {
     ) -> Result<Response<v1::RenewLeaseResponse>, Status> {
         let allowed = self.authorize_node(&req, &req.get_ref().node);
         let r = req.into_inner();
-        let result = async {
-            allowed?;
-            let ttl = self
-                .leases
-                .renew(&r.node, parse_subnet("subnet", &r.subnet)?)
-                .await?;
-            Ok(v1::RenewLeaseResponse {
-                ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
+        let result = self
+            .bounded(async {
+                allowed?;
+                let ttl = self
+                    .leases
+                    .renew(&r.node, parse_subnet("subnet", &r.subnet)?)
+                    .await?;
+                Ok(v1::RenewLeaseResponse {
+                    ttl_secs: ttl.map(|t| t.as_secs()).unwrap_or(0),
+                })
             })
-        }
-        .await;
+            .await;
         self.finish("renew", result)
     }
 
@@ -210,22 +243,26 @@ impl Agent for Api {
     ) -> Result<Response<v1::ReleaseLeaseResponse>, Status> {
         let allowed = self.authorize_node(&req, &req.get_ref().node);
         let r = req.into_inner();
-        let result = async {
-            allowed?;
-            self.leases
-                .release(&r.node, parse_subnet("subnet", &r.subnet)?)
-                .await?;
-            Ok(v1::ReleaseLeaseResponse {})
-        }
-        .await;
+        let result = self
+            .bounded(async {
+                allowed?;
+                self.leases
+                    .release(&r.node, parse_subnet("subnet", &r.subnet)?)
+                    .await?;
+                Ok(v1::ReleaseLeaseResponse {})
+            })
+            .await;
         self.finish("release", result)
     }
 
     async fn list_leases(
         &self,
-        _: Request<v1::ListLeasesRequest>,
+        req: Request<v1::ListLeasesRequest>,
     ) -> Result<Response<v1::ListLeasesResponse>, Status> {
-        let r = self.list().await;
+        let r = match self.rate_limit(&req) {
+            Ok(()) => self.bounded(self.list()).await,
+            Err(e) => Err(e),
+        };
         self.finish("list", r)
     }
 
@@ -241,6 +278,7 @@ impl Agent for Api {
                 "the controller has not loaded the leases from etcd yet",
             ));
         }
+        self.rate_limit(&req)?;
         let after = req.into_inner().after_revision;
         if after < 0 {
             return Err(ControlError::InvalidArgument(format!(
@@ -261,15 +299,16 @@ impl Admin for Api {
     ) -> Result<Response<v1::SetConfigResponse>, Status> {
         let allowed = self.authorize_admin(&req, "set config");
         let r = req.into_inner();
-        let result = async {
-            allowed?;
-            self.leases.set_config(&r.json, r.force).await
-        }
-        .await
-        .map(|(config, revoked)| v1::SetConfigResponse {
-            config: Some(config_to_proto(&config)),
-            revoked: revoked.iter().map(|l| l.subnet.to_string()).collect(),
-        });
+        let result = self
+            .bounded(async {
+                allowed?;
+                self.leases.set_config(&r.json, r.force).await
+            })
+            .await
+            .map(|(config, revoked)| v1::SetConfigResponse {
+                config: Some(config_to_proto(&config)),
+                revoked: revoked.iter().map(|l| l.subnet.to_string()).collect(),
+            });
         self.finish("set_config", result)
     }
 
@@ -279,16 +318,17 @@ impl Admin for Api {
     ) -> Result<Response<v1::ReserveSubnetResponse>, Status> {
         let allowed = self.authorize_admin(&req, "reserve");
         let r = req.into_inner();
-        let result = async {
-            allowed?;
-            let subnet = parse_subnet("subnet", &r.subnet)?;
-            let ip = parse_ip("public_ip", &r.public_ip)?;
-            let lease = self.leases.reserve(subnet, &r.node, ip).await?;
-            Ok(v1::ReserveSubnetResponse {
-                lease: Some(lease_to_proto(&lease, None)),
+        let result = self
+            .bounded(async {
+                allowed?;
+                let subnet = parse_subnet("subnet", &r.subnet)?;
+                let ip = parse_ip("public_ip", &r.public_ip)?;
+                let lease = self.leases.reserve(subnet, &r.node, ip).await?;
+                Ok(v1::ReserveSubnetResponse {
+                    lease: Some(lease_to_proto(&lease, None)),
+                })
             })
-        }
-        .await;
+            .await;
         self.finish("reserve", result)
     }
 
@@ -297,13 +337,14 @@ impl Admin for Api {
         req: Request<v1::RevokeLeaseRequest>,
     ) -> Result<Response<v1::RevokeLeaseResponse>, Status> {
         let allowed = self.authorize_admin(&req, "revoke");
-        let result = async {
-            allowed?;
-            let subnet = parse_subnet("subnet", &req.into_inner().subnet)?;
-            self.leases.revoke(subnet).await?;
-            Ok(v1::RevokeLeaseResponse {})
-        }
-        .await;
+        let result = self
+            .bounded(async {
+                allowed?;
+                let subnet = parse_subnet("subnet", &req.into_inner().subnet)?;
+                self.leases.revoke(subnet).await?;
+                Ok(v1::RevokeLeaseResponse {})
+            })
+            .await;
         self.finish("revoke", result)
     }
 }

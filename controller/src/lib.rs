@@ -10,5 +10,7 @@ pub mod grpc;
 pub mod health;
 pub mod janitor;
 pub mod leases;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod store;

@@ -13,6 +13,8 @@ use overlay_controller::grpc::{Api, Auth, MAX_REQUEST_BYTES};
 use overlay_controller::health::{self, HealthState, Readiness};
 use overlay_controller::janitor::{self, JanitorConfig};
 use overlay_controller::leases::{Keys, LeaseManager};
+use overlay_controller::limits::RateLimiter;
+use overlay_controller::listener::{self, Limits, Plaintext};
 use overlay_controller::metrics::{MeteredStore, Metrics};
 use overlay_controller::store::{EtcdOptions, EtcdStore, Store, StoreError};
 use overlay_proto::tls::Transport;
@@ -108,6 +110,54 @@ struct Args {
         value_delimiter = ','
     )]
     admin_identities: Vec<String>,
+    /// How long a client may take to finish the TLS handshake before its connection is
+    /// closed (100ms..5m).
+    #[arg(long, env = "OVERLAY_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_handshake_timeout)]
+    tls_handshake_timeout: Duration,
+    /// gRPC connections open at once, handshaking or established (1..1000000). At the cap
+    /// a new connection replaces the oldest unfinished handshake, or is closed when every
+    /// connection is established. Lowered at start to leave a quarter of the open-file limit
+    /// (LimitNOFILE) free.
+    #[arg(
+        long,
+        env = "OVERLAY_MAX_CONNECTIONS",
+        default_value = "4096",
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    max_connections: u32,
+    /// Concurrent calls (HTTP/2 streams) per connection (1..10000).
+    #[arg(
+        long,
+        env = "OVERLAY_MAX_CONCURRENT_STREAMS",
+        default_value = "100",
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    max_concurrent_streams: u32,
+    /// Deadline of every call except the lease watch stream; a call that takes longer
+    /// fails with DEADLINE_EXCEEDED (100ms..10m).
+    #[arg(long, env = "OVERLAY_REQUEST_TIMEOUT", default_value = "8s", value_parser = parse_request_timeout)]
+    request_timeout: Duration,
+    /// Largest response message in bytes, such as a lease listing or a watch snapshot
+    /// (64KiB..1GiB, written as a number of bytes).
+    #[arg(
+        long,
+        env = "OVERLAY_MAX_RESPONSE_BYTES",
+        default_value = "16777216",
+        value_parser = clap::value_parser!(u32).range(65_536..=1_073_741_824)
+    )]
+    max_response_bytes: u32,
+    /// Listing calls (ListLeases, GetConfig, WatchLeases) per second allowed to each
+    /// certificate identity; admin identities are not limited (0.01..100000).
+    #[arg(long, env = "OVERLAY_LIST_RATE", default_value = "5", value_parser = parse_list_rate)]
+    list_rate: f64,
+    /// Listing calls an identity may make at once before --list-rate applies (1..100000).
+    #[arg(
+        long,
+        env = "OVERLAY_LIST_BURST",
+        default_value = "20",
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    list_burst: u32,
     /// Log format: text or json.
     #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -125,6 +175,54 @@ fn transport(args: &Args) -> anyhow::Result<Transport> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     overlay_core::config::parse_duration(s)
+}
+
+/// A duration within `min..=max`.
+fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!(
+            "{s:?} is out of range: write a duration from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_handshake_timeout(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, Duration::from_millis(100), Duration::from_secs(300))
+}
+
+fn parse_request_timeout(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, Duration::from_millis(100), Duration::from_secs(600))
+}
+
+fn parse_list_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.01..=100_000.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate from 0.01 to 100000 calls per second"
+        )),
+    }
+}
+
+/// --max-connections, lowered when the open-file limit could not hold that many.
+fn connection_cap(requested: u32) -> usize {
+    let requested = requested as usize;
+    let Some(fd_limit) = listener::raise_fd_limit() else {
+        return requested;
+    };
+    let cap = listener::connection_budget(requested, fd_limit);
+    if cap < requested {
+        warn!(
+            max_connections = requested,
+            open_file_limit = fd_limit,
+            using = cap,
+            "--max-connections lowered to leave descriptors free; raise LimitNOFILE to allow more"
+        );
+    }
+    cap
 }
 
 /// The etcd TLS and authentication flags, with the password file read.
@@ -244,6 +342,16 @@ async fn run() -> anyhow::Result<()> {
         })?),
     };
     let transport = transport(&args)?;
+    let tls_acceptor = match &transport {
+        Transport::Tls(files) => Some(tokio_rustls::TlsAcceptor::from(
+            files.server_config().context("TLS setup")?,
+        )),
+        Transport::Insecure => None,
+    };
+    let limits = Limits {
+        max_connections: connection_cap(args.max_connections),
+        handshake_timeout: args.tls_handshake_timeout,
+    };
     // Bind first so a taken port fails at once, with the port in the message.
     let grpc_listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -335,28 +443,105 @@ async fn run() -> anyhow::Result<()> {
         auth,
         leases: manager,
         fanout,
-        metrics,
+        metrics: metrics.clone(),
+        list_limiter: Arc::new(RateLimiter::new(args.list_rate, args.list_burst)),
+        request_timeout: args.request_timeout,
     };
-    info!(listen = %grpc_addr, "serving gRPC");
-    let mut server = tonic::transport::Server::builder();
+    info!(
+        listen = %grpc_addr,
+        max_connections = limits.max_connections,
+        tls_handshake_timeout = ?limits.handshake_timeout,
+        max_concurrent_streams = args.max_concurrent_streams,
+        request_timeout = ?args.request_timeout,
+        "serving gRPC"
+    );
     if let Transport::Tls(files) = &transport {
-        server = server
-            .tls_config(files.server_config()?)
-            .context("TLS setup")?;
         info!(cert = %files.cert.display(), ca = %files.ca.display(), "mutual TLS on: clients need a certificate from the CA");
     }
-    server
+    let max_response = args.max_response_bytes as usize;
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(AgentServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_service(AdminServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            shutdown,
+        .max_concurrent_streams(args.max_concurrent_streams)
+        .add_service(
+            AgentServer::new(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(max_response),
         )
-        .await
-        .context("gRPC server failed")?;
+        .add_service(
+            AdminServer::new(api)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(max_response),
+        );
+    // Our own accept loop (handshake timeout, connection cap), not tonic's TLS.
+    match tls_acceptor {
+        Some(tls) => {
+            let incoming = listener::incoming(grpc_listener, tls, limits, metrics);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            let incoming = listener::incoming(grpc_listener, Plaintext, limits, metrics);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    }
+    .context("gRPC server failed")?;
     election.resign().await;
     info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(flag: &str) -> Result<Args, clap::Error> {
+        Args::try_parse_from(["overlay-controller", "--insecure", flag])
+    }
+
+    #[test]
+    fn limits_have_safe_defaults_and_refuse_zero_or_absurd_values() {
+        let a = Args::try_parse_from(["overlay-controller", "--insecure"]).unwrap();
+        assert_eq!(a.tls_handshake_timeout, Duration::from_secs(10));
+        assert_eq!(a.max_connections, 4096);
+        assert_eq!(a.max_concurrent_streams, 100);
+        assert_eq!(a.request_timeout, Duration::from_secs(8));
+        assert_eq!(a.max_response_bytes, 16 << 20);
+        assert_eq!((a.list_rate, a.list_burst), (5.0, 20));
+        for bad in [
+            "--tls-handshake-timeout=0",
+            "--tls-handshake-timeout=1h",
+            "--max-connections=0",
+            "--max-connections=100000000",
+            "--max-concurrent-streams=0",
+            "--request-timeout=0s",
+            "--request-timeout=1d",
+            "--max-response-bytes=0",
+            "--max-response-bytes=99999999999",
+            "--list-rate=0",
+            "--list-rate=-1",
+            "--list-rate=NaN",
+            "--list-rate=inf",
+            "--list-burst=0",
+        ] {
+            let e = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} was accepted"));
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(
+            parse("--tls-handshake-timeout=2s")
+                .unwrap()
+                .tls_handshake_timeout,
+            Duration::from_secs(2)
+        );
+        assert_eq!(parse("--list-rate=0.5").unwrap().list_rate, 0.5);
+    }
 }

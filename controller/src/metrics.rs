@@ -30,6 +30,11 @@ pub struct StoreOp {
     pub op: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseReason {
+    pub reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub lease_ops: Family<OpResult, Counter>,
@@ -44,6 +49,10 @@ pub struct Metrics {
     pub leader: Gauge,
     pub orphan_leases_revoked: Counter,
     pub compactions: Counter,
+    pub grpc_connections: Gauge,
+    pub tls_handshakes_pending: Gauge,
+    pub connections_closed: Family<CloseReason, Counter>,
+    pub accept_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -129,6 +138,31 @@ impl Metrics {
             "etcd history compactions done by the janitor",
             compactions.clone(),
         );
+        let grpc_connections = Gauge::default();
+        registry.register(
+            "grpc_connections",
+            "gRPC connections open, handshaking or established (at most --max-connections)",
+            grpc_connections.clone(),
+        );
+        let tls_handshakes_pending = Gauge::default();
+        registry.register(
+            "tls_handshakes_pending",
+            "gRPC connections whose TLS handshake has not finished yet",
+            tls_handshakes_pending.clone(),
+        );
+        let connections_closed = Family::<CloseReason, Counter>::default();
+        registry.register(
+            "grpc_connections_closed",
+            "gRPC connections closed by the listener before serving them, by reason \
+             (handshake_timeout, handshake_failed, evicted, over_limit)",
+            connections_closed.clone(),
+        );
+        let accept_errors = Counter::default();
+        registry.register(
+            "grpc_accept_errors",
+            "Failed accepts on the gRPC listener (e.g. out of file descriptors); each backs off",
+            accept_errors.clone(),
+        );
         Metrics {
             registry,
             lease_ops,
@@ -143,7 +177,20 @@ impl Metrics {
             leader,
             orphan_leases_revoked,
             compactions,
+            grpc_connections,
+            tls_handshakes_pending,
+            connections_closed,
+            accept_errors,
         }
+    }
+
+    /// Counts a connection the listener closed before serving it.
+    pub fn connection_closed(&self, reason: &str) {
+        self.connections_closed
+            .get_or_create(&CloseReason {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// Counts one operation under its outcome (`ok` or the gRPC code it maps to).

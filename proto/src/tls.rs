@@ -8,8 +8,11 @@
 //! reserve or revoke. Plaintext exists only behind an explicit `--insecure`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -97,11 +100,42 @@ impl TlsFiles {
         Ok(Certificate::from_pem(read("--tls-ca", &self.ca)?))
     }
 
-    /// Server side: our certificate, and client certificates required, chained to the CA.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        Ok(ServerTlsConfig::new()
-            .identity(self.identity()?)
-            .client_ca_root(self.ca()?))
+    /// Server side: our certificate, and client certificates required, chained to the CA;
+    /// HTTP/2 by ALPN. A rustls config rather than tonic's, so the server can run the
+    /// handshakes in its own accept loop, with a timeout and a connection cap.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let bad = |flag: &'static str, path: &Path, message: String| TlsError::File {
+            flag,
+            path: path.into(),
+            message,
+        };
+        let certs = CertificateDer::pem_slice_iter(&read("--tls-cert", &self.cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("--tls-cert", &self.cert, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(&read("--tls-key", &self.key)?)
+            .map_err(|e| bad("--tls-key", &self.key, format!("no private key ({e})")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&read("--tls-ca", &self.ca)?) {
+            let ca = ca.map_err(|e| bad("--tls-ca", &self.ca, e.to_string()))?;
+            roots
+                .add(ca)
+                .map_err(|e| bad("--tls-ca", &self.ca, e.to_string()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| bad("--tls-ca", &self.ca, e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Incomplete(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("--tls-cert", &self.cert, e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
     }
 
     /// Client side: trust only the CA, present our certificate.

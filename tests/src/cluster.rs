@@ -33,6 +33,8 @@ pub struct Controller {
     pub health_port: u16,
     pub log_path: PathBuf,
     args: Vec<String>,
+    /// RLIMIT_NOFILE (soft and hard) the process starts with, when not inherited.
+    nofile: Option<u64>,
 }
 
 impl Controller {
@@ -49,6 +51,30 @@ impl Controller {
         name: &str,
         extra: &[String],
     ) -> Controller {
+        Self::launch(etcd, prefix, dir, name, extra, None)
+    }
+
+    /// [`Controller::start_with`] in a process whose open-file limit (RLIMIT_NOFILE, soft
+    /// and hard) is `nofile`, e.g. 1024 as on a host without `LimitNOFILE=`.
+    pub fn start_with_fd_limit(
+        etcd: &Etcd,
+        prefix: &str,
+        dir: &Path,
+        name: &str,
+        extra: &[String],
+        nofile: u64,
+    ) -> Controller {
+        Self::launch(etcd, prefix, dir, name, extra, Some(nofile))
+    }
+
+    fn launch(
+        etcd: &Etcd,
+        prefix: &str,
+        dir: &Path,
+        name: &str,
+        extra: &[String],
+        nofile: Option<u64>,
+    ) -> Controller {
         // Fixed ports of this process's own (not port 0): a restart must come back on the
         // same address, since clients hold the URL.
         let port = next_port();
@@ -62,12 +88,13 @@ impl Controller {
         args.extend(extra.iter().cloned());
         let (log_path, _) = log_file(dir, name);
         let mut c = Controller {
-            child: spawn_logged(name, "overlay-controller", &args, &log_path),
+            child: spawn_controller(name, &args, &log_path, nofile),
             url: format!("http://{}", loopback_addr(port)),
             port,
             health_port,
             log_path,
             args,
+            nofile,
         };
         c.wait_ready();
         c
@@ -84,11 +111,11 @@ impl Controller {
     /// Restarts the process with the same flags and ports.
     pub fn restart(&mut self) {
         self.child.kill();
-        self.child = spawn_logged(
+        self.child = spawn_controller(
             &self.child.name.clone(),
-            "overlay-controller",
             &self.args,
             &self.log_path,
+            self.nofile,
         );
         self.wait_ready();
     }
@@ -102,6 +129,42 @@ fn spawn_logged(name: &str, bin: &str, args: &[String], log_path: &Path) -> Chil
     spawn_logged_env(name, bin, args, log_path, &[])
 }
 
+fn spawn_controller(name: &str, args: &[String], log_path: &Path, nofile: Option<u64>) -> Child {
+    let mut cmd = logged_command("overlay-controller", args, log_path);
+    if let Some(n) = nofile {
+        use std::os::unix::process::CommandExt;
+        let limit = libc::rlimit {
+            rlim_cur: n as libc::rlim_t,
+            rlim_max: n as libc::rlim_t,
+        };
+        // SAFETY: setrlimit is async-signal-safe; `limit` is a plain value copied in.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    Child::spawn(name, &mut cmd).expect("spawn")
+}
+
+fn logged_command(bin: &str, args: &[String], log_path: &Path) -> Command {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("log file");
+    let mut cmd = Command::new(bin_path(bin));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    cmd
+}
+
 fn spawn_logged_env(
     name: &str,
     bin: &str,
@@ -109,17 +172,8 @@ fn spawn_logged_env(
     log_path: &Path,
     env: &[(&str, &str)],
 ) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path)
-        .expect("log file");
-    let mut cmd = Command::new(bin_path(bin));
+    let mut cmd = logged_command(bin, args, log_path);
     cmd.envs(env.iter().copied());
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
     Child::spawn(name, &mut cmd).expect("spawn")
 }
 
