@@ -16,10 +16,12 @@ use std::time::Duration;
 use anyhow::anyhow;
 use overlay_proto::v1::admin_client::AdminClient;
 use overlay_proto::v1::agent_client::AgentClient;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use overlay_proto::tls::Transport;
+use overlay_rpc::connect::endpoint;
+pub use overlay_rpc::connect::is_transport_failure;
+use overlay_rpc::flags::TlsArgs;
+use overlay_rpc::tls::Transport;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
@@ -28,31 +30,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// For unary calls only; a watch runs as long as the controller keeps it open.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The TLS flags, as given (validated when a command connects).
-#[derive(Debug, Clone, Default)]
-pub struct TlsFlags {
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub ca: Option<PathBuf>,
-    pub insecure: bool,
-}
+static TLS_FLAGS: OnceLock<TlsArgs> = OnceLock::new();
 
-static TLS_FLAGS: OnceLock<TlsFlags> = OnceLock::new();
-
-/// Records the TLS flags for every later [`connect`].
-pub fn configure_tls(flags: TlsFlags) {
+/// Records the TLS flags for every later [`connect`] (validated when a command connects).
+pub fn configure_tls(flags: TlsArgs) {
     let _ = TLS_FLAGS.set(flags);
 }
 
 fn transport() -> anyhow::Result<Transport> {
-    let f = TLS_FLAGS.get().cloned().unwrap_or_default();
-    Transport::from_flags(
-        f.cert.as_deref(),
-        f.key.as_deref(),
-        f.ca.as_deref(),
-        f.insecure,
-    )
-    .map_err(|e| anyhow!("{e}"))
+    TLS_FLAGS
+        .get()
+        .cloned()
+        .unwrap_or_default()
+        .transport()
+        .map_err(|e| anyhow!("{e}"))
 }
 
 /// The `--controller` list, validated.
@@ -108,17 +99,8 @@ pub async fn connect(controllers: &Controllers) -> anyhow::Result<Controller> {
     let mut failures = Vec::new();
     let transport = transport()?;
     for url in controllers.urls() {
-        let dialled = match &transport {
-            Transport::Tls(_) => url.replacen("http://", "https://", 1),
-            Transport::Insecure => url.clone(),
-        };
-        let mut endpoint = Endpoint::from_shared(dialled).expect("validated by parse_controllers");
-        if let Transport::Tls(files) = &transport {
-            endpoint = endpoint.tls_config(files.client_config()?)?;
-        }
-        let endpoint = endpoint
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
+        let endpoint = endpoint(url, &transport)
+            .map_err(|e| anyhow!("{e}"))?
             .tcp_keepalive(Some(Duration::from_secs(30)));
         // connect_timeout bounds the TCP connect; this also bounds the HTTP/2 handshake
         // with a peer that accepts and then says nothing.
@@ -204,14 +186,6 @@ impl Controller {
     pub fn status_error(&self, status: &Status) -> anyhow::Error {
         status_error(&self.url, status)
     }
-}
-
-/// Whether a status means the connection broke, rather than the controller's answer.
-pub fn is_transport_failure(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled
-    )
 }
 
 /// See [`Controller::status_error`].
@@ -303,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn connect_reports_the_refused_url() {
-        configure_tls(TlsFlags {
+        configure_tls(TlsArgs {
             insecure: true,
             ..Default::default()
         });

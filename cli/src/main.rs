@@ -39,18 +39,8 @@ pub struct Cli {
     )]
     pub controller: Controllers,
 
-    /// Client certificate (PEM) for mutual TLS with the controller
-    #[arg(long, global = true, env = "OVERLAY_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: Option<std::path::PathBuf>,
-    /// Key of --tls-cert (PEM)
-    #[arg(long, global = true, env = "OVERLAY_TLS_KEY", value_name = "FILE")]
-    pub tls_key: Option<std::path::PathBuf>,
-    /// CA the controller's certificate must chain to (PEM)
-    #[arg(long, global = true, env = "OVERLAY_TLS_CA", value_name = "FILE")]
-    pub tls_ca: Option<std::path::PathBuf>,
-    /// Talk to the controller in plaintext (labs and tests only)
-    #[arg(long, global = true, env = "OVERLAY_INSECURE")]
-    pub insecure: bool,
+    #[command(flatten)]
+    pub tls: overlay_rpc::flags::TlsArgs,
 
     /// Output format
     #[arg(

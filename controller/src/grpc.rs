@@ -14,9 +14,9 @@ use futures::{Stream, StreamExt};
 use ipnet::Ipv4Net;
 use overlay_core::lease::{unix_millis, BackendData};
 use overlay_core::MacAddr;
-use overlay_proto::tls::peer_identity;
 use overlay_proto::v1::{self, admin_server::Admin, agent_server::Agent};
 use overlay_proto::{backend_from_proto, config_to_proto, lease_to_proto};
+use overlay_rpc::tls::peer_identity;
 use tonic::{Request, Response, Status};
 
 use crate::error::ControlError;

@@ -17,8 +17,9 @@ use overlay_controller::limits::RateLimiter;
 use overlay_controller::listener::{self, Limits, Plaintext};
 use overlay_controller::metrics::{MeteredStore, Metrics};
 use overlay_controller::store::{EtcdOptions, EtcdStore, Store, StoreError};
-use overlay_proto::tls::Transport;
 use overlay_proto::v1::{admin_server::AdminServer, agent_server::AgentServer};
+use overlay_rpc::flags::TlsArgs;
+use overlay_rpc::tls::Transport;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -89,18 +90,6 @@ struct Args {
     /// port 0 in --listen or --health-listen became.
     #[arg(long, env = "OVERLAY_ADDR_FILE")]
     addr_file: Option<PathBuf>,
-    /// This controller's certificate (PEM); with --tls-key and --tls-ca enables mutual TLS.
-    #[arg(long, env = "OVERLAY_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// The key of --tls-cert (PEM).
-    #[arg(long, env = "OVERLAY_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// The CA that client (agent, admin) certificates must chain to (PEM).
-    #[arg(long, env = "OVERLAY_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// Serve plaintext gRPC without client authentication (labs and tests only).
-    #[arg(long, env = "OVERLAY_INSECURE")]
-    insecure: bool,
     /// Certificate identities (CN) allowed to change config, reserve and revoke, and to act
     /// for any node; comma separated.
     #[arg(
@@ -161,33 +150,8 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-}
-
-/// TLS with all three files, or plaintext only when asked for with --insecure.
-fn transport(args: &Args) -> anyhow::Result<Transport> {
-    Ok(Transport::from_flags(
-        args.tls_cert.as_deref(),
-        args.tls_key.as_deref(),
-        args.tls_ca.as_deref(),
-        args.insecure,
-    )?)
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    overlay_core::config::parse_duration(s)
-}
-
-/// A duration within `min..=max`.
-fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < min || d > max {
-        return Err(format!(
-            "{s:?} is out of range: write a duration from {} to {}",
-            humantime::format_duration(min),
-            humantime::format_duration(max)
-        ));
-    }
-    Ok(d)
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 fn parse_handshake_timeout(s: &str) -> Result<Duration, String> {
@@ -223,6 +187,23 @@ fn connection_cap(requested: u32) -> usize {
         );
     }
     cap
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    overlay_core::config::parse_duration(s)
+}
+
+/// A duration within `min..=max`.
+fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!(
+            "{s:?} is out of range: write a duration from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
 }
 
 /// The etcd TLS and authentication flags, with the password file read.
@@ -334,14 +315,14 @@ fn main() -> std::process::ExitCode {
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    overlay_proto::daemon::init_logging(&args.log_format);
+    overlay_rpc::daemon::init_logging(&args.log_format);
     let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
         "off" => None,
         a => Some(a.parse().with_context(|| {
             format!("--health-listen: {a:?} is not an address:port or \"off\"")
         })?),
     };
-    let transport = transport(&args)?;
+    let transport = args.tls.transport()?;
     let tls_acceptor = match &transport {
         Transport::Tls(files) => Some(tokio_rustls::TlsAcceptor::from(
             files.server_config().context("TLS setup")?,
@@ -370,7 +351,7 @@ async fn run() -> anyhow::Result<()> {
         if let Some(l) = &health_listener {
             addrs.push(("health", l.local_addr()?));
         }
-        overlay_proto::daemon::write_addr_file(path, &addrs)
+        overlay_rpc::daemon::write_addr_file(path, &addrs)
             .with_context(|| format!("--addr-file: cannot write {}", path.display()))?;
     }
 
@@ -436,7 +417,7 @@ async fn run() -> anyhow::Result<()> {
     };
     let stopping = fanout.clone();
     let shutdown = async move {
-        overlay_proto::daemon::shutdown_signal("shutting down").await;
+        overlay_rpc::daemon::shutdown_signal("shutting down").await;
         stopping.close();
     };
     let api = Api {

@@ -3,7 +3,6 @@
 
 pub mod agent;
 pub mod backend;
-pub mod client;
 pub mod cni;
 pub mod control_plane;
 pub mod datapath;

@@ -9,11 +9,12 @@ use anyhow::Context;
 use clap::Parser;
 use overlay_agent::agent::{Agent, AgentOptions, SharedStatus};
 use overlay_agent::backend::HostEffects;
-use overlay_agent::client::Controllers;
 use overlay_agent::control_plane::grpc::GrpcControlPlane;
 use overlay_agent::health;
 use overlay_agent::metrics::AgentMetrics;
-use overlay_proto::tls::Transport;
+use overlay_rpc::connect::Controllers;
+use overlay_rpc::flags::TlsArgs;
+use overlay_rpc::tls::Transport;
 use tracing::error;
 
 #[derive(Parser, Debug)]
@@ -68,22 +69,11 @@ struct Args {
     /// dataDir; default /var/lib/cni/overlay). Every runtime on the host shares it.
     #[arg(long, env = "OVERLAY_CNI_DATA_DIR")]
     cni_data_dir: Option<PathBuf>,
-    /// This node's certificate (PEM); its common name is the node name unless
-    /// --node-name is given. With --tls-key and --tls-ca enables mutual TLS.
-    #[arg(long, env = "OVERLAY_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// The key of --tls-cert (PEM).
-    #[arg(long, env = "OVERLAY_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// The CA the controller's certificate must chain to (PEM).
-    #[arg(long, env = "OVERLAY_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// Talk to the controller in plaintext (labs and tests only).
-    #[arg(long, env = "OVERLAY_INSECURE")]
-    insecure: bool,
     /// Log format: text or json.
     #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -111,14 +101,9 @@ fn main() -> std::process::ExitCode {
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    overlay_proto::daemon::init_logging(&args.log_format);
+    overlay_rpc::daemon::init_logging(&args.log_format);
     // TLS with all three files, or plaintext only when asked for with --insecure.
-    let transport = Transport::from_flags(
-        args.tls_cert.as_deref(),
-        args.tls_key.as_deref(),
-        args.tls_ca.as_deref(),
-        args.insecure,
-    )?;
+    let transport = args.tls.transport()?;
     let node = match (&args.node_name, &transport) {
         (Some(n), _) => n.clone(),
         // With a certificate, the node is who the certificate says it is.
@@ -141,7 +126,7 @@ async fn run() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
         if let Some(path) = &args.addr_file {
-            overlay_proto::daemon::write_addr_file(path, &[("health", listener.local_addr()?)])
+            overlay_rpc::daemon::write_addr_file(path, &[("health", listener.local_addr()?)])
                 .with_context(|| format!("--addr-file: cannot write {}", path.display()))?;
         }
         let router = health::router(status.clone(), metrics.clone());
@@ -166,7 +151,7 @@ async fn run() -> anyhow::Result<()> {
     let control = Arc::new(GrpcControlPlane::new(controllers));
     let agent = Agent::new(opts, host, control, effects, Arc::clone(&status)).with_metrics(metrics);
     agent
-        .run(overlay_proto::daemon::shutdown_signal(
+        .run(overlay_rpc::daemon::shutdown_signal(
             "stopping; the lease and the datapath stay in place",
         ))
         .await?;

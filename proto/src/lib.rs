@@ -7,6 +7,4 @@ pub mod v1 {
 }
 
 mod convert;
-pub mod daemon;
-pub mod tls;
 pub use convert::*;

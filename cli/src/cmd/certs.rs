@@ -195,7 +195,7 @@ pub fn issue(a: &IssueArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use overlay_proto::tls::TlsFiles;
+    use overlay_rpc::tls::TlsFiles;
 
     #[test]
     fn issued_certificates_carry_the_name_as_identity() {

@@ -21,17 +21,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         controller,
         output,
         command,
-        tls_cert,
-        tls_key,
-        tls_ca,
-        insecure,
+        tls,
     } = cli;
-    crate::client::configure_tls(crate::client::TlsFlags {
-        cert: tls_cert,
-        key: tls_key,
-        ca: tls_ca,
-        insecure,
-    });
+    crate::client::configure_tls(tls);
     match command {
         Command::Config(c) => config::run(c, &controller, output).await,
         Command::Leases => list_leases::run(&controller, output).await,

@@ -14,7 +14,7 @@ use overlay_proto::{backend_to_proto, config_from_proto, event_from_proto, lease
 use tonic::Code;
 
 use super::{ControlPlane, ControlPlaneError, Granted, LeaseRequest, PeerStream, PeerUpdate};
-use crate::client::{error_chain, is_transport_failure, Controllers};
+use overlay_rpc::connect::{error_chain, is_transport_failure, Controllers};
 
 pub struct GrpcControlPlane {
     controllers: Arc<Controllers>,
@@ -30,10 +30,12 @@ impl GrpcControlPlane {
     async fn client(
         &self,
     ) -> Result<v1::agent_client::AgentClient<tonic::transport::Channel>, ControlPlaneError> {
-        self.controllers
-            .client()
+        let channel = self
+            .controllers
+            .channel()
             .await
-            .map_err(|e| ControlPlaneError::Unavailable(e.to_string()))
+            .map_err(|e| ControlPlaneError::Unavailable(e.to_string()))?;
+        Ok(v1::agent_client::AgentClient::new(channel))
     }
 
     /// A failed call as the agent sees it; a transport failure also fails over.

@@ -1,18 +1,18 @@
-//! The agent's connection to the controller(s).
+//! Dialling the controllers.
 //!
-//! `--controller` may list several controllers. Calls go to the current one; a transport
-//! failure moves to the next, so an agent fails over within one connect timeout when a
-//! controller dies. Channels are made lazily and reused.
+//! [`endpoint`] holds the settings every client uses (TLS, `https://` for `http://` URLs
+//! under TLS, connect timeout, keepalives). [`Controllers`] is the failover pool of
+//! long-running clients (the agent): calls go to the current controller, and a transport
+//! failure ([`is_transport_failure`]) moves to the next, so an agent fails over within one
+//! connect timeout when a controller dies. Channels are made lazily and reused.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
-use overlay_proto::tls::Transport;
-use overlay_proto::v1::agent_client::AgentClient;
+use crate::tls::Transport;
 use tonic::transport::{Channel, Endpoint};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -35,43 +35,16 @@ impl Controllers {
         Self::with_transport(urls, &Transport::Insecure)
     }
 
-    /// Connections over `transport`: with TLS, `http://` URLs are dialled as `https://`.
+    /// Connections over `transport` (see [`endpoint`]).
     pub fn with_transport(urls: &[String], transport: &Transport) -> Result<Self, ClientError> {
-        let tls = match transport {
-            Transport::Tls(files) => Some(
-                files
-                    .client_config()
-                    .map_err(|e| ClientError::Tls(e.to_string()))?,
-            ),
-            Transport::Insecure => None,
-        };
         let endpoints = urls
             .iter()
             .map(|u| {
-                let u = if tls.is_some() {
-                    u.replacen("http://", "https://", 1)
-                } else {
-                    u.clone()
-                };
-                let e = Endpoint::from_shared(u.clone()).map_err(|e| ClientError::BadUrl {
-                    url: u.clone(),
-                    reason: e.to_string(),
-                })?;
-                match &tls {
-                    Some(t) => e.tls_config(t.clone()).map_err(|e| ClientError::BadUrl {
-                        url: u.clone(),
-                        reason: e.to_string(),
-                    }),
-                    None => Ok(e),
-                }
-            })
-            .map(|e: Result<Endpoint, ClientError>| {
-                e.map(|e| {
-                    e.connect_timeout(CONNECT_TIMEOUT)
-                        .http2_keep_alive_interval(Duration::from_secs(5))
+                endpoint(u, transport).map(|e| {
+                    // Long-lived: HTTP/2 pings find a dead controller between calls.
+                    e.http2_keep_alive_interval(Duration::from_secs(5))
                         .keep_alive_timeout(Duration::from_secs(5))
                         .keep_alive_while_idle(true)
-                        .tcp_nodelay(true)
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -96,11 +69,12 @@ impl Controllers {
     }
 
     /// A client for the current controller, connecting (and failing over) as needed.
-    pub async fn client(&self) -> Result<AgentClient<Channel>, ClientError> {
+    /// A channel to the current controller, connecting (and failing over) if needed.
+    pub async fn channel(&self) -> Result<Channel, ClientError> {
         let start = {
             let cur = self.current.lock().expect("lock");
             if let Some(ch) = &cur.1 {
-                return Ok(AgentClient::new(ch.clone()));
+                return Ok(ch.clone());
             }
             cur.0
         };
@@ -113,7 +87,7 @@ impl Controllers {
                         tracing::info!(controller = %self.endpoints[idx].uri(), "connected to controller");
                     }
                     *self.current.lock().expect("lock") = (idx, Some(ch.clone()));
-                    return Ok(AgentClient::new(ch));
+                    return Ok(ch);
                 }
                 Err(e) => {
                     last = format!("{}: {}", self.endpoints[idx].uri(), error_chain(&e));
@@ -135,7 +109,32 @@ impl Controllers {
     }
 }
 
-/// Whether a status means "this controller is not there" (as opposed to a real answer).
+/// The endpoint of one controller URL, with the settings every client uses: under TLS,
+/// `http://` is dialled as `https://` with the client certificate; a connect timeout; no
+/// Nagle delay.
+pub fn endpoint(url: &str, transport: &Transport) -> Result<Endpoint, ClientError> {
+    let bad = |url: &str, reason: String| ClientError::BadUrl {
+        url: url.to_string(),
+        reason,
+    };
+    let url = match transport {
+        Transport::Tls(_) => url.replacen("http://", "https://", 1),
+        Transport::Insecure => url.to_string(),
+    };
+    let mut e = Endpoint::from_shared(url.clone()).map_err(|e| bad(&url, e.to_string()))?;
+    if let Transport::Tls(files) = transport {
+        let tls = files
+            .client_config()
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        e = e.tls_config(tls).map_err(|e| bad(&url, e.to_string()))?;
+    }
+    Ok(e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true))
+}
+
+/// Whether a status means "this controller could not answer" (the connection broke, or no
+/// answer came in time), as opposed to the controller's answer. The one rule of the agent
+/// and `overlayctl`: on such a failure the agent moves to the next controller, and
+/// `overlayctl` says it lost the controller rather than quoting an answer.
 pub fn is_transport_failure(s: &tonic::Status) -> bool {
     matches!(
         s.code(),
