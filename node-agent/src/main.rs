@@ -4,6 +4,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -11,6 +12,7 @@ use overlay_agent::agent::{Agent, AgentOptions, SharedStatus};
 use overlay_agent::client::Controllers;
 use overlay_agent::health;
 use overlay_agent::metrics::AgentMetrics;
+use overlay_core::config::parse_duration_in;
 use overlay_proto::tls::Transport;
 use tracing::error;
 
@@ -55,9 +57,14 @@ struct Args {
     /// port 0 in --health-listen became.
     #[arg(long, env = "OVERLAY_ADDR_FILE")]
     addr_file: Option<PathBuf>,
-    /// Full reconcile interval even without events.
-    #[arg(long, env = "OVERLAY_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
-    resync_interval: std::time::Duration,
+    /// Full reconcile interval even without events (1s..1h).
+    #[arg(
+        long,
+        env = "OVERLAY_RESYNC_INTERVAL",
+        default_value = "30s",
+        value_parser = parse_duration_in(Duration::from_secs(1), Duration::from_secs(3600))
+    )]
+    resync_interval: Duration,
     /// Install the CNI conflist (overlay-cni + portmap) in this directory once ready,
     /// e.g. /etc/cni/net.d. Ignored with --bridge none.
     #[arg(long, env = "OVERLAY_CNI_CONF_DIR")]
@@ -82,10 +89,6 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    overlay_core::config::parse_duration(s)
 }
 
 fn hostname() -> String {

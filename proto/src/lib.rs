@@ -8,5 +8,6 @@ pub mod v1 {
 
 mod convert;
 pub mod daemon;
+pub mod durable;
 pub mod tls;
 pub use convert::*;
