@@ -11,8 +11,12 @@ prefix=${OVERLAY_VM_NET:-192.168.56}
 if [ ! -f pki/ca.pem ]; then
   "$ctl" certs init --dir pki
 fi
-"$ctl" certs issue --dir pki --name controller --ip "$prefix.10" --dns ctl
-"$ctl" certs issue --dir pki --name admin
+# Certificates already made are kept (overlayctl never overwrites without --force).
+issue() {
+  [ -f "pki/$1.pem" ] || "$ctl" certs issue --dir pki --name "$@"
+}
+issue controller --ip "$prefix.10" --dns ctl
+issue admin
 for i in $(seq 1 "$nodes"); do
-  "$ctl" certs issue --dir pki --name "node$i"
+  issue "node$i"
 done

@@ -118,9 +118,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes on one line.
+/// The error and its causes on one line, [escaped](output::escape): a message can carry
+/// what a server or an agent said.
 fn error_line(e: &anyhow::Error) -> String {
-    one_line(&format!("{e:#}"))
+    output::escape(&one_line(&format!("{e:#}"))).into_owned()
 }
 
 fn one_line(text: &str) -> String {

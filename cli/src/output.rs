@@ -20,7 +20,58 @@ pub enum Format {
     Json,
 }
 
-/// A table whose columns are separated by two spaces, with no trailing spaces.
+/// Whether `c` could change what a terminal shows beyond itself: C0 and C1 control
+/// characters (escape sequences, carriage return, newline) and the bidirectional-text
+/// controls that reorder what follows them.
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// `text` with every control character written as an escape (`\x1b`, `\u{9b}`), for
+/// anything that came from a server, an agent or a file and is printed for a person: a
+/// hostile value can neither rewrite the terminal nor forge a line or a column.
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(is_unsafe) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if !is_unsafe(c) {
+            out.push(c);
+        } else if (c as u32) < 0x80 {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// JSON text with the characters of [`is_unsafe`] that serde_json leaves raw (C1 and
+/// bidirectional controls; it escapes C0 itself) written as `\uXXXX`: the same JSON value,
+/// safe on a terminal. They can only occur inside strings, where the escape is valid.
+pub fn json_safe(text: String) -> String {
+    if !text.chars().any(is_unsafe) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        // A raw newline of pretty-printing is layout, not data.
+        if is_unsafe(c) && c != '\n' {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A table whose columns are separated by two spaces, with no trailing spaces. Every cell
+/// is [escaped](escape).
 #[derive(Debug, Clone, Default)]
 pub struct Table {
     rows: Vec<Vec<String>>,
@@ -40,7 +91,15 @@ impl Table {
     }
 
     pub fn row<S: Into<String>>(&mut self, cells: impl IntoIterator<Item = S>) {
-        self.rows.push(cells.into_iter().map(Into::into).collect());
+        self.rows.push(
+            cells
+                .into_iter()
+                .map(|c| {
+                    let c: String = c.into();
+                    escape(&c).into_owned()
+                })
+                .collect(),
+        );
     }
 
     /// The rendered table, one line per row, each ending in a newline.
@@ -148,11 +207,16 @@ pub fn short_duration(d: Duration) -> String {
     }
 }
 
-/// Pretty JSON of any value, with a final newline.
+/// Pretty JSON of any value, with a final newline, [safe on a terminal](json_safe).
 pub fn json_pretty<T: Serialize + ?Sized>(value: &T) -> String {
-    let mut text = serde_json::to_string_pretty(value).expect("output types serialize");
+    let mut text = json_safe(serde_json::to_string_pretty(value).expect("output types serialize"));
     text.push('\n');
     text
+}
+
+/// Compact JSON of any value on one line, [safe on a terminal](json_safe).
+pub fn json_line<T: Serialize + ?Sized>(value: &T) -> String {
+    json_safe(serde_json::to_string(value).expect("output types serialize"))
 }
 
 /// Writes to stdout and flushes (watch output must not sit in a buffer).
@@ -288,5 +352,33 @@ pub(crate) mod tests {
             "in 59s",
             "rounded down"
         );
+    }
+
+    /// A value from the server (here an interface name an agent published) carried a
+    /// terminal escape sequence, and the table printed it raw.
+    #[test]
+    fn tables_escape_control_characters_from_the_server() {
+        let mut t = Table::with_header(&["subnet", "dev", "peer"]);
+        t.row(["10.244.7.0/24", "e\x1b]0;owned\x07", "n1\r\nforged  row"]);
+        t.row(["10.244.8.0/24", "eth\u{9b}2J", "n\u{202e}2"]);
+        let out = t.render();
+        assert!(!out.chars().any(is_unsafe_but_newline), "{out:?}");
+        assert_eq!(out.lines().count(), 3, "{out}");
+        assert!(out.contains("e\\x1b]0;owned\\x07"), "{out}");
+        assert!(out.contains("n1\\x0d\\x0aforged  row"), "{out}");
+        assert!(
+            out.contains("eth\\u{9b}2J") && out.contains("n\\u{202e}2"),
+            "{out}"
+        );
+        assert_eq!(escape("eth0"), "eth0");
+
+        let json = json_pretty(&serde_json::json!({"dev": "a\x1bb\u{9b}c\u{202e}d"}));
+        assert!(!json.chars().any(is_unsafe_but_newline), "{json:?}");
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back["dev"], "a\x1bb\u{9b}c\u{202e}d", "the same value");
+    }
+
+    fn is_unsafe_but_newline(c: char) -> bool {
+        c != '\n' && is_unsafe(c)
     }
 }

@@ -104,17 +104,89 @@ fn invalid_config_flag_is_rejected_before_connecting() {
         "set",
         "--network",
         "10.244.0.0/16",
-        "--vni",
-        "0",
+        "--subnet-len",
+        "16",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_one_error_line(&out);
     let err = stderr(&out);
     assert!(
-        err.contains("backend.vni") && err.contains("--vni"),
+        err.contains("subnet_len") && err.contains("--subnet-len"),
         "{err}"
     );
     assert!(!err.contains("cannot reach"), "{err}");
+}
+
+/// A zero or absurd count or duration is wrong whatever the other flags say: it is a
+/// usage error of the flag (exit 2, one line naming it), found when the flags are parsed.
+#[test]
+fn zero_or_absurd_counts_and_durations_are_refused_at_parse_time() {
+    let dead = dead_controller();
+    for (flag, value) in [
+        ("--vni", "0"),
+        ("--vni", "16777216"),
+        ("--port", "0"),
+        ("--port", "65536"),
+        ("--mtu", "0"),
+        ("--subnet-len", "0"),
+        ("--subnet-len", "31"),
+        ("--lease-ttl", "0"),
+        ("--lease-ttl", "0s"),
+        ("--lease-ttl", "1000y"),
+    ] {
+        let out = overlayctl(&[
+            "--controller",
+            &dead,
+            "config",
+            "set",
+            "--network",
+            "10.244.0.0/16",
+            flag,
+            value,
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{flag} {value}: {}",
+            stderr(&out)
+        );
+        assert_one_error_line(&out);
+        assert!(
+            stderr(&out).starts_with(&format!("overlayctl: {flag}: ")),
+            "{}",
+            stderr(&out)
+        );
+    }
+    for args in [
+        &["certs", "init", "--dir", "/nonexistent", "--days", "0"][..],
+        &[
+            "certs",
+            "issue",
+            "--dir",
+            "/nonexistent",
+            "--name",
+            "n1",
+            "--days",
+            "0",
+        ],
+        &[
+            "certs",
+            "init",
+            "--dir",
+            "/nonexistent",
+            "--days",
+            "4294967295",
+        ],
+    ] {
+        let out = overlayctl(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert_one_error_line(&out);
+        assert!(
+            stderr(&out).starts_with("overlayctl: --days: "),
+            "{}",
+            stderr(&out)
+        );
+    }
 }
 
 #[test]

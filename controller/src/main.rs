@@ -17,6 +17,7 @@ use overlay_controller::limits::RateLimiter;
 use overlay_controller::listener::{self, Limits, Plaintext};
 use overlay_controller::metrics::{MeteredStore, Metrics};
 use overlay_controller::store::{EtcdOptions, EtcdStore, Store, StoreError};
+use overlay_core::config::parse_duration_in;
 use overlay_proto::v1::{admin_server::AdminServer, agent_server::AgentServer};
 use overlay_rpc::flags::TlsArgs;
 use overlay_rpc::tls::Transport;
@@ -63,20 +64,41 @@ struct Args {
     /// File holding the password of --etcd-user (a trailing newline is ignored).
     #[arg(long, env = "OVERLAY_ETCD_PASSWORD_FILE")]
     etcd_password_file: Option<PathBuf>,
-    /// TTL of the leader lease: how long a crashed leader delays the janitor.
-    #[arg(long, env = "OVERLAY_LEADER_TTL", default_value = "6s", value_parser = parse_duration, hide = true)]
+    /// TTL of the leader lease: how long a crashed leader delays the janitor (2s..5m).
+    #[arg(
+        long,
+        env = "OVERLAY_LEADER_TTL",
+        default_value = "6s",
+        value_parser = parse_duration_in(Duration::from_secs(2), Duration::from_secs(300)),
+        hide = true
+    )]
     leader_ttl: Duration,
-    /// Time between janitor sweeps (orphaned etcd leases, compaction).
-    #[arg(long, env = "OVERLAY_JANITOR_INTERVAL", default_value = "30s", value_parser = parse_duration, hide = true)]
+    /// Time between janitor sweeps (orphaned etcd leases, compaction) (100ms..1h).
+    #[arg(
+        long,
+        env = "OVERLAY_JANITOR_INTERVAL",
+        default_value = "30s",
+        value_parser = parse_duration_in(Duration::from_millis(100), Duration::from_secs(3600)),
+        hide = true
+    )]
     janitor_interval: Duration,
-    /// How long a keyless etcd lease may go without keepalive before the janitor revokes it.
-    #[arg(long, env = "OVERLAY_ORPHAN_GRACE", default_value = "60s", value_parser = parse_duration, hide = true)]
+    /// How long a keyless etcd lease may go without keepalive before the janitor revokes it
+    /// (1s..24h).
+    #[arg(
+        long,
+        env = "OVERLAY_ORPHAN_GRACE",
+        default_value = "60s",
+        value_parser = parse_duration_in(Duration::from_secs(1), Duration::from_secs(86_400)),
+        hide = true
+    )]
     orphan_grace: Duration,
-    /// etcd revisions kept by the janitor's compaction; 0 disables compaction.
+    /// etcd revisions kept by the janitor's compaction; 0 disables compaction
+    /// (0..1000000000).
     #[arg(
         long,
         env = "OVERLAY_KEEP_REVISIONS",
         default_value_t = 10_000,
+        value_parser = clap::value_parser!(i64).range(0..=1_000_000_000),
         hide = true
     )]
     keep_revisions: i64,

@@ -273,6 +273,40 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. \"24h\" or \"90s\""))
 }
 
+/// A value parser for a duration flag (clap's `value_parser = parse_duration_in(..)`):
+/// [`parse_duration`], then `min..=max`. Zero, or a value so large that it overflows a
+/// timer or means "never", is refused when the flags are parsed, naming the bounds,
+/// instead of panicking or silently stopping a task later.
+pub fn parse_duration_in(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |text| {
+        let d = parse_duration(text)?;
+        if d < min || d > max {
+            return Err(format!(
+                "{} is outside {}..{}",
+                format_duration(d),
+                format_duration(min),
+                format_duration(max)
+            ));
+        }
+        Ok(d)
+    }
+}
+
+/// The rule for `lease_ttl` (config documents and `overlayctl config set --lease-ttl`):
+/// whole seconds, 1s..366 days.
+pub fn check_lease_ttl(ttl: Duration) -> Result<Duration, String> {
+    if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&ttl) {
+        return Err(format!("{} is outside 1s..366 days", format_duration(ttl)));
+    }
+    if ttl.subsec_nanos() != 0 {
+        return Err("must be a whole number of seconds".into());
+    }
+    Ok(ttl)
+}
+
 fn parse_net(field: &'static str, text: &str) -> Result<Ipv4Net, ConfigError> {
     let net: Ipv4Net = text.trim().parse().map_err(|_| {
         ConfigError::new(
@@ -436,18 +470,7 @@ impl NetworkConfigSpec {
                 parse_duration(t).map_err(|e| ConfigError::new("lease_ttl", e))?
             }
         };
-        if lease_ttl < MIN_LEASE_TTL || lease_ttl > MAX_LEASE_TTL {
-            return Err(ConfigError::new(
-                "lease_ttl",
-                format!("{} is outside 1s..366 days", format_duration(lease_ttl)),
-            ));
-        }
-        if lease_ttl.subsec_nanos() != 0 {
-            return Err(ConfigError::new(
-                "lease_ttl",
-                "must be a whole number of seconds",
-            ));
-        }
+        check_lease_ttl(lease_ttl).map_err(|e| ConfigError::new("lease_ttl", e))?;
 
         Ok(NetworkConfig {
             network,
@@ -646,6 +669,19 @@ mod tests {
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
         assert_eq!(parse_duration("15").unwrap(), Duration::from_secs(15));
         assert!(parse_duration("fast").is_err());
+        let resync = parse_duration_in(Duration::from_secs(1), Duration::from_secs(3600));
+        assert_eq!(resync("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(resync("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(resync("0").unwrap_err(), "0s is outside 1s..1h");
+        assert_eq!(resync("999ms").unwrap_err(), "999ms is outside 1s..1h");
+        assert_eq!(resync("2h").unwrap_err(), "2h is outside 1s..1h");
+        assert!(resync("fast").unwrap_err().contains("not a duration"));
+        assert_eq!(
+            check_lease_ttl(Duration::from_secs(90)),
+            Ok(Duration::from_secs(90))
+        );
+        assert!(check_lease_ttl(Duration::ZERO).is_err());
+        assert!(check_lease_ttl(Duration::from_millis(1500)).is_err());
     }
 
     #[test]

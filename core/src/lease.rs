@@ -27,13 +27,13 @@ pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
 pub enum LeaseError {
     #[error("invalid node name {0:?}: use 1-253 characters from a-z, A-Z, 0-9, '.', '-' and '_'")]
     NodeName(String),
-    #[error("invalid public IP {0}: it must be a unicast IPv4 address")]
+    #[error("invalid public IP {0}: it must be a routable unicast IPv4 address (not unspecified, loopback, link-local, multicast or broadcast)")]
     PublicIp(Ipv4Addr),
     #[error("invalid public IP {ip}: it lies inside the overlay network {network}")]
     PublicIpInOverlay { ip: Ipv4Addr, network: Ipv4Net },
     #[error("invalid VTEP MAC {0}: it must be a unicast MAC address")]
     VtepMac(MacAddr),
-    #[error("invalid interface name {0:?}: use 1-15 characters, no '/', ':' or white space")]
+    #[error("invalid interface name {0:?}: use 1-15 printable ASCII characters, not '.' or '..', no '/', ':', white space or control characters")]
     Iface(String),
     #[error("invalid underlay {underlay}: it must contain the public IP {ip}")]
     Underlay { underlay: Ipv4Net, ip: Ipv4Addr },
@@ -131,13 +131,7 @@ pub fn validate_backend_data(data: &BackendData, public_ip: Ipv4Addr) -> Result<
         validate_vtep_mac(mac)?;
     }
     if let Some(iface) = &data.iface {
-        let ok = !iface.is_empty()
-            && iface.len() < 16
-            && !iface.contains(['/', ':'])
-            && !iface.contains(char::is_whitespace);
-        if !ok {
-            return Err(LeaseError::Iface(iface.chars().take(32).collect()));
-        }
+        validate_iface(iface)?;
     }
     if let Some(underlay) = data.underlay {
         if !underlay.contains(&public_ip) {
@@ -148,6 +142,24 @@ pub fn validate_backend_data(data: &BackendData, public_ip: Ipv4Addr) -> Result<
         }
     }
     Ok(())
+}
+
+/// An interface name as Linux accepts one (1-15 bytes, not "." or "..", no '/', ':' or
+/// white space), and printable: visible ASCII only, so a name shown by `overlayctl` or
+/// written to a log can never carry a terminal escape sequence.
+pub fn validate_iface(name: &str) -> Result<(), LeaseError> {
+    let ok = (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if ok {
+        Ok(())
+    } else {
+        // Debug-formatted in the message, so the offending characters show as escapes.
+        Err(LeaseError::Iface(name.chars().take(32).collect()))
+    }
 }
 
 pub fn validate_node_name(name: &str) -> Result<(), LeaseError> {
@@ -163,8 +175,17 @@ pub fn validate_node_name(name: &str) -> Result<(), LeaseError> {
     }
 }
 
+/// A public IP other hosts can send to: unicast, and neither loopback (every host would
+/// reach itself) nor link-local (not routed, and the same on many hosts). Whether it lies
+/// inside the overlay network is checked against the config
+/// ([`LeaseError::PublicIpInOverlay`]).
 pub fn validate_public_ip(ip: Ipv4Addr) -> Result<(), LeaseError> {
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+    if ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_loopback()
+        || ip.is_link_local()
+    {
         Err(LeaseError::PublicIp(ip))
     } else {
         Ok(())
@@ -333,5 +354,74 @@ mod tests {
         assert!(validate_node_name("").is_err());
         assert!(validate_node_name(&"a".repeat(254)).is_err());
         assert!(validate_node_name("a/b").is_err());
+    }
+
+    /// A hostile agent published an interface name with a terminal escape sequence, and
+    /// loopback or link-local public IPs, and every one was stored and shown.
+    #[test]
+    fn lease_fields_refuse_control_characters_and_unroutable_public_ips() {
+        let ip: Ipv4Addr = "192.0.2.11".parse().unwrap();
+        let with_iface = |name: &str| BackendData {
+            iface: Some(name.into()),
+            ..Default::default()
+        };
+        for bad in [
+            "e\x1b[2J",
+            "\x1b]0;x\x07",
+            "eth\u{9b}1",
+            "eth\u{202e}0",
+            "eth\t0",
+            "eth 0",
+            "eth/0",
+            "eth:0",
+            ".",
+            "..",
+            "",
+            "sixteen-bytes-xx",
+            "\u{e9}th0",
+        ] {
+            let e = validate_backend_data(&with_iface(bad), ip).unwrap_err();
+            assert!(matches!(e, LeaseError::Iface(_)), "{bad:?}: {e}");
+            assert!(
+                !e.to_string().contains('\x1b'),
+                "the error echoes it raw: {e}"
+            );
+        }
+        for good in [
+            "eth0",
+            "ens3f0np0",
+            "br-1.100",
+            "wlp0s20f3",
+            "a",
+            "fifteen-bytes-x",
+        ] {
+            assert!(
+                validate_backend_data(&with_iface(good), ip).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "169.254.1.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+        ] {
+            let e = validate_public_ip(bad.parse().unwrap()).unwrap_err();
+            assert!(e.to_string().contains("routable unicast"), "{bad}: {e}");
+        }
+        for good in ["192.0.2.1", "198.51.100.7", "10.0.0.1"] {
+            assert!(validate_public_ip(good.parse().unwrap()).is_ok(), "{good}");
+        }
+        let good = String::from_utf8(record().encode()).unwrap();
+        for (from, to) in [
+            ("eth0", "e\\u001b[2J"),
+            ("192.0.2.11", "127.0.0.1"),
+            ("192.0.2.11", "169.254.0.9"),
+        ] {
+            let bad = good.replace(from, to);
+            assert!(LeaseRecord::decode(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 }

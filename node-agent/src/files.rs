@@ -1,15 +1,19 @@
 //! Files the agent owns: `subnet.env` in the run dir, and its state in the state dir.
 //!
-//! Every write goes to a temp file in the same directory, is synced, then renamed over the
-//! target, so a reader (dockerd's wrapper, the CNI plugin, a crash) never sees half a file.
+//! Every write goes through [`overlay_rpc::durable::write`]: a new temp file in the same
+//! directory, synced, renamed over the target, and the directory synced, so a reader
+//! (dockerd's wrapper, the CNI plugin, a crash, a power loss) never sees half a file and
+//! a failed write leaves nothing behind.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ipnet::Ipv4Net;
 pub use overlay_core::subnet_env::{SubnetEnv, MAX_SUBNET_ENV_BYTES};
 use overlay_core::MacAddr;
+pub use overlay_rpc::durable::FileError;
+use overlay_rpc::durable::WriteOptions;
 use serde::{Deserialize, Serialize};
 
 pub use overlay_core::host_files::SUBNET_ENV;
@@ -19,36 +23,15 @@ pub const STATE_FILE: &str = "state.json";
 /// Largest state file loaded; the agent writes a few hundred bytes.
 pub const MAX_STATE_BYTES: usize = 64 * 1024;
 
-#[derive(Debug, thiserror::Error)]
-#[error("{action} {path}: {source}")]
-pub struct FileError {
-    action: &'static str,
-    path: PathBuf,
-    source: std::io::Error,
-}
-
-/// Writes `contents` to `path` atomically (temp file + fsync + rename).
+/// Writes `contents` to `path` durably (mode 0644), creating its directory if needed.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), FileError> {
-    let err = |action, source| FileError {
-        action,
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|source| FileError {
+        action: "creating the directory of",
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| err("creating the directory of", e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| err("creating a temp file for", e))?;
-    f.write_all(contents)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| err("writing", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err("renaming into place", e)
-    })
+    })?;
+    overlay_rpc::durable::write(path, contents, WriteOptions::replace(0o644))
 }
 
 /// Reads at most `limit` bytes of `path`; a longer file is an `InvalidData` error that
@@ -204,6 +187,66 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec!["subnet.env"]);
+    }
+
+    /// A write that failed half way (here: the filesystem is full) left its temp file
+    /// behind, and no write synced the directory it renamed in.
+    #[test]
+    fn a_failed_write_leaves_no_temp_file_and_the_old_contents() {
+        if !overlay_tests::is_root() {
+            overlay_tests::skip(
+                "a_failed_write_leaves_no_temp_file_and_the_old_contents",
+                "needs root to mount a small tmpfs in a mount namespace of its own",
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mount_point = dir.path().to_path_buf();
+        // Only this thread enters the new mount namespace, so the full filesystem is seen
+        // by nothing else, and it goes away with the thread.
+        std::thread::spawn(move || {
+            use std::ffi::CString;
+            let c = |s: &str| CString::new(s).unwrap();
+            let (root, tmpfs) = (c("/"), c("tmpfs"));
+            let (target, opts) = (c(mount_point.to_str().unwrap()), c("size=16k,mode=0700"));
+            // SAFETY: plain syscalls on NUL-terminated strings that outlive the calls.
+            unsafe {
+                assert_eq!(
+                    libc::unshare(libc::CLONE_NEWNS),
+                    0,
+                    "unshare: {}",
+                    std::io::Error::last_os_error()
+                );
+                let private = libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                );
+                assert_eq!(private, 0, "{}", std::io::Error::last_os_error());
+                let mounted = libc::mount(
+                    tmpfs.as_ptr(),
+                    target.as_ptr(),
+                    tmpfs.as_ptr(),
+                    0,
+                    opts.as_ptr().cast(),
+                );
+                assert_eq!(mounted, 0, "{}", std::io::Error::last_os_error());
+            }
+            let path = mount_point.join(STATE_FILE);
+            write_atomic(&path, b"old").unwrap();
+            let e = write_atomic(&path, &vec![b'x'; 1 << 20]).unwrap_err();
+            assert_eq!(e.source.raw_os_error(), Some(libc::ENOSPC), "{e}");
+            let names: Vec<_> = std::fs::read_dir(&mount_point)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, vec![STATE_FILE], "a temp file is left behind");
+            assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        })
+        .join()
+        .expect("the write in a full filesystem");
     }
 
     #[test]

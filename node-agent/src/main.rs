@@ -4,6 +4,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -12,6 +13,7 @@ use overlay_agent::backend::HostEffects;
 use overlay_agent::control_plane::grpc::GrpcControlPlane;
 use overlay_agent::health;
 use overlay_agent::metrics::AgentMetrics;
+use overlay_core::config::parse_duration_in;
 use overlay_rpc::connect::Controllers;
 use overlay_rpc::flags::TlsArgs;
 use overlay_rpc::tls::Transport;
@@ -58,9 +60,14 @@ struct Args {
     /// port 0 in --health-listen became.
     #[arg(long, env = "OVERLAY_ADDR_FILE")]
     addr_file: Option<PathBuf>,
-    /// Full reconcile interval even without events.
-    #[arg(long, env = "OVERLAY_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
-    resync_interval: std::time::Duration,
+    /// Full reconcile interval even without events (1s..1h).
+    #[arg(
+        long,
+        env = "OVERLAY_RESYNC_INTERVAL",
+        default_value = "30s",
+        value_parser = parse_duration_in(Duration::from_secs(1), Duration::from_secs(3600))
+    )]
+    resync_interval: Duration,
     /// Install the CNI conflist (overlay-cni + portmap) in this directory once ready,
     /// e.g. /etc/cni/net.d. Ignored with --bridge none.
     #[arg(long, env = "OVERLAY_CNI_CONF_DIR")]
@@ -74,10 +81,6 @@ struct Args {
     log_format: String,
     #[command(flatten)]
     tls: TlsArgs,
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    overlay_core::config::parse_duration(s)
 }
 
 fn hostname() -> String {

@@ -324,6 +324,58 @@ fn invoke(netns_name: Option<&str>, plugin: &str, inv: &Invocation, stdin: &str)
     }
 }
 
+/// [`invoke`] (outside any namespace) that gives up after `limit`: a plugin that hangs
+/// is killed and reported, instead of hanging the test.
+fn invoke_bounded(inv: &Invocation, stdin: &str, limit: Duration) -> CniOutput {
+    let mut cmd = Command::new(PLUGIN);
+    for var in ["CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS", "CNI_ARGS"] {
+        cmd.env_remove(var);
+    }
+    cmd.env("CNI_COMMAND", inv.command)
+        .env("CNI_PATH", "/usr/lib/cni");
+    for (var, value) in [
+        ("CNI_CONTAINERID", inv.container_id),
+        ("CNI_IFNAME", inv.ifname),
+        ("CNI_NETNS", inv.netns),
+    ] {
+        if let Some(v) = value {
+            cmd.env(var, v);
+        }
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the plugin");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let status = overlay_tests::wait_until(limit, || child.try_wait().ok().flatten());
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{} with CNI_NETNS={:?} still runs after {limit:?}: it hangs",
+            inv.command, inv.netns
+        );
+    };
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    CniOutput {
+        exit_ok: status.success(),
+        stdout,
+    }
+}
+
 fn host_veth_of(result: &Value) -> String {
     let host_side = &result["interfaces"][0];
     assert!(host_side.get("sandbox").is_none(), "{result}");
@@ -420,7 +472,125 @@ fn bad_config_and_environment_get_spec_errors() {
     assert_eq!(add(&conf.to_string(), missing_ns).error_code(), 11);
 }
 
+/// A CNI_NETNS naming a FIFO hung the plugin in open(2); a file, a directory or another
+/// kind of namespace was only noticed by the kernel. Each is refused at once, before any
+/// kernel work, with code 4 (a CNI_* variable that is not usable) naming CNI_NETNS.
+#[test]
+fn cni_netns_that_is_no_network_namespace_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("subnet.env"), SUBNET_ENV).unwrap();
+    let conf = net_conf("1.0.0", dir.path()).to_string();
+    let fifo = dir.path().join("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let file = dir.path().join("subnet.env");
+    for (netns, what) in [
+        (fifo.to_str().unwrap(), "a FIFO"),
+        (file.to_str().unwrap(), "a plain file"),
+        (dir.path().to_str().unwrap(), "a directory"),
+        ("/proc/self/ns/uts", "another kind"),
+    ] {
+        for command in ["ADD", "CHECK"] {
+            let inv = Invocation {
+                command,
+                container_id: Some("c1"),
+                ifname: Some("eth0"),
+                netns: Some(netns),
+            };
+            let mut stdin = serde_json::from_str::<Value>(&conf).unwrap();
+            if command == "CHECK" {
+                stdin["prevResult"] = json!({
+                    "cniVersion": "1.0.0",
+                    "interfaces": [{"name": "eth0", "sandbox": netns}],
+                    "ips": [{"address": "10.244.7.2/24", "gateway": GATEWAY, "interface": 0}],
+                });
+            }
+            let out = invoke_bounded(&inv, &stdin.to_string(), Duration::from_secs(20));
+            assert_eq!(out.error_code(), 4, "{command} {what}: {}", out.stdout);
+            let v: Value = serde_json::from_str(&out.stdout).unwrap();
+            let msg = v["msg"].as_str().unwrap();
+            assert!(
+                msg.contains("CNI_NETNS") && msg.contains(netns) && msg.contains(what),
+                "{command} {what}: {msg}"
+            );
+        }
+    }
+    assert!(!dir.path().join("data").exists(), "no address was reserved");
+}
+
 // ---- kernel tests ----
+
+/// CNI_NETNS naming the plugin's own namespace (the host's, for a runtime) plumbed the
+/// "container" there: eth0 and an address on the host, and the host's default route
+/// replaced. The plugin runs inside a namespace this test made, which plays the host.
+#[test]
+fn cni_netns_naming_the_plugins_own_namespace_changes_nothing() {
+    let Some(host) = Host::new("cni_netns_naming_the_plugins_own_namespace_changes_nothing") else {
+        return;
+    };
+    // The "host" gets an uplink and a default route of its own.
+    host.ns.ip("link add ul0 type veth peer name ul1");
+    host.ns.ip("link set ul1 up");
+    host.ns.ip("addr add 192.0.2.10/24 dev ul0");
+    host.ns.ip("link set ul0 up");
+    host.ns.ip("route add default via 192.0.2.1 dev ul0");
+    // Without the carrier flag: the bridge loses its carrier when its last port goes.
+    let routes = || host.ns.ip("-4 route show").replace(" linkdown", "");
+    let links = || {
+        let mut l: Vec<String> = host
+            .ns
+            .ip("-o link show")
+            .lines()
+            .map(|l| l.split_whitespace().nth(1).unwrap_or_default().to_string())
+            .collect();
+        l.sort();
+        l
+    };
+    let addresses = || host.ns.ip("-4 -o addr show");
+    let before = (routes(), links(), addresses());
+    assert!(
+        before.0.contains("default via 192.0.2.1 dev ul0"),
+        "{}",
+        before.0
+    );
+
+    let conf = host.conf("1.0.0");
+    let own = host.ns.path();
+    for netns in [
+        own.as_str(),
+        "/proc/self/ns/net",
+        "/proc/thread-self/ns/net",
+    ] {
+        let out = host.cni("ADD", "c1", netns, &conf);
+        assert_eq!(out.error_code(), 4, "{netns}: {}", out.stdout);
+        let v: Value = serde_json::from_str(&out.stdout).unwrap();
+        let msg = v["msg"].as_str().unwrap();
+        assert!(
+            msg.contains("CNI_NETNS") && msg.contains("own network namespace"),
+            "{msg}"
+        );
+        let check = with_prev_result(
+            &conf,
+            &json!({
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": netns}],
+                "ips": [{"address": "10.244.7.2/24", "gateway": GATEWAY, "interface": 0}],
+            }),
+        );
+        assert_eq!(host.cni("CHECK", "c1", netns, &check).error_code(), 4);
+    }
+    assert_eq!((routes(), links(), addresses()), before, "the host changed");
+    assert!(host.reserved().is_empty(), "{:?}", host.reserved());
+
+    // A real container next to it still works, and DEL with the host's namespace (which
+    // DEL never uses) removes only what the ADD made.
+    let container = Netns::new("c");
+    host.add("c2", &container, &conf);
+    host.cni("DEL", "c2", &own, &conf).silent_success();
+    assert!(container.link("eth0").is_none());
+    assert_eq!((routes(), links(), addresses()), before, "the host changed");
+}
 
 #[test]
 fn add_check_del_attach_a_container_to_the_bridge() {

@@ -30,15 +30,16 @@ pub async fn shutdown_signal(what: &'static str) {
 /// Writes the addresses a daemon actually listens on, one `NAME=ADDR` line each (e.g.
 /// `grpc=127.0.0.1:41234`), for `--addr-file`: with port 0 in a listen flag the kernel picks
 /// the port, and whoever started the daemon learns it here instead of guessing a free port
-/// beforehand (which another process can take first). Written to a temporary file and
-/// renamed, so a reader sees the whole file or none.
+/// beforehand (which another process can take first). Written with
+/// [`crate::durable::write`], so a reader sees the whole file or none.
 pub fn write_addr_file(
     path: &std::path::Path,
     addrs: &[(&str, std::net::SocketAddr)],
-) -> std::io::Result<()> {
+) -> Result<(), crate::durable::FileError> {
     let text: String = addrs.iter().map(|(n, a)| format!("{n}={a}\n")).collect();
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    crate::durable::write(
+        path,
+        text.as_bytes(),
+        crate::durable::WriteOptions::replace(0o644),
+    )
 }

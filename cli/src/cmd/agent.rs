@@ -99,7 +99,7 @@ pub fn render(status: &Value, format: Format) -> String {
                     Value::Array(pair) => pair.iter().map(text).collect::<Vec<_>>().join(": "),
                     other => text(other),
                 };
-                out.push_str(&format!("  {line}\n"));
+                out.push_str(&format!("  {}\n", output::escape(&line)));
             }
         }
     };

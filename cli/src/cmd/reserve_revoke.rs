@@ -63,7 +63,9 @@ pub async fn run(
             match format {
                 Format::Table => output::print(&format!(
                     "reserved {} for node {} ({})\n",
-                    lease.subnet, lease.record.node, lease.record.public_ip
+                    lease.subnet,
+                    output::escape(&lease.record.node),
+                    lease.record.public_ip
                 ))?,
                 Format::Json => output::print(&output::json_pretty(&lease_json(&lease, None)))?,
             }

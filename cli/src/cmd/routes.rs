@@ -90,8 +90,9 @@ pub async fn run(
     };
     for (subnet, why) in &desired.skipped {
         eprintln!(
-            "overlayctl: warning: peer {subnet} ({}) gets no entry: {why}",
-            node_of(*subnet)
+            "overlayctl: warning: peer {subnet} ({}) gets no entry: {}",
+            output::escape(&node_of(*subnet)),
+            output::escape(&why.to_string())
         );
     }
     let rows: Vec<RouteJson> = desired

@@ -65,7 +65,10 @@ pub async fn run(args: WatchArgs, controllers: &Controllers, format: Format) -> 
         // Resume after the last revision printed, from any controller of the list: the
         // controller replays what was missed, or sends a snapshot the printer diffs.
         after = printer.revision().max(after);
-        eprintln!("overlayctl: watch: {broke:#}; reconnecting");
+        eprintln!(
+            "overlayctl: watch: {}; reconnecting",
+            output::escape(&format!("{broke:#}"))
+        );
         let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
         stream = loop {
             match open(controllers, after).await {
@@ -151,14 +154,14 @@ impl WatchPrinter {
                     revision: event.revision,
                     lease: lease_json(&event.lease, None),
                 };
-                serde_json::to_string(&json).expect("output types serialize") + "\n"
+                output::json_line(&json) + "\n"
             }
             Format::Table => {
                 let r = &event.lease.record;
                 format!(
                     "{kind:<7}  {:<18}  {:<16}  {}\n",
                     event.lease.subnet.to_string(),
-                    r.node,
+                    output::escape(&r.node),
                     r.public_ip
                 )
             }

@@ -18,7 +18,7 @@ use super::config::{Attachment, CniEnv, Command, NetConf, LATEST_VERSION, SUPPOR
 use super::error::{CniError, ErrorCode};
 use super::ipam::{IpamError, IpamStore};
 use super::result::{CniResult, Dns, Interface, IpConfig, RouteEntry};
-use crate::datapath::netlink::{open_netns, Netlink, NetlinkError};
+use crate::datapath::netlink::{open_netns, Netlink, NetlinkError, NetnsError};
 use crate::files::{read_to_string_bounded, SubnetEnv, MAX_SUBNET_ENV_BYTES};
 
 /// What the plugin prints and how it exits.
@@ -167,18 +167,33 @@ async fn require_bridge(host: &Netlink, name: &str) -> Result<u32, CniError> {
     }
 }
 
-/// Opens the container's namespace and a netlink socket inside it.
+/// Opens the container's namespace and a netlink socket inside it. CNI_NETNS is checked
+/// first ([`open_netns`]): anything but another network namespace is refused before any
+/// kernel work, with code 4 ("invalid necessary environment variables": the spec's code
+/// for a CNI_* variable that names something unusable; 7 is for the network config on
+/// stdin), except a missing namespace, which is code 3 ("container unknown").
 fn open_container(path: &str) -> Result<(std::fs::File, Netlink), CniError> {
-    let file = open_netns(Path::new(path)).map_err(|e| match e.errno() {
-        Some(libc::ENOENT) => CniError::new(
+    let file = open_netns(Path::new(path)).map_err(|e| match e {
+        NetnsError::Open(io) if io.kind() == std::io::ErrorKind::NotFound => CniError::new(
             ErrorCode::UnknownContainer,
-            format!("network namespace {path} does not exist"),
+            format!("CNI_NETNS: network namespace {path} does not exist"),
         ),
-        _ => CniError::new(
+        NetnsError::Open(io) => CniError::new(
             ErrorCode::InvalidEnvironment,
             format!("CNI_NETNS={path} cannot be opened"),
         )
-        .with_details(e),
+        .with_details(io),
+        NetnsError::NotNetns(what) => CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!("CNI_NETNS={path} is not a network namespace ({what})"),
+        ),
+        NetnsError::Own => CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!(
+                "CNI_NETNS={path} is the plugin's own network namespace (the host's), not \
+                 a container's: refusing to touch it"
+            ),
+        ),
     })?;
     let netlink = Netlink::connect_in_netns(&file).map_err(|e| match e.errno() {
         Some(libc::EINVAL) => CniError::new(

@@ -4,8 +4,9 @@
 //! State is a directory, `<dataDir>/<network>/`, with one file per held address (named
 //! by the address, holding the attachment), in the style of the reference `host-local`
 //! plugin, so an operator can read it with `ls` and `cat`. Why files and not one JSON
-//! document: a reservation is created or removed by one atomic rename or unlink, so a
-//! plugin killed at any instant leaves every address either clearly held or clearly
+//! document: a reservation is created or removed by one atomic rename or unlink (each
+//! followed by an fsync of the directory, `overlay_rpc::durable`), so a plugin killed at
+//! any instant, or a power loss, leaves every address either clearly held or clearly
 //! free. Every plugin process is short-lived and several run at once, so all access is
 //! serialized by `flock` on `<dir>/lock`, taken for the lifetime of an [`IpamStore`].
 //!
@@ -196,13 +197,11 @@ impl IpamStore {
             .map(u32::from)
     }
 
+    /// Releases `ip`: unlinks its file and syncs the directory, so a released address
+    /// does not come back as held after a power loss.
     fn remove(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
-        let path = self.dir.join(ip.to_string());
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(IpamError::io("releasing", &path)(e)),
-        }
+        overlay_rpc::durable::remove(&self.dir.join(ip.to_string()))?;
+        Ok(())
     }
 
     /// Releases every address `attachment` holds; returns them (none is fine).

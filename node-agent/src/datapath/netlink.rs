@@ -934,14 +934,89 @@ mod tests {
 // namespace (IFLA_NET_NS_FD on the peer), so its final name (often "eth0") never has to
 // be free in the host namespace, and there is no window where it exists on the host.
 
+/// Why a path cannot be used as a container's network namespace ([`open_netns`]).
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    /// The path cannot be opened (ENOENT: no such namespace).
+    #[error("cannot open it: {0}")]
+    Open(std::io::Error),
+    /// Something else than a network namespace: a regular file, a FIFO, a device, a
+    /// directory, another kind of namespace.
+    #[error("it is not a network namespace ({0})")]
+    NotNetns(String),
+    /// The namespace this process runs in (the host's, for a plugin): plumbing a
+    /// "container" there would rewrite the host's own interfaces and default route.
+    #[error("it is this process's own network namespace, not a container's")]
+    Own,
+}
+
 /// Opens a network namespace file (`/run/netns/NAME`, `/proc/PID/ns/net`) for
-/// [`Netlink::connect_in_netns`] and [`Netlink::add_veth_into_netns`]. A missing file is
-/// a [`NetlinkError::Kernel`] with errno ENOENT.
-pub fn open_netns(path: &std::path::Path) -> Result<std::fs::File, NetlinkError> {
-    std::fs::File::open(path).map_err(|e| NetlinkError::Kernel {
-        op: format!("open network namespace {}", path.display()),
-        errno: e.raw_os_error().unwrap_or(libc::EIO),
-    })
+/// [`Netlink::connect_in_netns`] and [`Netlink::add_veth_into_netns`], after proving it
+/// is one and is not the caller's own. The open never blocks (O_NONBLOCK: a FIFO or a
+/// device under that name answers at once) and never leaks into children (O_CLOEXEC);
+/// then the open file must live on nsfs (statfs NSFS_MAGIC), be a network namespace
+/// (ioctl NS_GET_NSTYPE), and differ (st_dev, st_ino) from /proc/self/ns/net and
+/// /proc/thread-self/ns/net.
+pub fn open_netns(path: &std::path::Path) -> Result<std::fs::File, NetnsError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(NetnsError::Open)?;
+    let fd = file.as_raw_fd();
+    // SAFETY: fstatfs writes only into the zeroed struct we own; `file` keeps fd open.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(fd, &mut fs) } != 0 {
+        return Err(NetnsError::Open(std::io::Error::last_os_error()));
+    }
+    // The types of f_type and NSFS_MAGIC differ between libcs and architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let on_nsfs = fs.f_type as i64 == libc::NSFS_MAGIC as i64;
+    if !on_nsfs {
+        let kind = match file.metadata() {
+            Ok(m) => {
+                use std::os::unix::fs::FileTypeExt;
+                let t = m.file_type();
+                if t.is_fifo() {
+                    "a FIFO"
+                } else if t.is_dir() {
+                    "a directory"
+                } else if t.is_char_device() || t.is_block_device() {
+                    "a device"
+                } else if t.is_socket() {
+                    "a socket"
+                } else {
+                    "a plain file"
+                }
+            }
+            Err(_) => "not on nsfs",
+        };
+        return Err(NetnsError::NotNetns(kind.into()));
+    }
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the descriptor.
+    let nstype = unsafe { libc::ioctl(fd, libc::NS_GET_NSTYPE) };
+    if nstype < 0 {
+        return Err(NetnsError::NotNetns(format!(
+            "NS_GET_NSTYPE failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if nstype != libc::CLONE_NEWNET {
+        return Err(NetnsError::NotNetns(format!(
+            "a namespace of another kind (type {nstype:#x})"
+        )));
+    }
+    let this = file.metadata().map_err(NetnsError::Open)?;
+    for own in ["/proc/self/ns/net", "/proc/thread-self/ns/net"] {
+        if let Ok(m) = std::fs::metadata(own) {
+            if (m.dev(), m.ino()) == (this.dev(), this.ino()) {
+                return Err(NetnsError::Own);
+            }
+        }
+    }
+    Ok(file)
 }
 
 /// Moves the calling thread into the network namespace of `ns` (setns(2)).
