@@ -11,3 +11,4 @@ pub mod janitor;
 pub mod leases;
 pub mod metrics;
 pub mod store;
+pub mod view;

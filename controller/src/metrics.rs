@@ -17,12 +17,19 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::error::ControlError;
-use crate::store::{KeyValue, LeaseId, LeaseInfo, Store, StoreError, WatchStream, Written};
+use crate::store::{
+    Condition, KeyValue, LeaseId, LeaseInfo, Store, StoreError, TxnWrite, WatchStream, Written,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpResult {
     pub op: String,
     pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IgnoredKeys {
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,6 +51,7 @@ pub struct Metrics {
     pub leader: Gauge,
     pub orphan_leases_revoked: Counter,
     pub compactions: Counter,
+    pub ignored_lease_keys: Family<IgnoredKeys, Gauge>,
 }
 
 impl Default for Metrics {
@@ -129,7 +137,14 @@ impl Metrics {
             "etcd history compactions done by the janitor",
             compactions.clone(),
         );
+        let ignored_lease_keys = Family::<IgnoredKeys, Gauge>::default();
+        registry.register(
+            "ignored_lease_keys",
+            "Keys under the lease prefix that are not served as leases, by reason (bad_key, unreadable, no_config, outside_config, node_clash, mac_clash)",
+            ignored_lease_keys.clone(),
+        );
         Metrics {
+            ignored_lease_keys,
             registry,
             lease_ops,
             leases_held,
@@ -248,6 +263,13 @@ impl Store for MeteredStore {
     }
     async fn delete(&self, key: &str, expected: Option<i64>) -> Result<Written, StoreError> {
         timed!(self, "delete", self.inner.delete(key, expected))
+    }
+    async fn txn(
+        &self,
+        conditions: Vec<Condition>,
+        writes: Vec<TxnWrite>,
+    ) -> Result<Written, StoreError> {
+        timed!(self, "txn", self.inner.txn(conditions, writes))
     }
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         timed!(self, "grant", self.inner.grant(ttl))
