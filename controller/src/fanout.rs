@@ -12,6 +12,14 @@
 //!
 //! Snapshot-then-subscribe happens under the cache's read lock and apply-then-broadcast
 //! under its write lock, so no event falls between a snapshot and the live stream.
+//!
+//! What is streamed is what the lease listing shows: the watch follows the whole cluster
+//! prefix (the config and the lease keys, at one revision), keeps every key in a
+//! [`LeaseView`], and after each revision that touches one of them interprets the set with
+//! the same function as the listing ([`crate::view`]) and sends the difference. So a stray
+//! key never becomes a lease, deleting it is no event, a value that turns unreadable is a
+//! "removed", and a clash is resolved the same way everywhere. Ignored keys are logged when
+//! they appear and kept for the `ignored_lease_keys` metric.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
