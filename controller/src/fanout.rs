@@ -12,12 +12,22 @@
 //!
 //! Snapshot-then-subscribe happens under the cache's read lock and apply-then-broadcast
 //! under its write lock, so no event falls between a snapshot and the live stream.
+//!
+//! What is streamed is what the lease listing shows: the watch follows the whole cluster
+//! prefix (the config and the lease keys, at one revision), keeps every key in a
+//! [`LeaseView`], and after each revision that touches one of them interprets the set with
+//! the same function as the listing ([`crate::view`]) and sends the difference. So a stray
+//! key never becomes a lease, deleting it is no event, a value that turns unreadable is a
+//! "removed", and a clash is resolved the same way everywhere. Ignored keys are logged when
+//! they appear and kept for the `ignored_lease_keys` metric.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use ipnet::Ipv4Net;
 use overlay_core::watch::{LeaseCache, LeaseEvent, Replay};
 use overlay_proto::v1::WatchLeasesResponse;
 use overlay_proto::{event_to_proto, snapshot_to_proto};
@@ -26,7 +36,8 @@ use tracing::{debug, info, warn};
 
 use crate::leases::LeaseManager;
 use crate::metrics::Metrics;
-use crate::store::{StoreError, StoreEvent};
+use crate::store::StoreError;
+use crate::view::{Applied, IgnoreReason, Ignored, Interpretation, LeaseView};
 
 /// Events kept for clients that fall behind before they are resynced with a snapshot.
 pub const BROADCAST_CAPACITY: usize = 4096;
@@ -41,6 +52,7 @@ struct Fanned {
 
 pub struct Fanout {
     cache: RwLock<LeaseCache>,
+    ignored: RwLock<Vec<Ignored>>,
     tx: broadcast::Sender<Arc<Fanned>>,
     synced: AtomicBool,
     clients: AtomicUsize,
@@ -68,6 +80,7 @@ impl Fanout {
             closing: tokio::sync::watch::channel(false).0,
             metrics,
             cache: RwLock::new(LeaseCache::new(HISTORY_CAPACITY)),
+            ignored: RwLock::new(Vec::new()),
             tx: broadcast::channel(BROADCAST_CAPACITY).0,
             synced: AtomicBool::new(false),
             clients: AtomicUsize::new(0),
@@ -130,8 +143,11 @@ impl Fanout {
     /// the difference).
     pub async fn run(self: Arc<Self>, manager: Arc<LeaseManager>) {
         let mut backoff = Duration::from_millis(100);
+        // Kept across relists, so that a config that turned unreadable meanwhile does not
+        // make every lease vanish (see `LeaseView::load`).
+        let mut view = LeaseView::new(manager.keys().clone());
         loop {
-            match self.sync_once(&manager).await {
+            match self.sync_once(&manager, &mut view).await {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     warn!(error = %e, retry_in = ?backoff, "lease watch interrupted");
@@ -142,22 +158,58 @@ impl Fanout {
         }
     }
 
+    /// Keys under the lease prefix that are not served (see [`crate::view`]), as of the
+    /// last change.
+    pub fn ignored(&self) -> Vec<Ignored> {
+        self.ignored.read().expect("ignored lock").clone()
+    }
+
+    /// Records what the view ignores now, and logs every key newly ignored.
+    fn report(&self, ignored: Vec<Ignored>) {
+        let mut current = self.ignored.write().expect("ignored lock");
+        {
+            let known: HashSet<(&str, IgnoreReason)> =
+                current.iter().map(|i| (i.key.as_str(), i.reason)).collect();
+            for i in &ignored {
+                if !known.contains(&(i.key.as_str(), i.reason)) {
+                    warn!(key = %i.key, reason = i.reason.label(), detail = %i.detail, "a key under the lease prefix is not a lease; it is not served");
+                }
+            }
+        }
+        *current = ignored;
+    }
+
     /// One list-then-watch cycle; returns when the watch ends.
-    async fn sync_once(&self, manager: &LeaseManager) -> Result<(), StoreError> {
+    async fn sync_once(
+        &self,
+        manager: &LeaseManager,
+        view: &mut LeaseView,
+    ) -> Result<(), StoreError> {
         let store = manager.store();
-        let prefix = manager.keys().leases();
-        let (kvs, revision) = store.list(&prefix).await?;
-        let leases = kvs.iter().filter_map(|kv| manager.decode(kv)).collect();
+        // The whole cluster prefix: the config decides what the lease keys mean, so it is
+        // read at the same revision and followed by the same watch.
+        let root = manager.keys().root();
+        let (kvs, revision) = store.list(&root).await?;
+        for problem in view.load(&kvs) {
+            warn!(error = %problem, "the stored network config is unreadable; the last readable one stays in force");
+        }
         let events = {
+            let interpretation = view.interpret();
+            let leases = interpretation
+                .leases
+                .values()
+                .filter_map(|e| e.lease().cloned())
+                .collect();
             let mut cache = self.cache.write().expect("cache lock");
             let events = cache.resync(leases, revision);
             self.broadcast(&events);
+            self.report(interpretation.ignored);
             events
         };
         self.synced.store(true, Ordering::Relaxed);
         info!(revision, changes = events.len(), "lease cache synced");
 
-        let mut watch = store.watch(&prefix, revision + 1).await?;
+        let mut watch = store.watch(&root, revision + 1).await?;
         while let Some(batch) = watch.next().await {
             let batch = match batch {
                 Ok(b) => b,
@@ -171,17 +223,24 @@ impl Fanout {
             };
             let mut cache = self.cache.write().expect("cache lock");
             let mut events = Vec::new();
-            for ev in &batch.events {
-                let changed = match ev {
-                    StoreEvent::Put(kv) => manager
-                        .decode(kv)
-                        .and_then(|l| cache.put(l, kv.mod_revision)),
-                    StoreEvent::Delete { key, revision } => manager
-                        .keys()
-                        .subnet_of(key)
-                        .and_then(|s| cache.remove(&s, *revision)),
-                };
-                events.extend(changed);
+            // Interpreted again once per revision that touches a lease key or the config,
+            // so every event carries the revision that caused it.
+            for group in batch.events.chunk_by(|a, b| a.revision() == b.revision()) {
+                let mut changed = false;
+                for ev in group {
+                    match view.apply(ev) {
+                        Applied::Unrelated => {}
+                        Applied::Changed => changed = true,
+                        Applied::BadConfig(e) => {
+                            warn!(error = %e, "the stored network config is unreadable; the last readable one stays in force")
+                        }
+                    }
+                }
+                if changed {
+                    let interpretation = view.interpret();
+                    events.extend(follow(&mut cache, &interpretation, group[0].revision()));
+                    self.report(interpretation.ignored);
+                }
             }
             cache.advance(batch.revision);
             self.broadcast(&events);
@@ -223,6 +282,30 @@ impl Fanout {
         };
         async_stream(initial, rx, me, guard).take_until(closed)
     }
+}
+
+/// Brings `cache` to what `interpretation` serves, at `revision`; the events that took.
+fn follow(
+    cache: &mut LeaseCache,
+    interpretation: &Interpretation<'_>,
+    revision: i64,
+) -> Vec<Arc<LeaseEvent>> {
+    let gone: Vec<Ipv4Net> = cache
+        .leases()
+        .map(|l| l.subnet)
+        .filter(|s| !interpretation.leases.contains_key(s))
+        .collect();
+    let mut events: Vec<Arc<LeaseEvent>> = gone
+        .iter()
+        .filter_map(|s| cache.remove(s, revision))
+        .collect();
+    for (subnet, entry) in &interpretation.leases {
+        let Some(lease) = entry.lease() else { continue };
+        if cache.get(subnet) != Some(lease) {
+            events.extend(cache.put(lease.clone(), revision));
+        }
+    }
+    events
 }
 
 struct ClientGuard(Arc<Fanout>);

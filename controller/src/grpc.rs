@@ -178,13 +178,23 @@ impl Api {
     }
 
     async fn list(&self) -> Result<v1::ListLeasesResponse, ControlError> {
-        let (leases, revision) = self.leases.list().await?;
+        let listing = self.leases.list_all().await?;
         Ok(v1::ListLeasesResponse {
-            leases: leases
+            leases: listing
+                .leases
                 .iter()
                 .map(|l| lease_to_proto(&l.lease, l.expires_at.map(unix_millis)))
                 .collect(),
-            revision,
+            revision: listing.revision,
+            ignored: listing
+                .ignored
+                .into_iter()
+                .map(|i| v1::IgnoredLeaseKey {
+                    key: i.key,
+                    reason: i.reason.label().to_string(),
+                    detail: i.detail,
+                })
+                .collect(),
         })
     }
 }

@@ -12,8 +12,9 @@ use tracing::{info, warn};
 
 use crate::fanout::Fanout;
 use crate::leases::LeaseManager;
-use crate::metrics::Metrics;
+use crate::metrics::{IgnoredKeys, Metrics};
 use crate::store::Store;
+use crate::view::IgnoreReason;
 
 /// How often etcd is pinged for readiness.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -53,6 +54,15 @@ impl HealthState {
             m.subnets_free.set(r.len() as i64 - fitting as i64);
         }
         m.watch_clients.set(self.fanout.clients() as i64);
+        let ignored = self.fanout.ignored();
+        for reason in IgnoreReason::ALL {
+            let n = ignored.iter().filter(|i| i.reason == reason).count();
+            m.ignored_lease_keys
+                .get_or_create(&IgnoredKeys {
+                    reason: reason.label().to_string(),
+                })
+                .set(n as i64);
+        }
         m.etcd_up.set(self.readiness.etcd_ok() as i64);
         m.encode()
     }

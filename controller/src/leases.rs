@@ -6,6 +6,37 @@
 //! etcd at once. Two nodes can never hold one subnet because a lease key is only ever
 //! *created* with "create if absent"; a lost race simply re-lists and picks again.
 //!
+//! **One lease per node, one VTEP MAC per cluster.** Next to each lease key
+//! `<prefix>/leases/<subnet>` there are index keys `<prefix>/index/node/<node>` and
+//! `<prefix>/index/mac/<mac>` whose value is the lease's subnet key (`10.244.7.0-24`). They
+//! are written in the same etcd transaction as the lease key, attached to the same etcd lease
+//! (none for a reservation), and deleted in the same transaction as the lease key, so they
+//! expire with it. Every transaction that writes a lease compares the index keys it writes
+//! with what it read (absent, or the revision it saw), so of any number of concurrent
+//! acquires for one node exactly one creates a lease; the others lose the compare, re-list,
+//! and are handed that same lease. A MAC that the served lease of another node publishes is
+//! refused (`FAILED_PRECONDITION`, naming that node). The index keys are read *before* the
+//! listing: an index key that names a lease key absent from the (later) listing is then
+//! certainly stale, and overwriting it is guarded by its revision.
+//!
+//! What a key under the lease prefix means (canonical key, readable value, fits the config,
+//! no clash with an older lease) is decided in [`crate::view`] only, for every decision
+//! here and for the watch fan-out alike. Data written before the index keys existed may still
+//! hold a clash; there the older lease wins, the other is ignored and reported, and a node's
+//! first acquire writes its index keys.
+//!
+//! **A lease whose stored value is unreadable** is a removal for watchers and a holder of
+//! nothing, but its key still takes its subnet out of allocation. Renewing it fails with
+//! `NOT_FOUND`, saying why, and does not rewrite it: a renewal carries only the node and
+//! the subnet, not what peers need (public IP, backend data), so it could only write a value
+//! with made-up data that peers would route by. The agent answers `NOT_FOUND` by acquiring
+//! at once with all its data, preferring the same subnet. Acquire finds the key through the
+//! node's index key (same etcd lease as the key, so it was written with it) and rewrites
+//! the value in place: the owner keeps its subnet and its containers their addresses.
+//! Without an index key (a value written before index keys, or by hand) nothing proves whose
+//! the key is, so nobody gets it back: the owner is given another subnet, and the unreadable
+//! key expires with its etcd lease, which nobody renews any more.
+//!
 //! Differences from Flannel, on purpose:
 //! - Renewal is an etcd keepalive of the lease the key already has; Flannel grants a new
 //!   etcd lease and rewrites the key on every renewal, which wakes every watcher.
@@ -15,9 +46,11 @@
 //! - Reservations are keys without an etcd lease; they survive forever and are honoured for
 //!   the node they name (Flannel's are broken on etcd v3, its issue #1329).
 //! - A granted etcd lease that ends up unused (lost race, exhausted range) is revoked, so no
-//!   orphaned etcd lease is left behind.
+//!   orphaned etcd lease is left behind. An etcd lease is revoked only after the
+//!   compare-and-delete of its key succeeded: when the delete loses (the key changed), the
+//!   etcd lease may be the live lease of whoever changed it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -30,11 +63,12 @@ use overlay_core::lease::{
     LeaseError, LeaseRecord,
 };
 use overlay_core::subnet::{parse_subnet_key, subnet_key};
-use overlay_core::BackendType;
+use overlay_core::{BackendType, MacAddr};
 use tracing::{info, warn};
 
 use crate::error::ControlError;
-use crate::store::{KeyValue, LeaseId, Store, StoreError, Written};
+use crate::store::{Condition, KeyValue, LeaseId, Store, StoreError, TxnWrite, Written};
+use crate::view::{interpret, read_key, Entry, Ignored, Interpretation};
 
 /// How often an allocation re-lists and retries after losing a race.
 const MAX_ATTEMPTS: u32 = 16;
@@ -57,6 +91,11 @@ impl Keys {
         }
     }
 
+    /// Every key of the cluster is under this.
+    pub fn root(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+
     pub fn config(&self) -> String {
         format!("{}/config", self.prefix)
     }
@@ -69,9 +108,25 @@ impl Keys {
         format!("{}/leases/{}", self.prefix, subnet_key(subnet))
     }
 
-    /// The subnet of a lease key, if it is one.
+    /// The index key naming the lease of `node`.
+    pub fn node_index(&self, node: &str) -> String {
+        format!("{}/index/node/{node}", self.prefix)
+    }
+
+    /// The index key naming the lease that publishes VTEP MAC `mac`.
+    pub fn mac_index(&self, mac: MacAddr) -> String {
+        format!("{}/index/mac/{mac}", self.prefix)
+    }
+
+    /// The subnet of a lease key, if it is one: canonical, `a.b.c.d-len` exactly as the
+    /// subnet prints.
     pub fn subnet_of(&self, key: &str) -> Option<Ipv4Net> {
         key.strip_prefix(&self.leases()).and_then(parse_subnet_key)
+    }
+
+    /// The lease key an index key's value names.
+    fn indexed_lease(&self, index: &KeyValue) -> String {
+        format!("{}{}", self.leases(), String::from_utf8_lossy(&index.value))
     }
 }
 
@@ -101,11 +156,112 @@ pub struct ListedLease {
     pub expires_at: Option<SystemTime>,
 }
 
-/// A stored lease with the store metadata needed for compare-and-set.
+/// Every key under the lease prefix: the leases served, and the keys ignored.
 #[derive(Debug, Clone)]
-struct Stored {
-    lease: Lease,
-    kv: KeyValue,
+pub struct LeaseListing {
+    pub leases: Vec<ListedLease>,
+    pub ignored: Vec<Ignored>,
+    pub revision: i64,
+}
+
+/// The lease keys as listed, each read once (see [`crate::view`]).
+struct Listing {
+    entries: Vec<Entry>,
+}
+
+impl Listing {
+    fn entry(&self, key: &str) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| e.key.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
+    /// Subnets whose key exists, readable or not: never handed out again while it does.
+    fn taken(&self) -> HashSet<Ipv4Net> {
+        self.entries.iter().filter_map(|e| e.subnet).collect()
+    }
+
+    /// The readable leases naming `node`.
+    fn of_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.entries
+            .iter()
+            .filter(move |e| e.lease().is_some_and(|l| l.record.node == node))
+    }
+
+    fn interpret(&self, config: &NetworkConfig) -> Interpretation<'_> {
+        interpret(Some(config), &self.entries)
+    }
+}
+
+/// Whether a lease that is a reservation (by its value, or for an unreadable value by
+/// having no etcd lease).
+fn is_reserved(e: &Entry) -> bool {
+    e.lease().map_or(e.lease_id == 0, |l| l.record.reserved)
+}
+
+/// A transaction being put together: at most one condition and one write per key.
+#[derive(Default)]
+struct Txn {
+    conditions: BTreeMap<String, Condition>,
+    writes: BTreeMap<String, TxnWrite>,
+}
+
+impl Txn {
+    /// The key must still be as read: its mod revision, or absent.
+    fn unchanged(&mut self, key: &str, read: Option<&KeyValue>) {
+        self.at_revision(key, read.map_or(0, |kv| kv.mod_revision));
+    }
+
+    fn at_revision(&mut self, key: &str, mod_revision: i64) {
+        self.conditions
+            .entry(key.to_string())
+            .or_insert_with(|| Condition::ModRevision(key.to_string(), mod_revision));
+    }
+
+    fn absent(&mut self, key: &str) {
+        self.conditions
+            .entry(key.to_string())
+            .or_insert_with(|| Condition::CreateRevision(key.to_string(), 0));
+    }
+
+    fn put(&mut self, key: &str, value: Vec<u8>, lease: LeaseId) {
+        self.writes.insert(
+            key.to_string(),
+            TxnWrite::Put {
+                key: key.to_string(),
+                value,
+                lease,
+            },
+        );
+    }
+
+    fn delete(&mut self, key: &str) {
+        self.writes.insert(
+            key.to_string(),
+            TxnWrite::Delete {
+                key: key.to_string(),
+            },
+        );
+    }
+
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    async fn commit(self, store: &dyn Store) -> Result<Written, StoreError> {
+        store
+            .txn(
+                self.conditions.into_values().collect(),
+                self.writes.into_values().collect(),
+            )
+            .await
+    }
+}
+
+/// Whether an index key names `subnet` and lives as long as the lease (`lease`).
+fn names(index: Option<&KeyValue>, subnet: Ipv4Net, lease: LeaseId) -> bool {
+    index.is_some_and(|kv| kv.value == subnet_key(subnet).as_bytes() && kv.lease == lease)
 }
 
 pub struct LeaseManager {
@@ -149,33 +305,16 @@ impl LeaseManager {
         self.last_config.read().expect("config lock").clone()
     }
 
-    /// Decodes a lease key-value; `None` (with a warning) for keys that are not leases.
-    pub fn decode(&self, kv: &KeyValue) -> Option<Lease> {
-        let subnet = self.keys.subnet_of(&kv.key)?;
-        match LeaseRecord::decode(&kv.value) {
-            Ok(record) => Some(Lease { subnet, record }),
-            Err(e) => {
-                warn!(key = %kv.key, error = %e, "ignoring unreadable lease value");
-                None
-            }
-        }
+    /// Every key under the lease prefix, read (not yet interpreted).
+    async fn listing(&self) -> Result<Listing, ControlError> {
+        let (kvs, _rev) = self.store.list(&self.keys.leases()).await?;
+        let entries = kvs.iter().map(|kv| read_key(&self.keys, kv)).collect();
+        // The store lists sorted by key, which `Listing::entry` relies on.
+        Ok(Listing { entries })
     }
 
-    /// Every lease key, decoded, and the set of subnets taken (unreadable keys included:
-    /// a subnet whose key exists is never handed out again, even if we cannot read it).
-    async fn list_stored(&self) -> Result<(Vec<Stored>, HashSet<Ipv4Net>), ControlError> {
-        let (kvs, _rev) = self.store.list(&self.keys.leases()).await?;
-        let mut taken = HashSet::new();
-        let mut stored = Vec::with_capacity(kvs.len());
-        for kv in kvs {
-            if let Some(subnet) = self.keys.subnet_of(&kv.key) {
-                taken.insert(subnet);
-            }
-            if let Some(lease) = self.decode(&kv) {
-                stored.push(Stored { lease, kv });
-            }
-        }
-        Ok((stored, taken))
+    async fn get_index(&self, key: &str) -> Result<Option<KeyValue>, ControlError> {
+        Ok(self.store.get(key).await?)
     }
 
     /// Gives `req.node` a lease: its existing one (refreshed), its reservation, its
@@ -212,6 +351,49 @@ impl LeaseManager {
         result.map(|(acquired, _)| acquired)
     }
 
+    /// The node's lease to keep: of its readable leases the one that wins in
+    /// [`crate::view`] (its reservation, else its oldest); without one, an unreadable key
+    /// its index key proves to be its own (see the module notes).
+    fn own_lease<'a>(
+        &self,
+        listing: &'a Listing,
+        node: &'a str,
+        index: Option<&KeyValue>,
+    ) -> Option<&'a Entry> {
+        let best = listing
+            .of_node(node)
+            .min_by_key(|e| (!is_reserved(e), e.create_revision));
+        best.or_else(|| {
+            let index = index?;
+            let e = listing.entry(&self.keys.indexed_lease(index))?;
+            (e.lease().is_none() && e.subnet.is_some() && e.lease_id == index.lease).then_some(e)
+        })
+    }
+
+    /// Refuses a VTEP MAC that a served lease other than `mine` publishes.
+    fn check_mac(
+        &self,
+        served: &Interpretation<'_>,
+        mac: Option<MacAddr>,
+        mine: Option<&str>,
+    ) -> Result<(), ControlError> {
+        let Some(mac) = mac else { return Ok(()) };
+        let holder = served
+            .leases
+            .values()
+            .find(|e| e.lease().and_then(|l| l.record.backend_data.vtep_mac) == Some(mac));
+        match holder {
+            Some(e) if Some(e.key.as_str()) != mine => {
+                let lease = e.lease().expect("served leases are readable");
+                Err(ControlError::FailedPrecondition(format!(
+                    "VTEP MAC {mac} is already published by node {:?} for {}: every host needs its own VTEP MAC",
+                    lease.record.node, lease.subnet
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn acquire_attempts(
         &self,
         req: &AcquireRequest,
@@ -219,29 +401,41 @@ impl LeaseManager {
         granted: &mut Option<LeaseId>,
     ) -> Result<(Acquired, LeaseId), ControlError> {
         let range = config.range();
+        let mac = req.data.vtep_mac;
+        let node_index_key = self.keys.node_index(&req.node);
+        let mac_index_key = mac.map(|m| self.keys.mac_index(m));
         for attempt in 1..=MAX_ATTEMPTS {
-            let (stored, taken) = self.list_stored().await?;
-            let mut own: Vec<&Stored> = stored
-                .iter()
-                .filter(|s| s.lease.record.node == req.node)
-                .collect();
-            // Reservations first, then the oldest lease.
-            own.sort_by_key(|s| (!s.lease.record.reserved, s.kv.create_revision));
-            if let Some((keep, extra)) = own.split_first() {
-                if !config.keeps(keep.lease.subnet, keep.lease.record.reserved) {
-                    info!(node = %req.node, subnet = %keep.lease.subnet, "lease no longer fits the config; replacing it");
-                    self.delete_stored(keep).await?;
+            // Index keys first, then the listing (see the module notes).
+            let node_index = self.get_index(&node_index_key).await?;
+            let mac_index = match &mac_index_key {
+                Some(k) => self.get_index(k).await?,
+                None => None,
+            };
+            let listing = self.listing().await?;
+            let served = listing.interpret(config);
+            if let Some(keep) = self.own_lease(&listing, &req.node, node_index.as_ref()) {
+                let subnet = keep.subnet.expect("lease keys have a subnet");
+                if !config.keeps(subnet, is_reserved(keep)) {
+                    info!(node = %req.node, %subnet, "lease no longer fits the config; replacing it");
+                    self.delete_entry(keep).await?;
                     continue;
                 }
-                for dup in extra.iter().filter(|d| !d.lease.record.reserved) {
-                    warn!(node = %req.node, subnet = %dup.lease.subnet, "node holds a second lease; releasing it");
-                    self.delete_stored(dup).await?;
+                for dup in listing
+                    .of_node(&req.node)
+                    .filter(|d| d.key != keep.key && !is_reserved(d))
+                {
+                    warn!(node = %req.node, key = %dup.key, "node holds a second lease; releasing it");
+                    self.delete_entry(dup).await?;
                 }
-                match self.refresh(keep, req, config).await? {
-                    Some(acquired) => return Ok((acquired, keep.kv.lease)),
+                self.check_mac(&served, mac, Some(&keep.key))?;
+                let indexes = (node_index.as_ref(), mac_index.as_ref());
+                match self.refresh(keep, req, config, indexes).await? {
+                    Some(acquired) => return Ok((acquired, keep.lease_id)),
                     None => continue,
                 }
             }
+            self.check_mac(&served, mac, None)?;
+            let taken = listing.taken();
             let preferred = req
                 .preferred
                 .filter(|p| range.contains(*p) && !taken.contains(p));
@@ -270,11 +464,17 @@ impl LeaseManager {
                 created_at: now,
                 renewed_at: now,
             };
-            match self
-                .store
-                .create(&self.keys.lease(subnet), record.encode(), lease_id)
-                .await
-            {
+            let key = self.keys.lease(subnet);
+            let mut txn = Txn::default();
+            txn.absent(&key);
+            txn.put(&key, record.encode(), lease_id);
+            txn.unchanged(&node_index_key, node_index.as_ref());
+            txn.put(&node_index_key, subnet_key(subnet).into_bytes(), lease_id);
+            if let Some(k) = &mac_index_key {
+                txn.unchanged(k, mac_index.as_ref());
+                txn.put(k, subnet_key(subnet).into_bytes(), lease_id);
+            }
+            match txn.commit(self.store.as_ref()).await {
                 Ok(Written::Yes(_)) => {
                     info!(node = %req.node, %subnet, attempt, "leased a new subnet");
                     let lease = Lease { subnet, record };
@@ -287,6 +487,7 @@ impl LeaseManager {
                         lease_id,
                     ));
                 }
+                // The subnet was taken, or the node or the MAC got a lease meanwhile.
                 Ok(Written::Conflict) => continue,
                 Err(StoreError::LeaseNotFound(_)) => {
                     // Our fresh etcd lease vanished (e.g. etcd restored); grant another.
@@ -299,91 +500,188 @@ impl LeaseManager {
         Err(ControlError::Contention(MAX_ATTEMPTS))
     }
 
-    /// Hands a node its existing lease back, updating what peers need to know. `None`
+    /// Hands a node its existing lease back, updating what peers need to know and writing
+    /// the index keys it lacks (rewriting an unreadable value, see the module notes). `None`
     /// when the stored state changed meanwhile (the caller re-lists).
     async fn refresh(
         &self,
-        s: &Stored,
+        keep: &Entry,
         req: &AcquireRequest,
         config: &NetworkConfig,
+        (node_index, mac_index): (Option<&KeyValue>, Option<&KeyValue>),
     ) -> Result<Option<Acquired>, ControlError> {
-        let mut record = s.lease.record.clone();
+        let subnet = keep.subnet.expect("lease keys have a subnet");
+        let reserved = is_reserved(keep);
+        let now = now_millis();
+        let old = keep.lease().map(|l| &l.record);
+        let mut record = old.cloned().unwrap_or_else(|| LeaseRecord {
+            node: req.node.clone(),
+            public_ip: req.public_ip,
+            backend: req.backend,
+            backend_data: req.data.clone(),
+            reserved,
+            created_at: now,
+            renewed_at: now,
+        });
         record.public_ip = req.public_ip;
         record.backend = req.backend;
         record.backend_data = req.data.clone();
-        let changed = record != s.lease.record;
-        let ttl = if record.reserved {
+        let changed = Some(&record) != old;
+        let ttl = if reserved {
             None
         } else {
-            match self.store.keep_alive(s.kv.lease).await {
+            match self.store.keep_alive(keep.lease_id).await {
                 Ok(ttl) => Some(ttl),
                 // Expired this very moment: the key is going away; re-list.
                 Err(StoreError::LeaseNotFound(_)) => return Ok(None),
                 Err(e) => return Err(e.into()),
             }
         };
+        let lease_id = if reserved { 0 } else { keep.lease_id };
+        let mut txn = Txn::default();
         if changed {
-            record.renewed_at = now_millis();
-            let lease_id = if record.reserved { 0 } else { s.kv.lease };
-            match self
-                .store
-                .update(&s.kv.key, record.encode(), s.kv.mod_revision, lease_id)
-                .await
-            {
+            record.renewed_at = now;
+            txn.put(&keep.key, record.encode(), lease_id);
+        }
+        let node_key = self.keys.node_index(&req.node);
+        if !names(node_index, subnet, lease_id) {
+            txn.unchanged(&node_key, node_index);
+            txn.put(&node_key, subnet_key(subnet).into_bytes(), lease_id);
+        }
+        let mac = req.data.vtep_mac;
+        if let Some(m) = mac {
+            if !names(mac_index, subnet, lease_id) {
+                let key = self.keys.mac_index(m);
+                txn.unchanged(&key, mac_index);
+                txn.put(&key, subnet_key(subnet).into_bytes(), lease_id);
+            }
+        }
+        // The index of a MAC this lease no longer publishes goes.
+        if let Some(old_mac) = old.and_then(|r| r.backend_data.vtep_mac) {
+            if Some(old_mac) != mac {
+                let key = self.keys.mac_index(old_mac);
+                let index = self.get_index(&key).await?;
+                if index
+                    .as_ref()
+                    .is_some_and(|kv| names(Some(kv), subnet, kv.lease))
+                {
+                    txn.unchanged(&key, index.as_ref());
+                    txn.delete(&key);
+                }
+            }
+        }
+        if !txn.is_empty() {
+            txn.at_revision(&keep.key, keep.mod_revision);
+            match txn.commit(self.store.as_ref()).await {
                 Ok(Written::Yes(_)) => {}
                 Ok(Written::Conflict) | Err(StoreError::LeaseNotFound(_)) => return Ok(None),
                 Err(e) => return Err(e.into()),
             }
-            info!(node = %req.node, subnet = %s.lease.subnet, "updated the node's lease");
+        }
+        if keep.lease().is_none() {
+            warn!(node = %req.node, %subnet, "rewrote the node's lease, whose stored value was unreadable");
+        } else if changed {
+            info!(node = %req.node, %subnet, "updated the node's lease");
         } else {
-            info!(node = %req.node, subnet = %s.lease.subnet, "node took its lease back");
+            info!(node = %req.node, %subnet, "node took its lease back");
         }
         Ok(Some(Acquired {
-            lease: Lease {
-                subnet: s.lease.subnet,
-                record,
-            },
+            lease: Lease { subnet, record },
             config: config.clone(),
             ttl,
         }))
     }
 
-    async fn get_stored(&self, subnet: Ipv4Net) -> Result<Option<Stored>, ControlError> {
-        let Some(kv) = self.store.get(&self.keys.lease(subnet)).await? else {
-            return Ok(None);
-        };
-        Ok(self.decode(&kv).map(|lease| Stored { lease, kv }))
+    async fn get_entry(&self, subnet: Ipv4Net) -> Result<Option<Entry>, ControlError> {
+        Ok(self
+            .store
+            .get(&self.keys.lease(subnet))
+            .await?
+            .map(|kv| read_key(&self.keys, &kv)))
     }
 
-    async fn delete_stored(&self, s: &Stored) -> Result<bool, ControlError> {
-        let deleted = self
-            .store
-            .delete(&s.kv.key, Some(s.kv.mod_revision))
-            .await?
-            .ok();
-        if s.kv.lease != 0 {
-            if let Err(e) = self.store.revoke(s.kv.lease).await {
-                warn!(lease = s.kv.lease, error = %e, "could not revoke the etcd lease of a deleted key");
+    /// Deletes a lease key, if it is still as read, with the index keys that name it, in
+    /// one transaction; then revokes its etcd lease (so that none is left without keys).
+    /// `false` when the key changed or went meanwhile: then nothing is deleted or revoked.
+    async fn delete_entry(&self, e: &Entry) -> Result<bool, ControlError> {
+        let mut txn = Txn::default();
+        txn.at_revision(&e.key, e.mod_revision);
+        txn.delete(&e.key);
+        if let (Some(lease), Some(subnet)) = (e.lease(), e.subnet) {
+            let mut index_keys = vec![self.keys.node_index(&lease.record.node)];
+            index_keys.extend(
+                lease
+                    .record
+                    .backend_data
+                    .vtep_mac
+                    .map(|m| self.keys.mac_index(m)),
+            );
+            for key in index_keys {
+                let index = self.get_index(&key).await?;
+                if index
+                    .as_ref()
+                    .is_some_and(|kv| names(Some(kv), subnet, kv.lease))
+                {
+                    txn.unchanged(&key, index.as_ref());
+                    txn.delete(&key);
+                }
+            }
+        }
+        let deleted = txn.commit(self.store.as_ref()).await?.ok();
+        if deleted && e.lease_id != 0 {
+            if let Err(err) = self.store.revoke(e.lease_id).await {
+                warn!(lease = e.lease_id, error = %err, "could not revoke the etcd lease of a deleted key; it will expire");
             }
         }
         Ok(deleted)
     }
 
-    /// Keeps `node`'s lease of `subnet` alive. `NotFound` when it expired or was revoked:
-    /// the agent then acquires again, preferring the same subnet.
+    /// Whether `node`'s index key names the (unreadable) lease key `e`.
+    async fn proven_owner(&self, e: &Entry, node: &str) -> Result<bool, ControlError> {
+        let index = self.get_index(&self.keys.node_index(node)).await?;
+        Ok(index.is_some_and(|kv| self.keys.indexed_lease(&kv) == e.key && kv.lease == e.lease_id))
+    }
+
+    /// The readable lease of `e`, or the error that says why a node cannot act on it.
+    async fn readable<'a>(&self, e: &'a Entry, node: &str) -> Result<&'a Lease, ControlError> {
+        match &e.read {
+            Ok(lease) => Ok(lease),
+            Err(why) => {
+                let subnet = e.subnet.expect("lease keys have a subnet");
+                Err(ControlError::NotFound(
+                    if self.proven_owner(e, node).await? {
+                        format!(
+                            "the stored lease for {subnet} is unreadable ({}): acquire again; its index key shows it is node {node:?}'s, so acquire rewrites it in place",
+                            why.detail
+                        )
+                    } else {
+                        format!(
+                            "the stored lease for {subnet} is unreadable ({}) and nothing shows whose it is: acquire a lease again",
+                            why.detail
+                        )
+                    },
+                ))
+            }
+        }
+    }
+
+    /// Keeps `node`'s lease of `subnet` alive. `NotFound` when it expired or was revoked,
+    /// or when its stored value is unreadable (see the module notes): the agent then
+    /// acquires again, preferring the same subnet.
     pub async fn renew(
         &self,
         node: &str,
         subnet: Ipv4Net,
     ) -> Result<Option<Duration>, ControlError> {
-        let s = self.get_stored(subnet).await?.ok_or_else(|| {
+        let e = self.get_entry(subnet).await?.ok_or_else(|| {
             ControlError::NotFound(format!("no lease for {subnet}: it expired or was revoked"))
         })?;
-        check_holder(&s, node)?;
-        if s.lease.record.reserved {
+        let lease = self.readable(&e, node).await?;
+        check_holder(lease, node)?;
+        if lease.record.reserved {
             return Ok(None);
         }
-        match self.store.keep_alive(s.kv.lease).await {
+        match self.store.keep_alive(e.lease_id).await {
             Ok(ttl) => Ok(Some(ttl)),
             Err(StoreError::LeaseNotFound(_)) => Err(ControlError::NotFound(format!(
                 "the lease for {subnet} has expired"
@@ -393,28 +691,55 @@ impl LeaseManager {
     }
 
     /// Gives a lease up. Releasing a lease that is already gone succeeds; a reservation
-    /// stays (it belongs to the operator, not the agent).
+    /// stays (it belongs to the operator, not the agent). An unreadable lease can be
+    /// released by the node its index key names.
     pub async fn release(&self, node: &str, subnet: Ipv4Net) -> Result<(), ControlError> {
-        let Some(s) = self.get_stored(subnet).await? else {
+        let Some(e) = self.get_entry(subnet).await? else {
             return Ok(());
         };
-        check_holder(&s, node)?;
-        if !s.lease.record.reserved {
-            self.delete_stored(&s).await?;
+        let reserved = match &e.read {
+            Ok(lease) => {
+                check_holder(lease, node)?;
+                lease.record.reserved
+            }
+            Err(_) if self.proven_owner(&e, node).await? => e.lease_id == 0,
+            Err(why) => {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "the stored lease for {subnet} is unreadable ({}) and nothing shows it is node {node:?}'s; an admin can revoke it",
+                    why.detail
+                )))
+            }
+        };
+        if !reserved {
+            self.delete_entry(&e).await?;
             info!(%node, %subnet, "lease released");
         }
         Ok(())
     }
 
-    pub async fn list(&self) -> Result<(Vec<ListedLease>, i64), ControlError> {
+    /// The leases served (as the watch serves them) with their expiry, and the keys ignored.
+    pub async fn list_all(&self) -> Result<LeaseListing, ControlError> {
+        let config = match self.config().await {
+            Ok(c) => Some(c),
+            Err(ControlError::NoConfig) => None,
+            Err(e) => return Err(e),
+        };
         let (kvs, revision) = self.store.list(&self.keys.leases()).await?;
+        let entries: Vec<Entry> = kvs.iter().map(|kv| read_key(&self.keys, kv)).collect();
+        let interpretation = interpret(config.as_ref(), &entries);
         let now = now_millis();
-        let decoded: Vec<(Lease, LeaseId)> = kvs
-            .iter()
-            .filter_map(|kv| self.decode(kv).map(|lease| (lease, kv.lease)))
+        let served: Vec<(Lease, LeaseId)> = interpretation
+            .leases
+            .values()
+            .map(|e| {
+                (
+                    e.lease().expect("served leases are readable").clone(),
+                    e.lease_id,
+                )
+            })
             .collect();
         let store = self.store.clone();
-        let lookups = decoded.into_iter().map(|(lease, id)| {
+        let lookups = served.into_iter().map(|(lease, id)| {
             let store = store.clone();
             async move {
                 let expires_at = if id == 0 || lease.record.reserved {
@@ -426,13 +751,23 @@ impl LeaseManager {
                 Ok::<_, StoreError>(ListedLease { lease, expires_at })
             }
         });
-        let listed: Vec<ListedLease> = stream::iter(lookups)
+        let leases: Vec<ListedLease> = stream::iter(lookups)
             .buffered(32)
             .collect::<Vec<_>>()
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
-        Ok((listed, revision))
+        Ok(LeaseListing {
+            leases,
+            ignored: interpretation.ignored,
+            revision,
+        })
+    }
+
+    /// The leases served, as [`Self::list_all`], and the revision of the listing.
+    pub async fn list(&self) -> Result<(Vec<ListedLease>, i64), ControlError> {
+        let listing = self.list_all().await?;
+        Ok((listing.leases, listing.revision))
     }
 
     /// Stores a new config. Leases that no longer fit are refused unless `force`, which
@@ -443,16 +778,22 @@ impl LeaseManager {
         force: bool,
     ) -> Result<(NetworkConfig, Vec<Lease>), ControlError> {
         let config = NetworkConfig::from_json(json)?;
-        let (stored, _) = self.list_stored().await?;
-        let misfits: Vec<&Stored> = stored
+        let listing = self.listing().await?;
+        let stored: Vec<(&Entry, &Lease)> = listing
+            .entries
             .iter()
-            .filter(|s| !config.keeps(s.lease.subnet, s.lease.record.reserved))
+            .filter_map(|e| e.lease().map(|l| (e, l)))
+            .collect();
+        let misfits: Vec<(&Entry, &Lease)> = stored
+            .iter()
+            .filter(|(_, l)| !config.keeps(l.subnet, l.record.reserved))
+            .copied()
             .collect();
         if !misfits.is_empty() && !force {
             let names: Vec<String> = misfits
                 .iter()
                 .take(5)
-                .map(|s| format!("{} ({})", s.lease.subnet, s.lease.record.node))
+                .map(|(_, l)| format!("{} ({})", l.subnet, l.record.node))
                 .collect();
             return Err(ControlError::FailedPrecondition(format!(
                 "{} existing lease(s) would not fit the new config: {}{}; pass --force to revoke them",
@@ -491,15 +832,17 @@ impl LeaseManager {
         *self.last_config.write().expect("config lock") = Some(config.clone());
         info!(config = %config.to_json(), "network config stored");
         let mut revoked = Vec::new();
-        for s in misfits {
-            if self.delete_stored(s).await? {
-                revoked.push(s.lease.clone());
+        for (e, lease) in misfits {
+            if self.delete_entry(e).await? {
+                revoked.push(lease.clone());
             }
         }
         Ok((config, revoked))
     }
 
-    /// Reserves `subnet` for `node`: a lease without expiry.
+    /// Reserves `subnet` for `node`: a lease without expiry. The node's dynamic lease
+    /// elsewhere, if any, is deleted in the same transaction (one lease per node); its agent
+    /// then finds its lease gone and acquires the reservation.
     pub async fn reserve(
         &self,
         subnet: Ipv4Net,
@@ -522,42 +865,61 @@ impl LeaseManager {
             }
             .into());
         }
-        for _ in 0..MAX_ATTEMPTS {
-            let (stored, _) = self.list_stored().await?;
-            if let Some(other) = stored.iter().find(|s| {
-                s.lease.record.node == node && s.lease.record.reserved && s.lease.subnet != subnet
-            }) {
+        let key = self.keys.lease(subnet);
+        let node_key = self.keys.node_index(node);
+        'attempts: for _ in 0..MAX_ATTEMPTS {
+            let node_index = self.get_index(&node_key).await?;
+            let listing = self.listing().await?;
+            if let Some(other) = listing
+                .of_node(node)
+                .find(|e| is_reserved(e) && e.key != key)
+            {
                 return Err(ControlError::FailedPrecondition(format!(
                     "node {node} already has a reservation for {}; revoke it first",
-                    other.lease.subnet
+                    other.subnet.expect("lease keys have a subnet")
                 )));
             }
-            let existing = stored.iter().find(|s| s.lease.subnet == subnet);
+            let existing = listing.entry(&key);
             let now = now_millis();
-            let written = match existing {
-                Some(s) if s.lease.record.node != node => {
-                    return Err(ControlError::FailedPrecondition(format!(
-                        "{subnet} is leased to node {}; revoke it first",
-                        s.lease.record.node
-                    )));
-                }
-                Some(s) => {
-                    // The node holds this subnet already: pin it (detach from its etcd lease).
-                    let mut record = s.lease.record.clone();
-                    record.reserved = true;
-                    record.public_ip = public_ip;
-                    record.renewed_at = now;
-                    let w = self
-                        .store
-                        .update(&s.kv.key, record.encode(), s.kv.mod_revision, 0)
-                        .await?;
-                    if w.ok() && s.kv.lease != 0 {
-                        let _ = self.store.revoke(s.kv.lease).await;
+            let mut txn = Txn::default();
+            let mut revoke = Vec::new();
+            let record = match existing {
+                Some(e) => match &e.read {
+                    Err(why) => {
+                        return Err(ControlError::FailedPrecondition(format!(
+                            "{subnet} holds an unreadable lease ({}); revoke it first",
+                            why.detail
+                        )))
                     }
-                    w.ok().then_some(record)
-                }
+                    Ok(l) if l.record.node != node => {
+                        return Err(ControlError::FailedPrecondition(format!(
+                            "{subnet} is leased to node {}; revoke it first",
+                            l.record.node
+                        )));
+                    }
+                    Ok(l) => {
+                        // The node holds this subnet already: pin it (detach the key and
+                        // its index keys from its etcd lease).
+                        txn.at_revision(&e.key, e.mod_revision);
+                        if e.lease_id != 0 {
+                            revoke.push(e.lease_id);
+                        }
+                        let mut record = l.record.clone();
+                        record.reserved = true;
+                        record.public_ip = public_ip;
+                        record.renewed_at = now;
+                        if let Some(m) = record.backend_data.vtep_mac {
+                            let mac_key = self.keys.mac_index(m);
+                            let index = self.get_index(&mac_key).await?;
+                            txn.unchanged(&mac_key, index.as_ref());
+                            txn.put(&mac_key, subnet_key(subnet).into_bytes(), 0);
+                        }
+                        record
+                    }
+                },
                 None => {
-                    let record = LeaseRecord {
+                    txn.absent(&key);
+                    LeaseRecord {
                         node: node.to_string(),
                         public_ip,
                         backend: config.backend.kind,
@@ -565,46 +927,73 @@ impl LeaseManager {
                         reserved: true,
                         created_at: now,
                         renewed_at: now,
-                    };
-                    self.store
-                        .create(&self.keys.lease(subnet), record.encode(), 0)
-                        .await?
-                        .ok()
-                        .then_some(record)
+                    }
                 }
             };
-            if let Some(record) = written {
-                info!(%subnet, %node, "subnet reserved");
-                return Ok(Lease { subnet, record });
+            // The node's dynamic leases elsewhere go, with their index keys.
+            for d in listing.of_node(node).filter(|d| d.key != key) {
+                let (Some(lease), Some(d_subnet)) = (d.lease(), d.subnet) else {
+                    continue;
+                };
+                txn.at_revision(&d.key, d.mod_revision);
+                txn.delete(&d.key);
+                if d.lease_id != 0 {
+                    revoke.push(d.lease_id);
+                }
+                if let Some(m) = lease.record.backend_data.vtep_mac {
+                    let mac_key = self.keys.mac_index(m);
+                    let index = self.get_index(&mac_key).await?;
+                    if names(index.as_ref(), d_subnet, d.lease_id)
+                        && !txn.writes.contains_key(&mac_key)
+                    {
+                        txn.unchanged(&mac_key, index.as_ref());
+                        txn.delete(&mac_key);
+                    }
+                }
             }
+            txn.put(&key, record.encode(), 0);
+            txn.unchanged(&node_key, node_index.as_ref());
+            txn.put(&node_key, subnet_key(subnet).into_bytes(), 0);
+            if !txn.commit(self.store.as_ref()).await?.ok() {
+                continue 'attempts;
+            }
+            for id in revoke {
+                if let Err(e) = self.store.revoke(id).await {
+                    warn!(lease = id, error = %e, "could not revoke a replaced etcd lease; it will expire");
+                }
+            }
+            info!(%subnet, %node, "subnet reserved");
+            return Ok(Lease { subnet, record });
         }
         Err(ControlError::Contention(MAX_ATTEMPTS))
     }
 
-    /// Deletes a lease or reservation at once.
-    pub async fn revoke(&self, subnet: Ipv4Net) -> Result<Lease, ControlError> {
+    /// Deletes a lease or reservation at once, also one whose stored value is unreadable.
+    /// Returns the lease as it was, `None` for an unreadable one.
+    pub async fn revoke(&self, subnet: Ipv4Net) -> Result<Option<Lease>, ControlError> {
         for _ in 0..MAX_ATTEMPTS {
-            let s = self
-                .get_stored(subnet)
+            let e = self
+                .get_entry(subnet)
                 .await?
                 .ok_or_else(|| ControlError::NotFound(format!("no lease for {subnet}")))?;
-            if self.delete_stored(&s).await? {
-                info!(%subnet, node = %s.lease.record.node, "lease revoked");
-                return Ok(s.lease);
+            if self.delete_entry(&e).await? {
+                let node = e.lease().map_or("(unreadable)", |l| l.record.node.as_str());
+                info!(%subnet, %node, "lease revoked");
+                return Ok(e.lease().cloned());
             }
         }
         Err(ControlError::Contention(MAX_ATTEMPTS))
     }
 }
 
-fn check_holder(s: &Stored, node: &str) -> Result<(), ControlError> {
-    if s.lease.record.node == node {
+fn check_holder(lease: &Lease, node: &str) -> Result<(), ControlError> {
+    if lease.record.node == node {
         Ok(())
     } else {
         Err(ControlError::NotHolder {
             node: node.to_string(),
-            subnet: s.lease.subnet.to_string(),
-            holder: s.lease.record.node.clone(),
+            subnet: lease.subnet.to_string(),
+            holder: lease.record.node.clone(),
         })
     }
 }
@@ -820,6 +1209,109 @@ mod tests {
         m.release("a", s).await.unwrap();
         m.release("a", s).await.unwrap();
         assert!(m.list().await.unwrap().0.is_empty());
+    }
+
+    /// Finding D: a delete that loses its compare (the key changed since it was read)
+    /// deletes nothing and revokes nothing: the etcd lease is the live lease of whoever
+    /// changed the key (here the owner, updating its public IP on the same etcd lease).
+    #[tokio::test]
+    async fn a_delete_that_loses_its_compare_leaves_the_key_and_its_etcd_lease() {
+        let m = manager(CONFIG).await;
+        let a = m.acquire(&req("a")).await.unwrap().lease;
+        let stale = m.get_entry(a.subnet).await.unwrap().expect("the lease");
+        let moved = AcquireRequest {
+            public_ip: "192.0.2.99".parse().unwrap(),
+            ..req("a")
+        };
+        assert_eq!(m.acquire(&moved).await.unwrap().lease.subnet, a.subnet);
+        assert!(!m.delete_entry(&stale).await.unwrap(), "the delete lost");
+        let now = m.get_entry(a.subnet).await.unwrap().expect("the key stays");
+        assert_eq!(now.lease_id, stale.lease_id);
+        assert!(
+            m.store()
+                .time_to_live(stale.lease_id)
+                .await
+                .unwrap()
+                .is_some(),
+            "the owner's etcd lease was revoked"
+        );
+        assert_eq!(
+            m.renew("a", a.subnet).await.unwrap(),
+            Some(Duration::from_secs(60))
+        );
+    }
+
+    /// A lease written before index keys existed is handed back without rewriting it (no
+    /// event for watchers), and gets its index keys; a newer legacy lease of another node
+    /// with the same VTEP MAC is refused when that node acquires with it.
+    #[tokio::test]
+    async fn a_lease_from_before_index_keys_gets_them_without_being_rewritten() {
+        let m = manager(
+            r#"{"network":"10.244.0.0/16","subnet_max":"10.244.199.0/24","backend":{"type":"vxlan"},"lease_ttl":"60s"}"#,
+        )
+        .await;
+        let mac = "02:00:00:00:0f:01";
+        let with_mac = |node: &str| AcquireRequest {
+            backend: BackendType::Vxlan,
+            data: BackendData {
+                vtep_mac: Some(mac.parse().unwrap()),
+                ..Default::default()
+            },
+            ..req(node)
+        };
+        let mut legacy = Vec::new();
+        for node in ["old", "new"] {
+            let r = with_mac(node);
+            let record = LeaseRecord {
+                node: node.into(),
+                public_ip: r.public_ip,
+                backend: r.backend,
+                backend_data: r.data.clone(),
+                reserved: false,
+                created_at: now_millis(),
+                renewed_at: now_millis(),
+            };
+            let id = m.store().grant(Duration::from_secs(60)).await.unwrap();
+            let subnet = m
+                .config()
+                .await
+                .unwrap()
+                .range()
+                .pick_free(&legacy.iter().copied().collect(), &mut rand::rng())
+                .unwrap();
+            let key = m.keys().lease(subnet);
+            assert!(m
+                .store()
+                .create(&key, record.encode(), id)
+                .await
+                .unwrap()
+                .ok());
+            legacy.push(subnet);
+        }
+        let before = m
+            .store()
+            .get(&m.keys().lease(legacy[0]))
+            .await
+            .unwrap()
+            .unwrap();
+        let back = m.acquire(&with_mac("old")).await.unwrap();
+        assert_eq!(back.lease.subnet, legacy[0]);
+        let after = m.store().get(&before.key).await.unwrap().unwrap();
+        assert_eq!(after.mod_revision, before.mod_revision, "rewritten");
+        for index in [
+            m.keys().node_index("old"),
+            m.keys().mac_index(mac.parse().unwrap()),
+        ] {
+            let kv = m.store().get(&index).await.unwrap().expect("index key");
+            assert_eq!(
+                (kv.value.as_slice(), kv.lease),
+                (subnet_key(legacy[0]).as_bytes(), before.lease)
+            );
+        }
+        let e = m.acquire(&with_mac("new")).await.unwrap_err();
+        assert!(e.to_string().contains("\"old\""), "{e}");
+        let (listed, _) = m.list().await.unwrap();
+        assert_eq!(listed.len(), 1, "the newer clashing lease is not served");
     }
 
     #[tokio::test]

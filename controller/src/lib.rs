@@ -14,3 +14,4 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod store;
+pub mod view;

@@ -17,12 +17,19 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::error::ControlError;
-use crate::store::{KeyValue, LeaseId, LeaseInfo, Store, StoreError, WatchStream, Written};
+use crate::store::{
+    Condition, KeyValue, LeaseId, LeaseInfo, Store, StoreError, TxnWrite, WatchStream, Written,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpResult {
     pub op: String,
     pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IgnoredKeys {
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,6 +60,7 @@ pub struct Metrics {
     pub tls_handshakes_pending: Gauge,
     pub connections_closed: Family<CloseReason, Counter>,
     pub accept_errors: Counter,
+    pub ignored_lease_keys: Family<IgnoredKeys, Gauge>,
 }
 
 impl Default for Metrics {
@@ -163,7 +171,14 @@ impl Metrics {
             "Failed accepts on the gRPC listener (e.g. out of file descriptors); each backs off",
             accept_errors.clone(),
         );
+        let ignored_lease_keys = Family::<IgnoredKeys, Gauge>::default();
+        registry.register(
+            "ignored_lease_keys",
+            "Keys under the lease prefix that are not served as leases, by reason (bad_key, unreadable, no_config, outside_config, node_clash, mac_clash)",
+            ignored_lease_keys.clone(),
+        );
         Metrics {
+            ignored_lease_keys,
             registry,
             lease_ops,
             leases_held,
@@ -303,6 +318,13 @@ impl Store for MeteredStore {
     }
     async fn delete(&self, key: &str, expected: Option<i64>) -> Result<Written, StoreError> {
         timed!(self, "delete", self.inner.delete(key, expected))
+    }
+    async fn txn(
+        &self,
+        conditions: Vec<Condition>,
+        writes: Vec<TxnWrite>,
+    ) -> Result<Written, StoreError> {
+        timed!(self, "txn", self.inner.txn(conditions, writes))
     }
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         timed!(self, "grant", self.inner.grant(ttl))

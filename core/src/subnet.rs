@@ -105,11 +105,14 @@ pub fn subnet_key(subnet: Ipv4Net) -> String {
     format!("{}-{}", subnet.network(), subnet.prefix_len())
 }
 
-/// Parses a key suffix made by [`subnet_key`].
+/// Parses a key suffix made by [`subnet_key`], and only those: the text must be exactly
+/// what [`subnet_key`] prints for the subnet (`10.244.7.0-024`, `010.244.7.0-24` or
+/// `10.244.7.1-24` are not keys of 10.244.7.0/24). Otherwise two keys could name one subnet,
+/// and one of them would be a second holder of it.
 pub fn parse_subnet_key(key: &str) -> Option<Ipv4Net> {
     let (addr, len) = key.rsplit_once('-')?;
     let net = Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()?;
-    (net.addr() == net.network()).then_some(net)
+    (net.addr() == net.network() && subnet_key(net) == key).then_some(net)
 }
 
 /// The first host address of a subnet with its prefix: the gateway (`10.244.7.1/24`).
@@ -183,6 +186,26 @@ mod tests {
         );
         assert_eq!(parse_subnet_key("10.244.7.1-24"), None);
         assert_eq!(parse_subnet_key("garbage"), None);
+    }
+
+    #[test]
+    fn only_the_canonical_text_of_a_subnet_is_its_key() {
+        for other in [
+            "10.244.7.0-024",
+            "10.244.7.0-+24",
+            "010.244.7.0-24",
+            "10.244.007.0-24",
+            "10.244.7.0-24 ",
+            " 10.244.7.0-24",
+            "10.244.7.0--24",
+        ] {
+            assert_eq!(parse_subnet_key(other), None, "{other:?}");
+        }
+        assert_eq!(
+            parse_subnet_key("10.244.128.0-17"),
+            Some(net("10.244.128.0/17")),
+            "canonical, if not the config's length (checked elsewhere)"
+        );
         assert_eq!(gateway(net("10.244.7.0/24")).to_string(), "10.244.7.1/24");
     }
 }

@@ -195,6 +195,20 @@ impl Etcd {
         self.child.as_ref().map(|c| c.pid())
     }
 
+    /// Freezes etcd (SIGSTOP): connections stay open, requests queue unanswered.
+    pub fn pause(&self) {
+        if let Some(c) = &self.child {
+            c.signal(libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a paused etcd go on (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            c.signal(libc::SIGCONT);
+        }
+    }
+
     /// etcdctl's flags to reach this etcd: the endpoint and, in TLS mode, the fixture's
     /// client certificate.
     pub fn etcdctl_flags(&self) -> Vec<String> {

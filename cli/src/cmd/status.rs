@@ -1,7 +1,9 @@
 //! `overlayctl status`: cluster health on one screen. Every controller of `--controller`
 //! is asked in turn (is it up, does it reach etcd: a lease listing needs etcd), then the
 //! leases: used and free subnets, and agents whose lease is close to expiring (an agent
-//! renews at a third of the TTL, so one under a third left has missed renewals).
+//! renews at a third of the TTL, so one under a third left has missed renewals), and keys
+//! under the lease prefix that the controller does not serve as leases (a clash of two
+//! leases of one node or of one VTEP MAC, a stray key, an unreadable value).
 
 use std::time::{Duration, SystemTime};
 
@@ -28,6 +30,13 @@ pub struct ExpiringLease {
 }
 
 #[derive(Debug, Serialize)]
+pub struct IgnoredKey {
+    pub key: String,
+    pub reason: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
 pub struct ClusterStatus {
     pub controllers: Vec<ControllerHealth>,
     pub network: Option<String>,
@@ -35,6 +44,8 @@ pub struct ClusterStatus {
     pub leases_used: usize,
     pub subnets_free: Option<u64>,
     pub expiring: Vec<ExpiringLease>,
+    /// Keys under the lease prefix that are not served (never routed).
+    pub ignored: Vec<IgnoredKey>,
 }
 
 pub async fn run(controllers: &Controllers, format: Format) -> anyhow::Result<()> {
@@ -91,6 +102,7 @@ fn build(
         leases_used: 0,
         subnets_free: None,
         expiring: Vec::new(),
+        ignored: Vec::new(),
     };
     let Some((config, leases)) = summary else {
         return Ok(status);
@@ -110,6 +122,15 @@ fn build(
     status.backend = Some(config.backend.kind.to_string());
     status.leases_used = listed.len();
     status.subnets_free = Some(range.len().saturating_sub(in_range));
+    status.ignored = leases
+        .ignored
+        .iter()
+        .map(|i| IgnoredKey {
+            key: i.key.clone(),
+            reason: i.reason.clone(),
+            detail: i.detail.clone(),
+        })
+        .collect();
     let warn_below = config.lease_ttl / 3;
     for (lease, expires) in &listed {
         if let Some(left) =
@@ -162,6 +183,15 @@ pub fn render(s: &ClusterStatus, format: Format) -> String {
                 ]);
             }
             out.push_str(&e.render());
+        }
+        if !s.ignored.is_empty() {
+            out.push_str(&format!(
+                "\n{} key(s) under the lease prefix ignored (not served, never routed):\n",
+                s.ignored.len()
+            ));
+            for i in &s.ignored {
+                out.push_str(&format!("ignored {} ({}): {}\n", i.key, i.reason, i.detail));
+            }
         }
     }
     out

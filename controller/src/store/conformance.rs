@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::{KeyValue, LeaseInfo, Store, StoreError, StoreEvent, WatchStream, Written};
+use super::{
+    Condition, KeyValue, LeaseInfo, Store, StoreError, StoreEvent, TxnWrite, WatchStream, Written,
+};
 
 /// The longest any case waits for something that must happen.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -35,6 +37,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     case!(create_if_absent);
     case!(update_compare_and_set);
     case!(delete_with_and_without_expected_revision);
+    case!(txn_writes_all_or_nothing_at_one_revision);
     case!(list_is_sorted_with_a_covering_revision);
     case!(lease_lifecycle);
     case!(lease_expiry_deletes_keys_and_notifies_watchers);
@@ -248,6 +251,123 @@ pub async fn delete_with_and_without_expected_revision(store: &dyn Store) {
     let deleted = written(store.delete(&plain, None).await.unwrap());
     assert!(deleted > rev);
     assert_eq!(store.get(&plain).await.unwrap(), None);
+}
+
+fn put(key: &str, value: &[u8], lease: i64) -> TxnWrite {
+    TxnWrite::Put {
+        key: key.to_string(),
+        value: value.to_vec(),
+        lease,
+    }
+}
+
+/// A transaction checks every condition first and then writes everything at one revision
+/// or nothing: how a lease key and its index keys are created, moved and deleted together.
+pub async fn txn_writes_all_or_nothing_at_one_revision(store: &dyn Store) {
+    let prefix = unique_prefix("txn");
+    let (a, b, c) = (
+        format!("{prefix}a"),
+        format!("{prefix}b"),
+        format!("{prefix}c"),
+    );
+    let lease = store.grant(Duration::from_secs(600)).await.unwrap();
+    let mut watch = store.watch(&prefix, 0).await.unwrap();
+
+    // Create-if-absent of two keys, one attached to a lease.
+    let absent = |k: &str| Condition::CreateRevision(k.to_string(), 0);
+    let rev = written(
+        store
+            .txn(
+                vec![absent(&a), absent(&b)],
+                vec![put(&a, b"1", lease), put(&b, b"2", 0)],
+            )
+            .await
+            .unwrap(),
+    );
+    let events = next_events(&mut watch, 2).await;
+    assert!(
+        events.iter().all(|e| e.revision() == rev),
+        "one revision: {events:?}"
+    );
+    let ka = must_get(store, &a).await;
+    assert_eq!((ka.create_revision, ka.lease), (rev, lease));
+    assert_eq!(must_get(store, &b).await.lease, 0);
+
+    // One failing condition: nothing is written, whatever the others say.
+    assert_eq!(
+        store
+            .txn(
+                vec![absent(&c), absent(&b)],
+                vec![put(&c, b"3", 0), TxnWrite::Delete { key: a.clone() }],
+            )
+            .await
+            .unwrap(),
+        Written::Conflict
+    );
+    assert_eq!(store.get(&c).await.unwrap(), None);
+    assert!(store.get(&a).await.unwrap().is_some());
+
+    // Mod revision conditions; a put and deletes (one of a missing key) at one revision.
+    let rev2 = written(
+        store
+            .txn(
+                vec![
+                    Condition::ModRevision(a.clone(), rev),
+                    Condition::CreateRevision(b.clone(), rev),
+                    absent(&c),
+                ],
+                vec![
+                    put(&a, b"1b", lease),
+                    TxnWrite::Delete { key: b.clone() },
+                    TxnWrite::Delete { key: c.clone() },
+                ],
+            )
+            .await
+            .unwrap(),
+    );
+    assert!(rev2 > rev);
+    match next_events(&mut watch, 2).await.as_slice() {
+        [StoreEvent::Put(kv), StoreEvent::Delete { key, revision }] => {
+            assert_eq!((kv.key.as_str(), kv.mod_revision), (a.as_str(), rev2));
+            assert_eq!(
+                kv.create_revision, rev,
+                "an update keeps the create revision"
+            );
+            assert_eq!((key.as_str(), *revision), (b.as_str(), rev2));
+        }
+        other => panic!("expected a put of {a} and the delete of {b}: {other:?}"),
+    }
+    assert_eq!(store.get(&b).await.unwrap(), None);
+
+    // Only deletes of missing keys: no new revision.
+    let (_, before) = store.list(&prefix).await.unwrap();
+    let same = written(
+        store
+            .txn(vec![], vec![TxnWrite::Delete { key: c.clone() }])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        same, before,
+        "a transaction that changes nothing made a revision"
+    );
+
+    // A put on a revoked lease fails as such and writes nothing, not even the other puts.
+    let gone = store.grant(Duration::from_secs(600)).await.unwrap();
+    store.revoke(gone).await.unwrap();
+    let err = store
+        .txn(vec![], vec![put(&c, b"x", 0), put(&b, b"y", gone)])
+        .await;
+    assert!(
+        matches!(err, Err(StoreError::LeaseNotFound(id)) if id == gone),
+        "txn with a revoked lease: {err:?}"
+    );
+    assert_eq!(store.get(&c).await.unwrap(), None);
+    assert_eq!(store.get(&b).await.unwrap(), None);
+
+    // Revoking the lease deletes what the transaction attached to it.
+    store.revoke(lease).await.unwrap();
+    assert_eq!(store.get(&a).await.unwrap(), None);
 }
 
 pub async fn list_is_sorted_with_a_covering_revision(store: &dyn Store) {

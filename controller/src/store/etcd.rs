@@ -58,7 +58,8 @@ use tonic::Code;
 use tracing::warn;
 
 use super::{
-    KeyValue, LeaseId, LeaseInfo, Store, StoreError, StoreEvent, WatchBatch, WatchStream, Written,
+    Condition, KeyValue, LeaseId, LeaseInfo, Store, StoreError, StoreEvent, TxnWrite, WatchBatch,
+    WatchStream, Written,
 };
 
 /// Time allowed to open a TCP connection to an etcd endpoint.
@@ -768,6 +769,41 @@ impl Store for EtcdStore {
             })
             .sum();
         if !resp.succeeded() || deleted == 0 {
+            return Ok(Written::Conflict);
+        }
+        Ok(Written::Yes(header_revision(resp.header())?))
+    }
+
+    async fn txn(
+        &self,
+        conditions: Vec<Condition>,
+        writes: Vec<TxnWrite>,
+    ) -> Result<Written, StoreError> {
+        let compares: Vec<Compare> = conditions
+            .into_iter()
+            .map(|c| match c {
+                Condition::CreateRevision(key, r) => {
+                    Compare::create_revision(key, CompareOp::Equal, r)
+                }
+                Condition::ModRevision(key, r) => Compare::mod_revision(key, CompareOp::Equal, r),
+            })
+            .collect();
+        // The lease a "lease not found" answer is about (one per transaction in practice).
+        let lease = writes.iter().find_map(|w| match w {
+            TxnWrite::Put { lease, .. } if *lease != 0 => Some(*lease),
+            _ => None,
+        });
+        let ops: Vec<TxnOp> = writes
+            .into_iter()
+            .map(|w| match w {
+                TxnWrite::Put { key, value, lease } => TxnOp::put(key, value, put_options(lease)),
+                TxnWrite::Delete { key } => TxnOp::delete(key, None::<DeleteOptions>),
+            })
+            .collect();
+        let txn = Txn::new().when(compares).and_then(ops);
+        let mut kv = self.client.kv_client();
+        let resp = within_lease(REQUEST_TIMEOUT, "txn", lease, kv.txn(txn)).await?;
+        if !resp.succeeded() {
             return Ok(Written::Conflict);
         }
         Ok(Written::Yes(header_revision(resp.header())?))

@@ -31,7 +31,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{
-    KeyValue, LeaseId, LeaseInfo, Store, StoreError, StoreEvent, WatchBatch, WatchStream, Written,
+    Condition, KeyValue, LeaseId, LeaseInfo, Store, StoreError, StoreEvent, TxnWrite, WatchBatch,
+    WatchStream, Written,
 };
 
 /// How often the background task expires leases.
@@ -197,6 +198,54 @@ impl State {
         Some(revision)
     }
 
+    fn holds(&self, condition: &Condition) -> bool {
+        match condition {
+            Condition::CreateRevision(key, expected) => {
+                self.kvs.get(key).map_or(0, |kv| kv.create_revision) == *expected
+            }
+            Condition::ModRevision(key, expected) => {
+                self.kvs.get(key).map_or(0, |kv| kv.mod_revision) == *expected
+            }
+        }
+    }
+
+    /// Applies `writes` at one revision (none when nothing changes); the revision after.
+    fn apply(&mut self, writes: Vec<TxnWrite>) -> i64 {
+        let changes = writes.iter().any(|w| match w {
+            TxnWrite::Put { .. } => true,
+            TxnWrite::Delete { key } => self.kvs.contains_key(key),
+        });
+        if !changes {
+            return self.revision;
+        }
+        let revision = self.next_revision();
+        let mut events = Vec::with_capacity(writes.len());
+        for w in writes {
+            match w {
+                TxnWrite::Put { key, value, lease } => {
+                    let create_revision =
+                        self.kvs.get(&key).map_or(revision, |kv| kv.create_revision);
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        value,
+                        create_revision,
+                        mod_revision: revision,
+                        lease,
+                    };
+                    self.kvs.insert(key, kv.clone());
+                    events.push(StoreEvent::Put(kv));
+                }
+                TxnWrite::Delete { key } => {
+                    if self.kvs.remove(&key).is_some() {
+                        events.push(StoreEvent::Delete { key, revision });
+                    }
+                }
+            }
+        }
+        self.commit(events);
+        revision
+    }
+
     fn drop_lease(&mut self, lease: LeaseId) {
         if self.leases.remove(&lease).is_none() {
             return;
@@ -295,6 +344,34 @@ impl Store for MemoryStore {
         }
         let revision = state.remove(vec![key.to_owned()]).expect("the key exists");
         Ok(Written::Yes(revision))
+    }
+
+    async fn txn(
+        &self,
+        conditions: Vec<Condition>,
+        writes: Vec<TxnWrite>,
+    ) -> Result<Written, StoreError> {
+        let mut state = self.state();
+        let mut keys = std::collections::HashSet::new();
+        for w in &writes {
+            let key = match w {
+                TxnWrite::Put { key, .. } | TxnWrite::Delete { key } => key,
+            };
+            if !keys.insert(key) {
+                return Err(StoreError::Other(format!(
+                    "duplicate key {key} given in one transaction"
+                )));
+            }
+        }
+        if !conditions.iter().all(|c| state.holds(c)) {
+            return Ok(Written::Conflict);
+        }
+        for w in &writes {
+            if let TxnWrite::Put { lease, .. } = w {
+                state.check_lease(*lease)?;
+            }
+        }
+        Ok(Written::Yes(state.apply(writes)))
     }
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

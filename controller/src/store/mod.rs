@@ -129,6 +129,29 @@ impl Written {
     }
 }
 
+/// One condition of a [`Store::txn`] (etcd's `Compare`, restricted to what we use). A
+/// missing key has create and mod revision 0, so `CreateRevision(key, 0)` means "absent".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// The key's create revision equals this.
+    CreateRevision(String, i64),
+    /// The key's mod revision equals this.
+    ModRevision(String, i64),
+}
+
+/// One write of a [`Store::txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnWrite {
+    /// Writes `key`, attached to `lease` (0: none, detaching it from any lease).
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: LeaseId,
+    },
+    /// Deletes `key` if it exists (a missing key is not an error).
+    Delete { key: String },
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
@@ -163,6 +186,18 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &str,
         expected_mod_revision: Option<i64>,
+    ) -> Result<Written, StoreError>;
+
+    /// Applies every write of `writes` at one revision if every condition holds, nothing
+    /// otherwise (`Conflict`). Watchers see all the events of the transaction at that
+    /// revision. A transaction that changes nothing (only deletes of missing keys) does not
+    /// create a revision and answers the current one. A key may appear in at most one write.
+    /// A put attached to a lease that does not exist fails with `LeaseNotFound` and writes
+    /// nothing.
+    async fn txn(
+        &self,
+        conditions: Vec<Condition>,
+        writes: Vec<TxnWrite>,
     ) -> Result<Written, StoreError>;
 
     /// Grants a lease of `ttl` (rounded up to whole seconds).
