@@ -18,10 +18,10 @@ use overlay_proto::v1::admin_client::AdminClient;
 use overlay_proto::v1::agent_client::AgentClient;
 use std::sync::OnceLock;
 
-use overlay_rpc::connect::endpoint;
-pub use overlay_rpc::connect::is_transport_failure;
-use overlay_rpc::flags::TlsArgs;
-use overlay_rpc::tls::Transport;
+use overlay_common::connect::endpoint;
+pub use overlay_common::connect::is_transport_failure;
+use overlay_common::flags::TlsArgs;
+use overlay_common::tls::Transport;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 

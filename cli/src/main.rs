@@ -40,7 +40,7 @@ pub struct Cli {
     pub controller: Controllers,
 
     #[command(flatten)]
-    pub tls: overlay_rpc::flags::TlsArgs,
+    pub tls: overlay_common::flags::TlsArgs,
 
     /// Output format
     #[arg(

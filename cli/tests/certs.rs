@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use overlay_rpc::tls::TlsFiles;
+use overlay_common::tls::TlsFiles;
 
 fn overlayctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_overlayctl"))

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use ipnet::Ipv4Net;
+use overlay_common::tls::peer_identity;
 use overlay_core::lease::{unix_millis, BackendData};
 use overlay_core::MacAddr;
 use overlay_proto::v1::{self, admin_server::Admin, agent_server::Agent};
 use overlay_proto::{backend_from_proto, config_to_proto, lease_to_proto};
-use overlay_rpc::tls::peer_identity;
 use tonic::{Request, Response, Status};
 
 use crate::error::ControlError;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use overlay_common::flags::TlsArgs;
+use overlay_common::tls::Transport;
 use overlay_controller::election;
 use overlay_controller::fanout::Fanout;
 use overlay_controller::grpc::{Api, Auth, MAX_REQUEST_BYTES};
@@ -19,8 +21,6 @@ use overlay_controller::metrics::{MeteredStore, Metrics};
 use overlay_controller::store::{EtcdOptions, EtcdStore, Store, StoreError};
 use overlay_core::config::parse_duration_in;
 use overlay_proto::v1::{admin_server::AdminServer, agent_server::AgentServer};
-use overlay_rpc::flags::TlsArgs;
-use overlay_rpc::tls::Transport;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -337,7 +337,7 @@ fn main() -> std::process::ExitCode {
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    overlay_rpc::daemon::init_logging(&args.log_format);
+    overlay_common::daemon::init_logging(&args.log_format);
     let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
         "off" => None,
         a => Some(a.parse().with_context(|| {
@@ -373,7 +373,7 @@ async fn run() -> anyhow::Result<()> {
         if let Some(l) = &health_listener {
             addrs.push(("health", l.local_addr()?));
         }
-        overlay_rpc::daemon::write_addr_file(path, &addrs)
+        overlay_common::daemon::write_addr_file(path, &addrs)
             .with_context(|| format!("--addr-file: cannot write {}", path.display()))?;
     }
 
@@ -439,7 +439,7 @@ async fn run() -> anyhow::Result<()> {
     };
     let stopping = fanout.clone();
     let shutdown = async move {
-        overlay_rpc::daemon::shutdown_signal("shutting down").await;
+        overlay_common::daemon::shutdown_signal("shutting down").await;
         stopping.close();
     };
     let api = Api {

@@ -7,7 +7,7 @@
 //! run unmodified and nothing depends on `ip netns exec` remounting /sys.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -142,12 +142,7 @@ pub fn veth(
 /// serves both in a child between fork and exec ([`in_netns`]) and on a thread of its
 /// own ([`run_in`]). The one place the lab calls setns.
 pub fn setns_net(ns: BorrowedFd<'_>) -> std::io::Result<()> {
-    // SAFETY: setns(2) on a file descriptor the borrow keeps open; it changes only the
-    // calling thread's network namespace.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    overlay_common::netns::enter(ns)
 }
 
 /// Opens namespace `ns` for [`setns_net`].

@@ -1,6 +1,6 @@
 //! Files the agent owns: `subnet.env` in the run dir, and its state in the state dir.
 //!
-//! Every write goes through [`overlay_rpc::durable::write`]: a new temp file in the same
+//! Every write goes through [`overlay_common::durable::write`]: a new temp file in the same
 //! directory, synced, renamed over the target, and the directory synced, so a reader
 //! (dockerd's wrapper, the CNI plugin, a crash, a power loss) never sees half a file and
 //! a failed write leaves nothing behind.
@@ -10,10 +10,10 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use ipnet::Ipv4Net;
+pub use overlay_common::durable::FileError;
+use overlay_common::durable::WriteOptions;
 pub use overlay_core::subnet_env::{SubnetEnv, MAX_SUBNET_ENV_BYTES};
 use overlay_core::MacAddr;
-pub use overlay_rpc::durable::FileError;
-use overlay_rpc::durable::WriteOptions;
 use serde::{Deserialize, Serialize};
 
 pub use overlay_core::host_files::SUBNET_ENV;
@@ -31,7 +31,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), FileError> {
         path: path.to_path_buf(),
         source,
     })?;
-    overlay_rpc::durable::write(path, contents, WriteOptions::replace(0o644))
+    overlay_common::durable::write(path, contents, WriteOptions::replace(0o644))
 }
 
 /// Reads at most `limit` bytes of `path`; a longer file is an `InvalidData` error that

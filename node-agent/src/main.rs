@@ -13,10 +13,10 @@ use overlay_agent::backend::HostEffects;
 use overlay_agent::control_plane::grpc::GrpcControlPlane;
 use overlay_agent::health;
 use overlay_agent::metrics::AgentMetrics;
+use overlay_common::connect::Controllers;
+use overlay_common::flags::TlsArgs;
+use overlay_common::tls::Transport;
 use overlay_core::config::parse_duration_in;
-use overlay_rpc::connect::Controllers;
-use overlay_rpc::flags::TlsArgs;
-use overlay_rpc::tls::Transport;
 use tracing::error;
 
 #[derive(Parser, Debug)]
@@ -104,7 +104,7 @@ fn main() -> std::process::ExitCode {
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    overlay_rpc::daemon::init_logging(&args.log_format);
+    overlay_common::daemon::init_logging(&args.log_format);
     // TLS with all three files, or plaintext only when asked for with --insecure.
     let transport = args.tls.transport()?;
     let node = match (&args.node_name, &transport) {
@@ -129,7 +129,7 @@ async fn run() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
         if let Some(path) = &args.addr_file {
-            overlay_rpc::daemon::write_addr_file(path, &[("health", listener.local_addr()?)])
+            overlay_common::daemon::write_addr_file(path, &[("health", listener.local_addr()?)])
                 .with_context(|| format!("--addr-file: cannot write {}", path.display()))?;
         }
         let router = health::router(status.clone(), metrics.clone());
@@ -154,7 +154,7 @@ async fn run() -> anyhow::Result<()> {
     let control = Arc::new(GrpcControlPlane::new(controllers));
     let agent = Agent::new(opts, host, control, effects, Arc::clone(&status)).with_metrics(metrics);
     agent
-        .run(overlay_rpc::daemon::shutdown_signal(
+        .run(overlay_common::daemon::shutdown_signal(
             "stopping; the lease and the datapath stay in place",
         ))
         .await?;

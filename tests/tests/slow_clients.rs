@@ -12,9 +12,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use overlay_common::tls::TlsFiles;
 use overlay_proto::v1::agent_client::AgentClient;
 use overlay_proto::v1::ListLeasesRequest;
-use overlay_rpc::tls::TlsFiles;
 use overlay_tests::cluster::{http_get, Controller};
 use overlay_tests::{bin_path, loopback, skip, wait_until, Etcd};
 

@@ -10,7 +10,7 @@
 //! Nothing is overwritten without `--force`, and no name may claim another's files: NAME
 //! gets NAME.pem and NAME-key.pem, so "ca" (the CA's own files) and any name ending in
 //! "-key" (NAME-key.pem is the key of NAME) are refused. Every file is written through
-//! `overlay_rpc::durable`: a temp file created O_EXCL|O_NOFOLLOW (never a file or
+//! `overlay_common::durable`: a temp file created O_EXCL|O_NOFOLLOW (never a file or
 //! symlink someone left in the directory), its mode set with fchmod (0600 for keys,
 //! whatever the umask), fsynced, moved into place, and the directory fsynced.
 
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
-use overlay_rpc::durable::{self, WriteOptions};
+use overlay_common::durable::{self, WriteOptions};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -283,7 +283,7 @@ pub fn issue(a: &IssueArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use overlay_rpc::tls::TlsFiles;
+    use overlay_common::tls::TlsFiles;
 
     #[test]
     fn issued_certificates_carry_the_name_as_identity() {

@@ -5,7 +5,7 @@
 //! by the address, holding the attachment), in the style of the reference `host-local`
 //! plugin, so an operator can read it with `ls` and `cat`. Why files and not one JSON
 //! document: a reservation is created or removed by one atomic rename or unlink (each
-//! followed by an fsync of the directory, `overlay_rpc::durable`), so a plugin killed at
+//! followed by an fsync of the directory, `overlay_common::durable`), so a plugin killed at
 //! any instant, or a power loss, leaves every address either clearly held or clearly
 //! free. Every plugin process is short-lived and several run at once, so all access is
 //! serialized by `flock` on `<dir>/lock`, taken for the lifetime of an [`IpamStore`].
@@ -200,7 +200,7 @@ impl IpamStore {
     /// Releases `ip`: unlinks its file and syncs the directory, so a released address
     /// does not come back as held after a power loss.
     fn remove(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
-        overlay_rpc::durable::remove(&self.dir.join(ip.to_string()))?;
+        overlay_common::durable::remove(&self.dir.join(ip.to_string()))?;
         Ok(())
     }
 

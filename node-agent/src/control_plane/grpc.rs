@@ -14,7 +14,7 @@ use overlay_proto::{backend_to_proto, config_from_proto, event_from_proto, lease
 use tonic::Code;
 
 use super::{ControlPlane, ControlPlaneError, Granted, LeaseRequest, PeerStream, PeerUpdate};
-use overlay_rpc::connect::{error_chain, is_transport_failure, Controllers};
+use overlay_common::connect::{error_chain, is_transport_failure, Controllers};
 
 pub struct GrpcControlPlane {
     controllers: Arc<Controllers>,

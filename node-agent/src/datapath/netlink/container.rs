@@ -101,19 +101,11 @@ pub fn open_netns(path: &std::path::Path) -> Result<std::fs::File, NetnsError> {
 
 /// Moves the calling thread into the network namespace of `ns` (setns(2)).
 fn enter_netns(ns: &std::fs::File, what: &str) -> Result<(), NetlinkError> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: setns only reads the descriptor, which `ns` keeps open for the call.
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(NetlinkError::Kernel {
-            op: format!("enter network namespace {what}"),
-            errno: std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EINVAL),
-        })
-    }
+    use std::os::fd::AsFd;
+    overlay_common::netns::enter(ns.as_fd()).map_err(|e| NetlinkError::Kernel {
+        op: format!("enter network namespace {what}"),
+        errno: e.raw_os_error().unwrap_or(libc::EINVAL),
+    })
 }
 
 /// An IPv4 route of the main table, as [`Netlink::routes_of`] reports it.
