@@ -198,6 +198,13 @@ impl Agent {
         readiness::status("fetching the network config");
         let config = self.fetch_config().await;
         info!(network = %config.network, backend = %config.backend.kind, "network config received");
+        // A subnet.env of another network (the config changed while the agent was down) is
+        // wrong for every reader: gone until this agent is ready again.
+        let env_path = self.opts.run_dir.join(SUBNET_ENV);
+        if crate::files::read_subnet_env(&env_path).is_some_and(|e| e.network != config.network) {
+            info!(path = %env_path.display(), "removing the subnet.env of the old network");
+            overlay_common::durable::remove(&env_path)?;
+        }
         let ctx = BackendContext {
             node: self.opts.node.clone(),
             config: config.clone(),

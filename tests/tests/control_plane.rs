@@ -747,8 +747,11 @@ fn config_changes_that_strand_leases_need_force() {
     assert!(!status.success());
     assert!(a.log().contains("network config changed"), "{}", a.log());
     a.restart();
+    // The old subnet.env stays until the restarted agent replaces (or removes) it: wait
+    // for the new network rather than taking the first file seen.
     assert!(
-        a.wait_subnet(PATIENCE).starts_with("10.245."),
-        "restarted into the new network"
+        wait_until(PATIENCE, || a.subnet().filter(|s| s.starts_with("10.245."))).is_some(),
+        "restarted into the new network:\n{}",
+        a.log()
     );
 }
