@@ -48,21 +48,21 @@ fn transport() -> anyhow::Result<Transport> {
 
 /// The `--controller` list, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Controllers(Vec<String>);
+pub struct ControllerUrls(Vec<String>);
 
-impl Controllers {
+impl ControllerUrls {
     pub fn urls(&self) -> &[String] {
         &self.0
     }
 
     /// Just one of the controllers (to ask each in turn).
-    pub fn single(url: &str) -> Controllers {
-        Controllers(vec![url.to_string()])
+    pub fn single(url: &str) -> ControllerUrls {
+        ControllerUrls(vec![url.to_string()])
     }
 }
 
 /// Parses `URL[,URL...]`. A URL without a scheme gets `http://`.
-pub fn parse_controllers(text: &str) -> Result<Controllers, String> {
+pub fn parse_controllers(text: &str) -> Result<ControllerUrls, String> {
     let mut urls = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let url = if part.contains("://") {
@@ -85,7 +85,7 @@ pub fn parse_controllers(text: &str) -> Result<Controllers, String> {
     if urls.is_empty() {
         return Err(format!("no URL given; write e.g. {DEFAULT_CONTROLLER}"));
     }
-    Ok(Controllers(urls))
+    Ok(ControllerUrls(urls))
 }
 
 /// A connection to one controller.
@@ -95,7 +95,7 @@ pub struct Controller {
 }
 
 /// Connects to the first controller of the list that answers.
-pub async fn connect(controllers: &Controllers) -> anyhow::Result<Controller> {
+pub async fn connect(controllers: &ControllerUrls) -> anyhow::Result<Controller> {
     let mut failures = Vec::new();
     let transport = transport()?;
     for url in controllers.urls() {

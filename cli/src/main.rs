@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, Subcommand};
 
-use crate::client::Controllers;
+use crate::client::ControllerUrls;
 use crate::output::Format;
 
 #[derive(Debug, Parser)]
@@ -37,7 +37,7 @@ pub struct Cli {
         value_name = "URL[,URL...]",
         value_parser = client::parse_controllers
     )]
-    pub controller: Controllers,
+    pub controller: ControllerUrls,
 
     #[command(flatten)]
     pub tls: overlay_common::flags::TlsArgs,

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use ipnet::Ipv4Net;
+use overlay_core::backoff::Backoff;
 use overlay_core::watch::{LeaseCache, LeaseEvent, Replay};
 use overlay_proto::v1::WatchLeasesResponse;
 use overlay_proto::{event_to_proto, snapshot_to_proto};
@@ -142,17 +143,17 @@ impl Fanout {
     /// revision, and on compaction or a broken watch list again (sending clients only
     /// the difference).
     pub async fn run(self: Arc<Self>, manager: Arc<LeaseManager>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         // Kept across relists, so that a config that turned unreadable meanwhile does not
         // make every lease vanish (see `LeaseView::load`).
         let mut view = LeaseView::new(manager.keys().clone());
         loop {
             match self.sync_once(&manager, &mut view).await {
-                Ok(()) => backoff = Duration::from_millis(100),
+                Ok(()) => backoff.reset(),
                 Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "lease watch interrupted");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let wait = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?wait, "lease watch interrupted");
+                    tokio::time::sleep(wait).await;
                 }
             }
         }

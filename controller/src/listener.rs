@@ -20,6 +20,7 @@
 //! `Request::peer_certs` (and with it authorization by certificate identity) works as with
 //! tonic's built-in TLS.
 
+use overlay_core::backoff::Backoff;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -247,7 +248,7 @@ async fn accept_loop<H: Handshake>(
     gate: Arc<Gate>,
     tx: mpsc::Sender<Result<Conn<H::Io>, Infallible>>,
 ) {
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut failing = 0u64;
     let mut full_warned = false;
     loop {
@@ -264,18 +265,17 @@ async fn accept_loop<H: Handshake>(
                 if failing == 0 {
                     warn!(error = %e, "cannot accept gRPC connections; retrying with backoff");
                 } else {
-                    debug!(error = %e, retry_in = ?backoff, "accept failed again");
+                    debug!(error = %e, "accept failed again");
                 }
                 failing += 1;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
         };
         if failing > 0 {
             info!(errors = failing, "accepting gRPC connections again");
             failing = 0;
-            backoff = MIN_BACKOFF;
+            backoff.reset();
         }
         let slot = match gate.admit(H::HANDSHAKES) {
             Ok(slot) => slot,

@@ -19,6 +19,7 @@ use overlay_controller::limits::RateLimiter;
 use overlay_controller::listener::{self, Limits, Plaintext};
 use overlay_controller::metrics::{MeteredStore, Metrics};
 use overlay_controller::store::{EtcdOptions, EtcdStore, Store, StoreError};
+use overlay_core::backoff::Backoff;
 use overlay_core::config::parse_duration_in;
 use overlay_proto::v1::{admin_server::AdminServer, agent_server::AgentServer};
 use tracing::{error, info, warn};
@@ -251,7 +252,7 @@ fn etcd_options(args: &Args) -> anyhow::Result<EtcdOptions> {
 /// Connects, retrying while etcd is unreachable; unusable options or refused credentials
 /// are fatal.
 async fn connect_etcd(endpoints: &[String], options: &EtcdOptions) -> anyhow::Result<EtcdStore> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match EtcdStore::connect_with(endpoints, options).await {
             Ok(store) => return Ok(store),
@@ -259,9 +260,9 @@ async fn connect_etcd(endpoints: &[String], options: &EtcdOptions) -> anyhow::Re
                 return Err(e).context("cannot use etcd")
             }
             Err(e) => {
-                warn!(endpoints = ?endpoints, error = %e, retry_in = ?backoff, "cannot connect to etcd");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let wait = backoff.next_delay();
+                warn!(endpoints = ?endpoints, error = %e, retry_in = ?wait, "cannot connect to etcd");
+                tokio::time::sleep(wait).await;
             }
         }
     }
@@ -273,7 +274,7 @@ const ETCD_ACCESS_HINT: &str =
 /// Exits when etcd refuses us (no or wrong credentials only show on the first request
 /// when no user is given); keeps trying while etcd is unreachable.
 async fn check_etcd_access(store: Arc<dyn Store>, key: String) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match store.get(&key).await {
             Ok(_) => return,
@@ -282,9 +283,9 @@ async fn check_etcd_access(store: Arc<dyn Store>, key: String) {
                 std::process::exit(1);
             }
             Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "etcd access check failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let wait = backoff.next_delay();
+                warn!(error = %e, retry_in = ?wait, "etcd access check failed");
+                tokio::time::sleep(wait).await;
             }
         }
     }

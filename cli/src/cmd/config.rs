@@ -18,7 +18,7 @@ use overlay_core::config::{
 };
 use overlay_proto::v1;
 
-use crate::client::{self, Controllers};
+use crate::client::{self, ControllerUrls};
 use crate::output::{self, Format, Table};
 
 #[derive(Debug, Subcommand)]
@@ -79,7 +79,7 @@ pub struct SetArgs {
 
 pub async fn run(
     command: ConfigCommand,
-    controllers: &Controllers,
+    controllers: &ControllerUrls,
     format: Format,
 ) -> anyhow::Result<()> {
     match command {

@@ -7,13 +7,13 @@ use overlay_core::lease::from_unix_millis;
 use overlay_core::Lease;
 use overlay_proto::v1;
 
-use crate::client::{self, Controllers};
+use crate::client::{self, ControllerUrls};
 use crate::output::{self, lease_json, relative_expiry, Format, Table};
 
 /// A lease with its expiry as the controller looked it up (none for reservations).
 pub type ListedLease = (Lease, Option<SystemTime>);
 
-pub async fn run(controllers: &Controllers, format: Format) -> anyhow::Result<()> {
+pub async fn run(controllers: &ControllerUrls, format: Format) -> anyhow::Result<()> {
     let ctl = client::connect(controllers).await?;
     let response = ctl
         .call(ctl.agent().list_leases(v1::ListLeasesRequest {}))

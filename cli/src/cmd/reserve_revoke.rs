@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use overlay_core::lease::{validate_node_name, validate_public_ip};
 use overlay_proto::v1;
 
-use crate::client::{self, Controllers};
+use crate::client::{self, ControllerUrls};
 use crate::output::{self, lease_json, Format};
 
 #[derive(Debug, Subcommand)]
@@ -38,7 +38,7 @@ pub enum LeaseCommand {
 
 pub async fn run(
     command: LeaseCommand,
-    controllers: &Controllers,
+    controllers: &ControllerUrls,
     format: Format,
 ) -> anyhow::Result<()> {
     let ctl = client::connect(controllers).await?;

@@ -10,7 +10,7 @@ use overlay_core::datapath::{plan, HostNet};
 use overlay_proto::v1;
 use serde::Serialize;
 
-use crate::client::{self, Controllers};
+use crate::client::{self, ControllerUrls};
 use crate::output::{self, Format, Table};
 
 #[derive(Debug, Args)]
@@ -38,7 +38,7 @@ pub struct RouteJson {
 
 pub async fn run(
     args: RoutesArgs,
-    controllers: &Controllers,
+    controllers: &ControllerUrls,
     format: Format,
 ) -> anyhow::Result<()> {
     overlay_core::lease::validate_node_name(&args.node).context("--node")?;

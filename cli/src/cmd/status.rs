@@ -11,7 +11,7 @@ use anyhow::anyhow;
 use overlay_proto::v1;
 use serde::Serialize;
 
-use crate::client::{self, Controllers};
+use crate::client::{self, ControllerUrls};
 use crate::output::{self, short_duration, Format, Table};
 
 #[derive(Debug, Serialize)]
@@ -48,11 +48,11 @@ pub struct ClusterStatus {
     pub ignored: Vec<IgnoredKey>,
 }
 
-pub async fn run(controllers: &Controllers, format: Format) -> anyhow::Result<()> {
+pub async fn run(controllers: &ControllerUrls, format: Format) -> anyhow::Result<()> {
     let mut health = Vec::new();
     let mut summary = None;
     for url in controllers.urls() {
-        let one = Controllers::single(url);
+        let one = ControllerUrls::single(url);
         let mut h = ControllerHealth {
             url: url.clone(),
             reachable: false,

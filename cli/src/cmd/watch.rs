@@ -19,7 +19,7 @@ use overlay_proto::v1;
 use overlay_proto::v1::watch_leases_response::Kind;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::client::{self, Controllers};
+use crate::client::{self, ControllerUrls};
 use crate::output::{self, change_name, lease_json, Format, WatchEventJson};
 
 #[derive(Debug, Clone, Args)]
@@ -38,7 +38,11 @@ pub struct WatchArgs {
 /// How long `watch` keeps trying to reconnect before it gives up.
 const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
-pub async fn run(args: WatchArgs, controllers: &Controllers, format: Format) -> anyhow::Result<()> {
+pub async fn run(
+    args: WatchArgs,
+    controllers: &ControllerUrls,
+    format: Format,
+) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut printer = WatchPrinter::new(format);
@@ -84,7 +88,7 @@ pub async fn run(args: WatchArgs, controllers: &Controllers, format: Format) -> 
 
 /// Connects and opens a watch after `after`.
 async fn open(
-    controllers: &Controllers,
+    controllers: &ControllerUrls,
     after: i64,
 ) -> anyhow::Result<tonic::Streaming<v1::WatchLeasesResponse>> {
     let ctl = client::connect(controllers).await?;
