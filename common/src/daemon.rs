@@ -43,3 +43,19 @@ pub fn write_addr_file(
         crate::durable::WriteOptions::replace(0o644),
     )
 }
+
+/// The exit of a daemon's `main`: a failure is one line on stderr, `NAME: error: ` and its
+/// causes joined (no backtrace, whatever RUST_BACKTRACE says: what went wrong is in the
+/// message), and exit status 1.
+pub fn exit_code<E: std::fmt::Display>(
+    name: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

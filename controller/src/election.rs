@@ -313,15 +313,15 @@ impl Election {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::MemoryStore;
 
-    const TTL: Duration = Duration::from_secs(2);
+    pub(crate) const TTL: Duration = Duration::from_secs(2);
     /// A hang guard, not a timing assertion.
     const PATIENCE: Duration = Duration::from_secs(30);
 
-    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    pub(crate) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         let deadline = Instant::now() + PATIENCE;
         while !check() {
             assert!(Instant::now() < deadline, "{what}: not within {PATIENCE:?}");
@@ -329,7 +329,7 @@ mod tests {
         }
     }
 
-    fn election(store: &Arc<MemoryStore>, name: &str) -> Arc<Election> {
+    pub(crate) fn election(store: &Arc<MemoryStore>, name: &str) -> Arc<Election> {
         let store: Arc<dyn Store> = store.clone();
         Arc::new(Election::new(store, "/test", name.to_string(), TTL))
     }

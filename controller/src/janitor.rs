@@ -198,25 +198,8 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::election::tests::{election, eventually};
     use crate::store::MemoryStore;
-    use tokio::time::Instant;
-
-    const TTL: Duration = Duration::from_secs(2);
-    /// A hang guard, not a timing assertion.
-    const PATIENCE: Duration = Duration::from_secs(30);
-
-    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = Instant::now() + PATIENCE;
-        while !check() {
-            assert!(Instant::now() < deadline, "{what}: not within {PATIENCE:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn election(store: &Arc<MemoryStore>, name: &str) -> Arc<Election> {
-        let store: Arc<dyn Store> = store.clone();
-        Arc::new(Election::new(store, "/test", name.to_string(), TTL))
-    }
 
     #[tokio::test]
     async fn the_janitor_revokes_only_idle_leases_without_keys() {

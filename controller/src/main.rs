@@ -323,16 +323,9 @@ async fn notify_systemd(state: HealthState) {
     }
 }
 
-/// A failure is one line on stderr, its causes joined (no backtrace, whatever
-/// RUST_BACKTRACE says: what went wrong is in the message), and exit status 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("overlay-controller: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    // `{:#}` joins anyhow's causes on one line.
+    overlay_common::daemon::exit_code("overlay-controller", run().map_err(|e| format!("{e:#}")))
 }
 
 #[tokio::main]

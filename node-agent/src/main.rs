@@ -89,16 +89,9 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// A failure is one line on stderr, its causes joined (no backtrace, whatever
-/// RUST_BACKTRACE says: what went wrong is in the message), and exit status 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("overlay-agent: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    // `{:#}` joins anyhow's causes on one line.
+    overlay_common::daemon::exit_code("overlay-agent", run().map_err(|e| format!("{e:#}")))
 }
 
 #[tokio::main]
