@@ -351,6 +351,8 @@ fn config_cases(b: &Bench) -> Vec<Case> {
 
 #[rustfmt::skip]
 fn cli_cases(b: &Bench) -> Vec<Case> {
+    let pki = b.dir.join("pki").display().to_string();
+    assert!(matches!(b.cli(&["certs", "init", "--dir", &pki], None), Answer::Accepted(_)), "certs init");
     let reserve = |subnet: &str, node: &str, ip: &str| {
         b.cli(&["lease", "reserve", "--subnet", subnet, "--node", node, "--public-ip", ip], None)
     };
@@ -366,6 +368,9 @@ fn cli_cases(b: &Bench) -> Vec<Case> {
         case("reserve: subnet outside the network", &["exit 1", "10.250.5.0/24", "not one of the network's subnets"], reserve("10.250.5.0/24", "n1", "198.51.100.1")),
         case("reserve: a subnet leased to another node", &["exit 1", "leased to node holder"], reserve(&b.held, "thief", "198.51.100.99")),
         case("reserve: --node missing", &["exit 2", "--node"], b.cli(&["lease", "reserve", "--subnet", "10.96.5.0/24", "--public-ip", "198.51.100.1"], None)),
+        // Hardening: a certificate name that would take the CA's or another name's files.
+        case("certs issue --name ca", &["exit 1", "\"ca\"", "CA's own name"], b.cli(&["certs", "issue", "--dir", &pki, "--name", "ca"], None)),
+        case("certs issue --name node-a-key", &["exit 1", "node-a-key", "reserved"], b.cli(&["certs", "issue", "--dir", &pki, "--name", "node-a-key"], None)),
         case("revoke: not a CIDR", &["exit 2", "SUBNET", "not-a-subnet"], b.cli(&["lease", "revoke", "not-a-subnet"], None)),
         case("revoke: no such lease", &["exit 1", "10.96.77.0/24", "no lease"], b.cli(&["lease", "revoke", "10.96.77.0/24"], None)),
         case("watch: negative revision", &["exit 2", "--after-revision", "-5"], b.cli(&["watch", "--after-revision", "-5"], None)),
@@ -389,6 +394,10 @@ fn cni_cases(b: &Bench) -> Vec<Case> {
         case("ADD with a 16-byte CNI_IFNAME", &[r#""code":4"#, "CNI_IFNAME", "eth0123456789abc"], b.cni(&[("CNI_IFNAME", "eth0123456789abc")], &good)),
         case("ADD without CNI_NETNS", &[r#""code":4"#, "CNI_NETNS"], b.cni(&[("CNI_NETNS", "")], &good)),
         case("ADD with a CNI_NETNS that does not exist", &[r#""code":3"#, "ovlt-faults-missing"], b.cni(&[], &good)),
+        // Hardening: the plugin's own namespace (the host's, for a runtime) and a file that
+        // is no namespace at all are refused before anything is touched.
+        case("ADD with CNI_NETNS the plugin's own namespace", &[r#""code":4"#, "CNI_NETNS"], b.cni(&[("CNI_NETNS", "/proc/self/ns/net")], &good)),
+        case("ADD with CNI_NETNS a regular file", &[r#""code":4"#, "CNI_NETNS"], b.cni(&[("CNI_NETNS", garbage.to_str().unwrap())], &good)),
         case("ADD with empty stdin", &[r#""code":6"#, "not JSON"], b.cni(&[], b"")),
         case("ADD with stdin not JSON", &[r#""code":6"#, "not JSON"], b.cni(&[], b"{cniVersion: 1.0.0")),
         case("ADD with a JSON array", &[r#""code":7"#, "JSON object"], b.cni(&[], b"[]")),
@@ -427,6 +436,10 @@ fn grpc_cases(b: &Bench) -> Vec<Case> {
         case("acquire: preferred_subnet not a CIDR", &["InvalidArgument", "preferred_subnet", "ten"], b.acquire(|r| r.preferred_subnet = Some("ten".into()))),
         case("acquire: underlay without the public IP", &["InvalidArgument", "underlay 203.0.113.0/24", "198.51.100.30"], b.acquire(|r| r.underlay = Some("203.0.113.0/24".into()))),
         case("acquire: interface name with a slash", &["InvalidArgument", "interface name", "eth/0"], b.acquire(|r| r.iface = Some("eth/0".into()))),
+        // Hardening: fields that would be printed to terminals or routed to nowhere.
+        case("acquire: interface name with an escape sequence", &["InvalidArgument", "interface name", "control characters"], b.acquire(|r| r.iface = Some("e\u{1b}[2J".into()))),
+        case("acquire: public_ip loopback", &["InvalidArgument", "127.0.0.1", "loopback"], b.acquire(|r| r.public_ip = "127.0.0.1".into())),
+        case("acquire: public_ip link-local", &["InvalidArgument", "169.254.1.1", "link-local"], b.acquire(|r| r.public_ip = "169.254.1.1".into())),
         case("acquire: 100 KiB request", &["OutOfRange", "message length too large", "65536"], b.acquire(|r| r.node = "n".repeat(100 * 1024))),
         case("renew: subnet not a CIDR", &["InvalidArgument", "subnet", "garbage"], b.renew("holder", "garbage")),
         case("renew: another node's lease", &["PermissionDenied", "thief", "held by node \"holder\""], b.renew("thief", &b.held)),
@@ -444,6 +457,7 @@ fn grpc_cases(b: &Bench) -> Vec<Case> {
         case("reserve: subnet of the wrong size", &["InvalidArgument", "10.96.5.0/25", "not one of the network's subnets"], b.reserve("10.96.5.0/25", "n1", "198.51.100.1")),
         case("reserve: bad node name", &["InvalidArgument", "node name", "bad node"], b.reserve("10.96.5.0/24", "bad node", "198.51.100.1")),
         case("reserve: public IP inside the overlay", &["InvalidArgument", "10.96.3.3", "inside the overlay"], b.reserve("10.96.5.0/24", "n1", "10.96.3.3")),
+        case("reserve: public IP link-local", &["InvalidArgument", "169.254.7.7", "link-local"], b.reserve("10.96.5.0/24", "n1", "169.254.7.7")),
         case("reserve: a subnet leased to another node", &["FailedPrecondition", "leased to node holder"], b.reserve(&b.held, "thief", "198.51.100.99")),
         case("reserve: a second reservation for a node", &["FailedPrecondition", "pinned", "10.96.200.0/24"], b.reserve("10.96.201.0/24", "pinned", "198.51.100.20")),
         case("revoke: not a CIDR", &["InvalidArgument", "subnet", "nope"], b.revoke("nope")),
