@@ -61,7 +61,9 @@ impl Lab {
         let args = self.agent_args(&h);
         let bin = self.state.bin_dir.join("overlay-agent");
         let role = format!("agent-{host}");
-        let pid = self.spawn(&role, &h.ns, Command::new(&bin).args(&args), &h.agent_log)?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(&args).envs(self.state.agent_env.iter().cloned());
+        let pid = self.spawn(&role, &h.ns, &mut cmd, &h.agent_log)?;
         self.set_agent_pid(host, Some(pid))
     }
 

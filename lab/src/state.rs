@@ -69,6 +69,9 @@ pub struct LabState {
     pub etcd_log: PathBuf,
     pub controller_log: PathBuf,
     pub agent_args: Vec<String>,
+    /// Extra environment of the agents.
+    #[serde(default)]
+    pub agent_env: Vec<(String, String)>,
     pub hosts: Vec<HostState>,
     pub workloads: Vec<WorkloadState>,
 }

@@ -37,12 +37,16 @@ pub struct LabSpec {
     pub subnet_max: Option<String>,
     pub lease_ttl: Option<String>,
     pub direct_routing: bool,
+    /// Agents masquerade traffic leaving the cluster network (`--ip-masq`).
     pub ip_masq: bool,
     pub workloads_per_host: usize,
     /// Processes outlive this process (`overlayctl lab up`) rather than being children.
     pub detach: bool,
     /// Extra agent flags.
     pub agent_args: Vec<String>,
+    /// Extra environment of the agents (e.g. a PATH without iptables); `OVERLAY_*`
+    /// variables are not passed (see `netns::lab_env`): use flags for those.
+    pub agent_env: Vec<(String, String)>,
     /// Extra controller flags (`--name=value`); one the lab also sets replaces the lab's.
     pub controller_args: Vec<String>,
     /// Plaintext gRPC (`--insecure` everywhere) instead of mutual TLS with certificates
@@ -67,6 +71,7 @@ impl LabSpec {
             workloads_per_host: 1,
             detach: false,
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
             controller_args: Vec::new(),
             insecure: false,
         }
@@ -113,7 +118,13 @@ impl Lab {
                 controller_pid: None,
                 etcd_log: spec.dir.join("etcd.log"),
                 controller_log: spec.dir.join("controller.log"),
-                agent_args: spec.agent_args.clone(),
+                agent_args: spec
+                    .ip_masq
+                    .then(|| "--ip-masq".to_string())
+                    .into_iter()
+                    .chain(spec.agent_args.iter().cloned())
+                    .collect(),
+                agent_env: spec.agent_env.clone(),
                 hosts: Vec::new(),
                 workloads: Vec::new(),
             },

@@ -82,6 +82,20 @@ pub struct AgentStatus {
     pub datapath_writes: u64,
     pub last_reconcile: Option<ReconcileReport>,
     pub last_error: Option<String>,
+    pub firewall: FirewallStatus,
+}
+
+/// The firewall part of `/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FirewallStatus {
+    /// `nftables`, `iptables-nft`, `iptables-legacy` or `none`.
+    pub implementation: Option<String>,
+    /// Why it was chosen (`--firewall auto`'s finding, or the flag).
+    pub reason: Option<String>,
+    /// Repairs after the first reconcile: rules someone changed or removed, put back.
+    pub repairs: u64,
+    /// When the last repair happened (RFC 3339).
+    pub last_repair: Option<String>,
 }
 
 pub type SharedStatus = Arc<RwLock<AgentStatus>>;
@@ -144,19 +158,23 @@ impl Agent {
             let mut s = status.write().expect("status");
             s.node = opts.node.clone();
             s.public_ip = Some(host.public_ip.to_string());
+            s.firewall.implementation = Some(effects.firewall.name().to_string());
         }
+        let metrics = Arc::new(AgentMetrics::new());
+        metrics.set_firewall(effects.firewall.name());
         Agent {
             opts,
             host,
             control,
             effects,
             status,
-            metrics: Arc::new(AgentMetrics::new()),
+            metrics,
         }
     }
 
     /// Records metrics into `metrics` (served on `/metrics`).
     pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        metrics.set_firewall(self.effects.firewall.name());
         self.metrics = metrics;
         self
     }
@@ -422,7 +440,18 @@ impl Agent {
             debug!(%subnet, reason = %why, "peer not programmed");
         }
         let failed = report.errors.len();
+        let repaired = report.firewall_changed && !first;
+        if repaired {
+            info!(
+                firewall = self.effects.firewall.name(),
+                "firewall rules had drifted and were put back"
+            );
+        }
         self.set_status(|s| {
+            if repaired {
+                s.firewall.repairs += 1;
+                s.firewall.last_repair = Some(format_rfc3339(SystemTime::now()));
+            }
             s.peers = peers.len();
             s.reconciles += 1;
             s.datapath_writes += report.writes;

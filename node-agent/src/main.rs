@@ -11,13 +11,14 @@ use clap::Parser;
 use overlay_agent::agent::{Agent, AgentOptions, SharedStatus};
 use overlay_agent::backend::HostEffects;
 use overlay_agent::control_plane::grpc::GrpcControlPlane;
+use overlay_agent::firewall::{self, FirewallKind};
 use overlay_agent::health;
 use overlay_agent::metrics::AgentMetrics;
 use overlay_common::connect::Controllers;
 use overlay_common::flags::TlsArgs;
 use overlay_common::tls::Transport;
 use overlay_core::config::parse_duration_in;
-use tracing::error;
+use tracing::{error, info};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -53,6 +54,16 @@ struct Args {
     /// Masquerade traffic from the overlay to outside the cluster network.
     #[arg(long, env = "OVERLAY_IP_MASQ")]
     ip_masq: bool,
+    /// How to install the FORWARD and masquerade rules: auto (what the host already
+    /// uses), nftables, iptables-nft, iptables-legacy, iptables (whatever `iptables` is)
+    /// or none.
+    #[arg(long, env = "OVERLAY_FIREWALL", default_value = "auto")]
+    firewall: FirewallKind,
+    /// Remove the firewall rules agents made (with --firewall auto: from nftables,
+    /// iptables-nft and iptables-legacy alike) and exit. The lease, devices, routes and
+    /// files stay (see "Decommission a node" in docs/operations.md).
+    #[arg(long)]
+    cleanup: bool,
     /// Health endpoint (/healthz, /readyz, /status, /metrics); "off" disables it.
     #[arg(long, env = "OVERLAY_HEALTH_LISTEN", default_value = "127.0.0.1:7402")]
     health_listen: String,
@@ -83,6 +94,23 @@ struct Args {
     tls: TlsArgs,
 }
 
+/// `--cleanup`: removes the agents' firewall rules, says what it removed, and fails if any
+/// removal failed.
+fn cleanup(kind: FirewallKind, path: &std::ffi::OsString) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for (name, result) in firewall::cleanup(kind, path) {
+        match result {
+            Ok(true) => info!(firewall = %name, "removed Overlay's rules"),
+            Ok(false) => info!(firewall = %name, "no Overlay rules found"),
+            Err(e) => failed.push(format!("{name}: {e}")),
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("--cleanup: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -98,6 +126,10 @@ fn main() -> std::process::ExitCode {
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     overlay_common::daemon::init_logging(&args.log_format);
+    let path = firewall::search_path();
+    if args.cleanup {
+        return cleanup(args.firewall, &path);
+    }
     // TLS with all three files, or plaintext only when asked for with --insecure.
     let transport = args.tls.transport()?;
     let node = match (&args.node_name, &transport) {
@@ -133,7 +165,10 @@ async fn run() -> anyhow::Result<()> {
         });
     }
     let host = overlay_agent::hostnet::detect(args.public_ip, args.iface.as_deref())?;
-    let effects = HostEffects::kernel().context("netlink")?;
+    let chosen = firewall::select(args.firewall, &path).context("--firewall")?;
+    info!(firewall = chosen.firewall.name(), reason = %chosen.reason, "firewall chosen");
+    status.write().expect("status").firewall.reason = Some(chosen.reason);
+    let effects = HostEffects::kernel(chosen.firewall).context("netlink")?;
     let opts = AgentOptions {
         node,
         run_dir: args.run_dir,

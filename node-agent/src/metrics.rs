@@ -18,6 +18,11 @@ pub struct Kind {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Implementation {
+    pub implementation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
     pub result: String,
 }
@@ -32,6 +37,8 @@ pub struct AgentMetrics {
     pub netlink_ops: Family<Outcome, Counter>,
     pub renewals: Family<Outcome, Counter>,
     pub skipped_peers: Gauge,
+    pub firewall_repairs: Counter,
+    pub firewall: Family<Implementation, Gauge>,
     seconds_since_renewal: Gauge<f64, std::sync::atomic::AtomicU64>,
     last_renewal: Mutex<Option<Instant>>,
 }
@@ -89,6 +96,18 @@ impl AgentMetrics {
             "Peers that could not be programmed (see /status for why)",
             skipped_peers.clone(),
         );
+        let firewall_repairs = Counter::default();
+        r.register(
+            "firewall_repairs",
+            "Times the firewall rules had drifted (changed or removed by someone else) and were put back, after the first reconcile",
+            firewall_repairs.clone(),
+        );
+        let firewall = Family::<Implementation, Gauge>::default();
+        r.register(
+            "firewall_info",
+            "The firewall implementation in use (1 for the one in use)",
+            firewall.clone(),
+        );
         let seconds_since_renewal = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         r.register(
             "seconds_since_last_renewal",
@@ -105,6 +124,8 @@ impl AgentMetrics {
             netlink_ops,
             renewals,
             skipped_peers,
+            firewall_repairs,
+            firewall,
             seconds_since_renewal,
             last_renewal: Mutex::new(None),
         }
@@ -165,6 +186,9 @@ impl AgentMetrics {
             .inc_by(failed);
         if !first {
             self.drift_repaired.inc_by(ops.saturating_sub(failed));
+            if report.firewall_changed {
+                self.firewall_repairs.inc();
+            }
         }
         for kind in ["vxlan", "host-gw", "direct"] {
             let n = report
@@ -187,6 +211,15 @@ impl AgentMetrics {
             .get_or_create(&Kind { kind: "fdb".into() })
             .set(report.fdb as i64);
         self.skipped_peers.set(report.skipped.len() as i64);
+    }
+
+    /// Records which firewall implementation the agent uses.
+    pub fn set_firewall(&self, implementation: &str) {
+        self.firewall
+            .get_or_create(&Implementation {
+                implementation: implementation.into(),
+            })
+            .set(1);
     }
 
     pub fn encode(&self) -> String {

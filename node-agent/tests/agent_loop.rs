@@ -358,3 +358,22 @@ async fn a_restart_into_an_unchanged_world_writes_nothing() {
     assert_eq!(status.datapath_writes, 0);
     second.stop().await.unwrap();
 }
+
+/// Rules the firewall had to put back after the first reconcile are repairs: counted on
+/// `/status` (with when) and in the metrics; the first install is not one.
+#[tokio::test]
+async fn firewall_repairs_are_reported() {
+    let control = FakeControlPlane::new(config(1));
+    let h = Host::new(control.clone());
+    let agent = h.start(Duration::from_millis(100));
+    eventually("ready", || agent.ready()).await;
+    let firewall = || agent.status.read().unwrap().firewall.clone();
+    assert_eq!(firewall().implementation.as_deref(), Some("fake"));
+    assert_eq!(firewall().repairs, 0, "the first install is no repair");
+    assert!(firewall().last_repair.is_none());
+
+    h.firewall.drift();
+    eventually("a repair", || firewall().repairs == 1).await;
+    assert!(firewall().last_repair.is_some());
+    agent.stop().await.unwrap();
+}

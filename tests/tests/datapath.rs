@@ -347,6 +347,8 @@ fn ip_masq_masquerades_only_traffic_leaving_the_cluster() {
     let Some((lab, _d2)) = lab("ip_masq_on", "vxlan", |s| {
         s.hosts = 2;
         s.agent_args.push("--ip-masq".into());
+        // The listing below uses the `iptables` command: the agent uses the same.
+        s.agent_args.push("--firewall=iptables".into());
     }) else {
         return;
     };

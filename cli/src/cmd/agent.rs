@@ -1,5 +1,6 @@
 //! `overlayctl agent status [--agent URL]`: what one agent has programmed against what it
-//! should have, from the agent's own health endpoint (`/status`).
+//! should have, and which firewall it uses and when it last repaired it, from the agent's
+//! own health endpoint (`/status`).
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
@@ -84,6 +85,13 @@ pub fn render(status: &Value, format: Format) -> String {
     ] {
         t.row([key.replace('_', " "), text(&status[key])]);
     }
+    let fw = &status["firewall"];
+    if !fw.is_null() {
+        t.row(["firewall".to_string(), text(&fw["implementation"])]);
+        t.row(["firewall reason".to_string(), text(&fw["reason"])]);
+        t.row(["firewall repairs".to_string(), text(&fw["repairs"])]);
+        t.row(["firewall last repair".to_string(), text(&fw["last_repair"])]);
+    }
     let r = &status["last_reconcile"];
     if !r.is_null() {
         t.row(["entries desired".to_string(), text(&r["desired"])]);
@@ -141,9 +149,29 @@ mod tests {
             out.contains("drift repaired") && out.contains("add route 10.244.8.0/24"),
             "{out}"
         );
+        assert!(!out.contains("firewall"), "{out}");
         assert!(
             out.contains("10.244.9.0/24: not directly reachable"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn renders_the_firewall() {
+        let s: Value = serde_json::json!({
+            "node": "h1",
+            "firewall": {"implementation": "nftables", "reason": "auto: only nft is installed",
+                "repairs": 2, "last_repair": "2026-12-04T16:00:00Z"}
+        });
+        let out = render(&s, Format::Table);
+        for want in [
+            "firewall",
+            "nftables",
+            "auto: only nft is installed",
+            "firewall repairs",
+            "2026-12-04T16:00:00Z",
+        ] {
+            assert!(out.contains(want), "{want}: {out}");
+        }
     }
 }

@@ -82,8 +82,9 @@ impl Forwarding {
         }
     }
 
-    /// Host-level state: forwarding on, the bridge with the gateway address, firewall.
-    async fn ensure_host(&self, own: &Lease) -> Result<(), BackendError> {
+    /// Host-level state: forwarding on, the bridge with the gateway address, firewall;
+    /// whether the firewall rules had to be written.
+    async fn ensure_host(&self, own: &Lease) -> Result<bool, BackendError> {
         if let Some(bridge) = &self.bridge {
             self.datapath
                 .ensure_bridge(bridge, self.bridge_mac, self.mtu)
@@ -107,9 +108,9 @@ impl Forwarding {
             .map_err(|e| self.err("firewall task", e))?
             .map_err(|e| self.err("firewall rules", e))?;
         if wrote {
-            info!(network = %rules.network, ip_masq = rules.masquerade, "firewall rules installed");
+            info!(firewall = self.firewall.name(), network = %rules.network, ip_masq = rules.masquerade, "firewall rules written");
         }
-        Ok(())
+        Ok(wrote)
     }
 
     /// Brings per-peer entries to the plan for `own` and `peers`. `report.writes` counts
@@ -120,7 +121,7 @@ impl Forwarding {
         peers: &[Lease],
         before: u64,
     ) -> Result<ReconcileReport, BackendError> {
-        self.ensure_host(own).await?;
+        let firewall_changed = self.ensure_host(own).await?;
         let desired = plan(&self.config, own, peers, &self.host);
         let observed: KernelEntries = self
             .datapath
@@ -155,6 +156,7 @@ impl Forwarding {
                 .map(|(op, e)| format!("{op}: {e}"))
                 .collect(),
             routes: entries.routes.into_values().collect(),
+            firewall_changed,
         })
     }
 

@@ -16,7 +16,7 @@ use overlay_core::BackendType;
 use serde::Serialize;
 
 use crate::datapath::{Datapath, Netlink, NetlinkError};
-use crate::firewall::{Firewall, Iptables};
+use crate::firewall::Firewall;
 use crate::hostnet::HostInfo;
 use crate::sysctl::{ProcSysctl, Sysctl};
 
@@ -50,12 +50,13 @@ pub struct HostEffects {
 }
 
 impl HostEffects {
-    /// This host's kernel (netlink in the calling thread's network namespace), `iptables`
-    /// and `/proc/sys`. Needs a tokio runtime.
-    pub fn kernel() -> Result<Self, NetlinkError> {
+    /// This host's kernel (netlink in the calling thread's network namespace), the
+    /// `firewall` chosen for it (`crate::firewall::select`) and `/proc/sys`. Needs a tokio
+    /// runtime.
+    pub fn kernel(firewall: Arc<dyn Firewall>) -> Result<Self, NetlinkError> {
         Ok(HostEffects {
             datapath: Arc::new(Netlink::connect()?),
-            firewall: Arc::new(Iptables),
+            firewall,
             sysctl: Arc::new(ProcSysctl),
         })
     }
@@ -87,6 +88,8 @@ pub struct ReconcileReport {
     /// Peers that could not be programmed, with the reason.
     pub skipped: Vec<(String, String)>,
     pub errors: Vec<String>,
+    /// Whether the firewall rules had to be (re)written.
+    pub firewall_changed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
