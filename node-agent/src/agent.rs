@@ -17,7 +17,7 @@
 //! (subnet.env, the conflist, systemd) are [`Readiness`]'s job.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use overlay_core::backoff::Backoff;
@@ -25,17 +25,17 @@ use overlay_core::config::NetworkConfig;
 use overlay_core::lease::{format_rfc3339, BackendData};
 use overlay_core::subnet_env::SubnetEnv;
 use overlay_core::watch::LeaseCache;
-use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::{sleep, Instant};
 use tracing::{debug, info, warn};
 
-use crate::backend::{self, Backend, BackendContext, HostEffects, ReconcileReport};
+use crate::backend::{self, Backend, BackendContext, HostEffects};
 use crate::control_plane::{ControlPlane, ControlPlaneError, Granted, LeaseRequest, PeerUpdate};
 use crate::files::{AgentState, SUBNET_ENV};
 use crate::hostnet::HostInfo;
 use crate::metrics::AgentMetrics;
 use crate::readiness::{self, Readiness};
+pub use crate::status::{AgentStatus, FirewallStatus, SharedStatus};
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -62,43 +62,6 @@ pub enum AgentError {
     #[error("the network config changed ({0}); exiting so the agent restarts with it")]
     ConfigChanged(String),
 }
-
-/// What `/status` reports.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct AgentStatus {
-    pub node: String,
-    pub ready: bool,
-    pub backend: Option<String>,
-    pub public_ip: Option<String>,
-    pub subnet: Option<String>,
-    pub mtu: Option<u32>,
-    pub lease_expires_at: Option<String>,
-    pub last_renewal: Option<String>,
-    pub peers: usize,
-    pub watch_revision: i64,
-    pub reconciles: u64,
-    /// Datapath writes issued since the agent started (0 after a restart into an
-    /// unchanged world).
-    pub datapath_writes: u64,
-    pub last_reconcile: Option<ReconcileReport>,
-    pub last_error: Option<String>,
-    pub firewall: FirewallStatus,
-}
-
-/// The firewall part of `/status`.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct FirewallStatus {
-    /// `nftables`, `iptables-nft`, `iptables-legacy` or `none`.
-    pub implementation: Option<String>,
-    /// Why it was chosen (`--firewall auto`'s finding, or the flag).
-    pub reason: Option<String>,
-    /// Repairs after the first reconcile: rules someone changed or removed, put back.
-    pub repairs: u64,
-    /// When the last repair happened (RFC 3339).
-    pub last_repair: Option<String>,
-}
-
-pub type SharedStatus = Arc<RwLock<AgentStatus>>;
 
 /// The peers as last seen from the control plane's watch.
 struct PeerView {

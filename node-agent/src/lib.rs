@@ -12,4 +12,5 @@ pub mod health;
 pub mod hostnet;
 pub mod metrics;
 pub mod readiness;
+pub mod status;
 pub mod sysctl;
