@@ -59,3 +59,20 @@ pub fn exit_code<E: std::fmt::Display>(
         }
     }
 }
+
+/// A listen flag that may be "off" (`--health-listen`): an address, or nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenOrOff(pub Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for ListenOrOff {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(ListenOrOff(None));
+        }
+        s.parse()
+            .map(|a| ListenOrOff(Some(a)))
+            .map_err(|_| format!("{s:?} is not an address:port or \"off\""))
+    }
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use overlay_common::daemon::ListenOrOff;
 use overlay_common::flags::TlsArgs;
 use overlay_common::tls::Transport;
 use overlay_controller::election;
@@ -107,8 +108,8 @@ struct Args {
     #[arg(long, env = "OVERLAY_LISTEN", default_value = "0.0.0.0:7400")]
     listen: SocketAddr,
     /// Health endpoint (/healthz, /readyz, /metrics); "off" disables it.
-    #[arg(long, env = "OVERLAY_HEALTH_LISTEN", default_value = "127.0.0.1:7401")]
-    health_listen: String,
+    #[arg(long, env = "OVERLAY_HEALTH_LISTEN", default_value = "127.0.0.1:7401", value_parser = clap::value_parser!(ListenOrOff))]
+    health_listen: ListenOrOff,
     /// Once listening, write the bound addresses here (`grpc=ADDR`, `health=ADDR`): what
     /// port 0 in --listen or --health-listen became.
     #[arg(long, env = "OVERLAY_ADDR_FILE")]
@@ -332,12 +333,7 @@ fn main() -> std::process::ExitCode {
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     overlay_common::daemon::init_logging(&args.log_format);
-    let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
-        "off" => None,
-        a => Some(a.parse().with_context(|| {
-            format!("--health-listen: {a:?} is not an address:port or \"off\"")
-        })?),
-    };
+    let health_addr = args.health_listen.0;
     let transport = args.tls.transport()?;
     let tls_acceptor = match &transport {
         Transport::Tls(files) => Some(tokio_rustls::TlsAcceptor::from(

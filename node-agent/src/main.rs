@@ -1,7 +1,7 @@
 //! overlay-agent binary: flags (each with an OVERLAY_* environment variable), logging,
 //! signals, and the health endpoint around [`overlay_agent::agent::Agent`].
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use overlay_agent::firewall::{self, FirewallKind};
 use overlay_agent::health;
 use overlay_agent::metrics::AgentMetrics;
 use overlay_common::connect::Controllers;
+use overlay_common::daemon::ListenOrOff;
 use overlay_common::flags::TlsArgs;
 use overlay_common::tls::Transport;
 use overlay_core::config::parse_duration_in;
@@ -65,8 +66,8 @@ struct Args {
     #[arg(long)]
     cleanup: bool,
     /// Health endpoint (/healthz, /readyz, /status, /metrics); "off" disables it.
-    #[arg(long, env = "OVERLAY_HEALTH_LISTEN", default_value = "127.0.0.1:7402")]
-    health_listen: String,
+    #[arg(long, env = "OVERLAY_HEALTH_LISTEN", default_value = "127.0.0.1:7402", value_parser = clap::value_parser!(ListenOrOff))]
+    health_listen: ListenOrOff,
     /// Once listening, write the health endpoint's bound address here (`health=ADDR`): what
     /// port 0 in --health-listen became.
     #[arg(long, env = "OVERLAY_ADDR_FILE")]
@@ -141,12 +142,7 @@ async fn run() -> anyhow::Result<()> {
     overlay_core::lease::validate_node_name(&node).context("--node-name")?;
     let controllers =
         Controllers::with_transport(&args.controller, &transport).context("--controller")?;
-    let health_addr: Option<SocketAddr> = match args.health_listen.as_str() {
-        "off" => None,
-        a => Some(a.parse().with_context(|| {
-            format!("--health-listen: {a:?} is not an address:port or \"off\"")
-        })?),
-    };
+    let health_addr = args.health_listen.0;
     let status = SharedStatus::default();
     let metrics = Arc::new(AgentMetrics::new());
     if let Some(addr) = health_addr {

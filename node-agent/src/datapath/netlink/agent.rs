@@ -528,15 +528,7 @@ fn parse_route(
     {
         return None;
     }
-    let table = msg
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(h.table as u32);
-    if table != RouteHeader::RT_TABLE_MAIN as u32 {
+    if !in_main_table(msg) {
         return None;
     }
     let mut dst = Ipv4Addr::UNSPECIFIED;

@@ -290,15 +290,7 @@ impl Netlink {
             if h.address_family != AddressFamily::Inet || h.kind != RouteType::Unicast {
                 continue;
             }
-            let table = msg
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RouteAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(h.table as u32);
-            if table != RouteHeader::RT_TABLE_MAIN as u32 {
+            if !in_main_table(msg) {
                 continue;
             }
             let mut dst = Ipv4Addr::UNSPECIFIED;

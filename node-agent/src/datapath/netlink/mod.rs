@@ -203,6 +203,20 @@ impl Netlink {
     }
 }
 
+/// Whether a route message is of the main table (the table attribute, for tables above
+/// 255, wins over the header's byte).
+fn in_main_table(msg: &RouteMessage) -> bool {
+    let table = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(msg.header.table as u32);
+    table == RouteHeader::RT_TABLE_MAIN as u32
+}
+
 fn parse_link(msg: &LinkMessage) -> LinkInfo {
     let mut info = LinkInfo {
         index: msg.header.index,
