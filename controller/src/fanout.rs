@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::leases::LeaseManager;
 use crate::metrics::Metrics;
-use crate::store::StoreError;
+use crate::store::{StoreError, StoreEvent, WatchBatch};
 use crate::view::{Applied, IgnoreReason, Ignored, Interpretation, LeaseView};
 
 /// Events kept for clients that fall behind before they are resynced with a snapshot.
@@ -140,8 +140,8 @@ impl Fanout {
     }
 
     /// Feeds the cache from the store until the process ends: list, watch from the next
-    /// revision, and on compaction or a broken watch list again (sending clients only
-    /// the difference).
+    /// revision, resume a broken watch after the last revision applied, and on compaction
+    /// list again (sending clients only the difference).
     pub async fn run(self: Arc<Self>, manager: Arc<LeaseManager>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         // Kept across relists, so that a config that turned unreadable meanwhile does not
@@ -210,48 +210,89 @@ impl Fanout {
         self.synced.store(true, Ordering::Relaxed);
         info!(revision, changes = events.len(), "lease cache synced");
 
-        let mut watch = store.watch(&root, revision + 1).await?;
-        while let Some(batch) = watch.next().await {
-            let batch = match batch {
-                Ok(b) => b,
-                Err(StoreError::Compacted {
-                    compact_revision, ..
-                }) => {
-                    info!(compact_revision, "lease watch compacted; relisting");
+        // A watch that breaks (etcd unreachable, the member it was on gone) resumes after
+        // the last revision applied, so every change still reaches clients as its own
+        // event at its own revision; only a compaction makes a relist (a difference) needed.
+        let mut resume_at = revision + 1;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let broke = match store.watch(&root, resume_at).await {
+                Err(e) => e,
+                Ok(mut watch) => loop {
+                    let batch = match watch.next().await {
+                        Some(Ok(b)) => b,
+                        Some(Err(StoreError::Compacted {
+                            compact_revision, ..
+                        })) => {
+                            info!(compact_revision, "lease watch compacted; relisting");
+                            return Ok(());
+                        }
+                        Some(Err(e)) => break e,
+                        None => break StoreError::Unavailable("the lease watch ended".into()),
+                    };
+                    // etcd sends a watch's events in revision order, and a batch without
+                    // events (progress) only once every earlier one was sent.
+                    resume_at = batch
+                        .events
+                        .iter()
+                        .map(StoreEvent::revision)
+                        .max()
+                        .unwrap_or(batch.revision)
+                        .max(resume_at - 1)
+                        + 1;
+                    backoff = Duration::from_millis(100);
+                    self.apply_batch(view, batch);
+                },
+            };
+            warn!(error = %broke, resume_at, retry_in = ?backoff, "lease watch interrupted; resuming");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            // An etcd restored from a snapshot meanwhile is behind what was applied: a
+            // watch from `resume_at` would wait for revisions it has yet to reach, so list.
+            match store.list(&manager.keys().config()).await {
+                Ok((_, now)) if now < resume_at - 1 => {
+                    info!(
+                        revision = now,
+                        resume_at, "etcd is behind the lease watch (restored?); relisting"
+                    );
                     return Ok(());
                 }
-                Err(e) => return Err(e),
-            };
-            let mut cache = self.cache.write().expect("cache lock");
-            let mut events = Vec::new();
-            // Interpreted again once per revision that touches a lease key or the config,
-            // so every event carries the revision that caused it.
-            for group in batch.events.chunk_by(|a, b| a.revision() == b.revision()) {
-                let mut changed = false;
-                for ev in group {
-                    match view.apply(ev) {
-                        Applied::Unrelated => {}
-                        Applied::Changed => changed = true,
-                        Applied::BadConfig(e) => {
-                            warn!(error = %e, "the stored network config is unreadable; the last readable one stays in force")
-                        }
+                // Unreachable still: the watch fails the same way, and this runs again.
+                Ok(_) | Err(_) => {}
+            }
+        }
+    }
+
+    /// Applies one watch batch to the view and the cache, and broadcasts what changed.
+    fn apply_batch(&self, view: &mut LeaseView, batch: WatchBatch) {
+        let mut cache = self.cache.write().expect("cache lock");
+        let mut events = Vec::new();
+        // Interpreted again once per revision that touches a lease key or the config,
+        // so every event carries the revision that caused it.
+        for group in batch.events.chunk_by(|a, b| a.revision() == b.revision()) {
+            let mut changed = false;
+            for ev in group {
+                match view.apply(ev) {
+                    Applied::Unrelated => {}
+                    Applied::Changed => changed = true,
+                    Applied::BadConfig(e) => {
+                        warn!(error = %e, "the stored network config is unreadable; the last readable one stays in force")
                     }
                 }
-                if changed {
-                    let interpretation = view.interpret();
-                    events.extend(follow(&mut cache, &interpretation, group[0].revision()));
-                    self.report(interpretation.ignored);
-                }
             }
-            cache.advance(batch.revision);
-            self.broadcast(&events);
-            debug!(
-                revision = batch.revision,
-                events = events.len(),
-                "lease events fanned out"
-            );
+            if changed {
+                let interpretation = view.interpret();
+                events.extend(follow(&mut cache, &interpretation, group[0].revision()));
+                self.report(interpretation.ignored);
+            }
         }
-        Err(StoreError::Unavailable("the lease watch ended".into()))
+        cache.advance(batch.revision);
+        self.broadcast(&events);
+        debug!(
+            revision = batch.revision,
+            events = events.len(),
+            "lease events fanned out"
+        );
     }
 
     /// A client's stream: a snapshot (or a replay when resuming after `after_revision`),

@@ -45,7 +45,7 @@ use overlay_proto::v1::agent_client::AgentClient;
 use overlay_proto::v1::watch_leases_response::Kind;
 use overlay_proto::v1::{self, EventType};
 use overlay_tests::cluster::Controller;
-use overlay_tests::Etcd;
+use overlay_tests::{Etcd, EtcdCluster};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
@@ -823,16 +823,36 @@ fn main() {
     let settings = Settings::from_env();
     // Sockets per process: N clients here (twice, briefly), N on the controller, N on etcd.
     let fd_limit = raise_fd_limit((4 * settings.agents as u64 + 1024).max(65_536));
-    let Some(etcd) = Etcd::start_or_skip("control_plane bench") else {
+    // OVERLAY_BENCH_ETCD_MEMBERS=3: a 3-member etcd cluster, all three given to the
+    // controller; the bench's own etcd clients (writer, direct watchers, RSS) use member 0.
+    let members = std::env::var("OVERLAY_BENCH_ETCD_MEMBERS").unwrap_or_else(|_| "1".into());
+    assert!(
+        members == "1" || members == "3",
+        "OVERLAY_BENCH_ETCD_MEMBERS is 1 or 3"
+    );
+    let (cluster, single) = match members.as_str() {
+        "3" => (EtcdCluster::start_or_skip("control_plane bench"), None),
+        _ => (None, Etcd::start_or_skip("control_plane bench")),
+    };
+    let Some(etcd) = cluster.as_ref().map(|c| &c.members[0]).or(single.as_ref()) else {
         return;
     };
+    let endpoints = cluster
+        .as_ref()
+        .map_or(etcd.endpoint.clone(), |c| c.endpoints());
     let dir = tempfile::tempdir().expect("temp dir");
-    let controller = Controller::start(&etcd, PREFIX, dir.path(), "controller");
+    let controller = Controller::start_on(
+        &endpoints,
+        PREFIX,
+        dir.path(),
+        "controller",
+        &["--insecure".into()],
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let report = runtime.block_on(run(settings, fd_limit, &etcd, &controller));
+    let report = runtime.block_on(run(settings, fd_limit, etcd, &controller));
     // Clients first, so the servers see orderly closes rather than resets.
     runtime.shutdown_timeout(Duration::from_secs(5));
     for (phase, errors) in [

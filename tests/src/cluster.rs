@@ -51,7 +51,19 @@ impl Controller {
         name: &str,
         extra: &[String],
     ) -> Controller {
-        Self::launch(etcd, prefix, dir, name, extra, None)
+        Self::launch(&etcd.endpoint, prefix, dir, name, extra, None)
+    }
+
+    /// [`Controller::start_with`] on `endpoints`, a comma list (e.g.
+    /// [`crate::EtcdCluster::endpoints`]).
+    pub fn start_on(
+        endpoints: &str,
+        prefix: &str,
+        dir: &Path,
+        name: &str,
+        extra: &[String],
+    ) -> Controller {
+        Self::launch(endpoints, prefix, dir, name, extra, None)
     }
 
     /// [`Controller::start_with`] in a process whose open-file limit (RLIMIT_NOFILE, soft
@@ -64,11 +76,11 @@ impl Controller {
         extra: &[String],
         nofile: u64,
     ) -> Controller {
-        Self::launch(etcd, prefix, dir, name, extra, Some(nofile))
+        Self::launch(&etcd.endpoint, prefix, dir, name, extra, Some(nofile))
     }
 
     fn launch(
-        etcd: &Etcd,
+        endpoints: &str,
         prefix: &str,
         dir: &Path,
         name: &str,
@@ -80,7 +92,7 @@ impl Controller {
         let port = next_port();
         let health_port = next_port();
         let mut args = vec![
-            format!("--etcd-endpoints={}", etcd.endpoint),
+            format!("--etcd-endpoints={endpoints}"),
             format!("--etcd-prefix={prefix}"),
             format!("--listen={}", loopback_addr(port)),
             format!("--health-listen={}", loopback_addr(health_port)),

@@ -11,7 +11,7 @@ pub mod etcd;
 pub mod labs;
 pub mod proc;
 
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdCluster};
 pub use proc::{bin_path, loopback, loopback_addr, next_port, read_addr_file, wait_until, Child};
 
 /// Whether missing prerequisites must fail tests instead of skipping them.

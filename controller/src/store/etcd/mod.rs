@@ -3,6 +3,7 @@
 //! Layout: this file holds the store itself (connecting, the [`Store`] methods);
 //! `options.rs` the TLS and authentication options and their checks, `errors.rs` how etcd's
 //! and the transport's failures become [`StoreError`]s (and the TLS handshake probe),
+//! `members.rs` the members' health checks and the retry of requests never sent,
 //! `watch.rs` what each watch response means for the stream.
 //!
 //! Design notes:
@@ -11,6 +12,20 @@
 //!   and etcd-client's balanced channel parks a request while no endpoint is reachable, so
 //!   without the outer deadline a down etcd would hang callers instead of returning
 //!   [`StoreError::Unavailable`].
+//! - With several endpoints (an etcd cluster), a request that fails before it was sent (a
+//!   connect error) is sent again, within the same deadline: etcd-client's balanced channel
+//!   keeps a dead member in its pick (tonic's reconnecting service reports itself ready and
+//!   fails the call with its connect error), so without this a member that is down would
+//!   fail a share of all requests while the others answer. Nothing was sent, so any
+//!   request, a transaction included, may go again; each try picks an endpoint anew.
+//!   Requests already sent are never repeated: their outcome is unknown.
+//! - With several endpoints, each member is also asked for its status every second on a
+//!   connection of its own ([`member_health`]), and a member that does not answer within a
+//!   second is taken out of the balanced channel until it answers again (never the last
+//!   one). Without that, a member that is alive to TCP but stuck (a stalled disk, a
+//!   frozen process, a partition that leaves connections open) would hold a third of all
+//!   requests until their deadline, since tonic's balancer picks endpoints without
+//!   regard to requests pending on them.
 //! - [`EtcdStore::connect`] does not wait for etcd: the channel connects lazily, so the
 //!   controller can start before etcd and report "not ready" through [`Store::ping`].
 //! - HTTP/2 keepalive pings run only while a stream (watch) is open: etcd's default
@@ -60,7 +75,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use tonic::Code;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{
     Condition, KeyValue, LeaseId, LeaseInfo, Store, StoreError, StoreEvent, TxnWrite, WatchBatch,
@@ -68,10 +83,12 @@ use super::{
 };
 
 mod errors;
+mod members;
 mod options;
 mod watch;
 
 use errors::*;
+use members::*;
 pub use options::EtcdOptions;
 use options::*;
 use watch::*;
@@ -91,6 +108,10 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
+    /// How many times a request that was never sent is tried (see the module notes).
+    tries: usize,
+    /// Dropped with the last clone, which ends the [`member_health`] task.
+    _alive: Arc<()>,
 }
 
 impl EtcdStore {
@@ -148,7 +169,41 @@ impl EtcdStore {
                 other => other?,
             },
         };
-        Ok(EtcdStore { client })
+        let alive = Arc::new(());
+        if endpoints.len() > 1 {
+            let mut probes = Vec::new();
+            for endpoint in endpoints {
+                let mut options = ConnectOptions::new()
+                    .with_connect_timeout(MEMBER_PROBE_TIMEOUT)
+                    .with_timeout(MEMBER_PROBE_TIMEOUT);
+                if let Some(tls) = &tls {
+                    options = options.with_tls(tls.clone());
+                }
+                let probe = within(
+                    CONNECT_TIMEOUT,
+                    "connect",
+                    Client::connect([endpoint], Some(options)),
+                )
+                .await?;
+                // As etcd-client names it in the balanced channel (scheme included).
+                let url = match (endpoint.contains("://"), &tls) {
+                    (true, _) => endpoint.clone(),
+                    (false, Some(_)) => format!("https://{endpoint}"),
+                    (false, None) => format!("http://{endpoint}"),
+                };
+                probes.push((url, probe));
+            }
+            tokio::spawn(member_health(
+                client.clone(),
+                probes,
+                Arc::downgrade(&alive),
+            ));
+        }
+        Ok(EtcdStore {
+            client,
+            tries: unsent_tries(endpoints.len()),
+            _alive: alive,
+        })
     }
 
     /// Makes one TLS handshake with every https endpoint, as the client would, and returns
@@ -244,26 +299,33 @@ impl EtcdStore {
         lease: Option<LeaseId>,
     ) -> Result<etcd_client::TxnResponse, StoreError> {
         let txn = Txn::new().when([compare]).and_then([then]);
-        let mut kv = self.client.kv_client();
-        within_lease(REQUEST_TIMEOUT, "txn", lease, kv.txn(txn)).await
+        let kv = self.client.kv_client();
+        request(self.tries, REQUEST_TIMEOUT, "txn", lease, || {
+            let (mut kv, txn) = (kv.clone(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
     }
 }
 
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = within(REQUEST_TIMEOUT, "get", kv.get(key, None)).await?;
+        let kv = self.client.kv_client();
+        let resp = request(self.tries, REQUEST_TIMEOUT, "get", None, || {
+            let mut kv = kv.clone();
+            async move { kv.get(key, None).await }
+        })
+        .await?;
         Ok(resp.kvs().first().map(key_value))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = within(
-            REQUEST_TIMEOUT,
-            "list",
-            kv.get(prefix, Some(GetOptions::new().with_prefix())),
-        )
+        let kv = self.client.kv_client();
+        let resp = request(self.tries, REQUEST_TIMEOUT, "list", None, || {
+            let mut kv = kv.clone();
+            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
         .await?;
         let revision = header_revision(resp.header())?;
         // etcd returns a range sorted by key already.
@@ -271,8 +333,12 @@ impl Store for EtcdStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64, StoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = within(REQUEST_TIMEOUT, "put", kv.put(key, value, None)).await?;
+        let kv = self.client.kv_client();
+        let resp = request(self.tries, REQUEST_TIMEOUT, "put", None, || {
+            let (mut kv, value) = (kv.clone(), value.clone());
+            async move { kv.put(key, value, None).await }
+        })
+        .await?;
         header_revision(resp.header())
     }
 
@@ -317,8 +383,12 @@ impl Store for EtcdStore {
         expected_mod_revision: Option<i64>,
     ) -> Result<Written, StoreError> {
         let Some(expected) = expected_mod_revision else {
-            let mut kv = self.client.kv_client();
-            let resp = within(REQUEST_TIMEOUT, "delete", kv.delete(key, None)).await?;
+            let kv = self.client.kv_client();
+            let resp = request(self.tries, REQUEST_TIMEOUT, "delete", None, || {
+                let mut kv = kv.clone();
+                async move { kv.delete(key, None).await }
+            })
+            .await?;
             if resp.deleted() == 0 {
                 return Ok(Written::Conflict);
             }
@@ -373,8 +443,12 @@ impl Store for EtcdStore {
             })
             .collect();
         let txn = Txn::new().when(compares).and_then(ops);
-        let mut kv = self.client.kv_client();
-        let resp = within_lease(REQUEST_TIMEOUT, "txn", lease, kv.txn(txn)).await?;
+        let kv = self.client.kv_client();
+        let resp = request(self.tries, REQUEST_TIMEOUT, "txn", lease, || {
+            let (mut kv, txn) = (kv.clone(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await?;
         if !resp.succeeded() {
             return Ok(Written::Conflict);
         }
@@ -382,12 +456,11 @@ impl Store for EtcdStore {
     }
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        let mut leases = self.client.lease_client();
-        let resp = within(
-            REQUEST_TIMEOUT,
-            "lease grant",
-            leases.grant(ttl_seconds(ttl), None),
-        )
+        let leases = self.client.lease_client();
+        let resp = request(self.tries, REQUEST_TIMEOUT, "lease grant", None, || {
+            let mut leases = leases.clone();
+            async move { leases.grant(ttl_seconds(ttl), None).await }
+        })
         .await?;
         if !resp.error().is_empty() {
             return Err(StoreError::Other(format!(
@@ -399,16 +472,15 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        let mut leases = self.client.lease_client();
+        let leases = self.client.lease_client();
         let id = Some(lease);
         // Sends the first keepalive and fails with "lease not found" when its TTL is 0.
-        let (mut keeper, mut responses) = within_lease(
-            REQUEST_TIMEOUT,
-            "lease keepalive",
-            id,
-            leases.keep_alive(lease),
-        )
-        .await?;
+        let (mut keeper, mut responses) =
+            request(self.tries, REQUEST_TIMEOUT, "lease keepalive", id, || {
+                let mut leases = leases.clone();
+                async move { leases.keep_alive(lease).await }
+            })
+            .await?;
         within_lease(REQUEST_TIMEOUT, "lease keepalive", id, keeper.keep_alive()).await?;
         match within_lease(REQUEST_TIMEOUT, "lease keepalive", id, responses.message()).await? {
             Some(resp) if resp.ttl() > 0 => Ok(seconds(resp.ttl())),
@@ -420,12 +492,16 @@ impl Store for EtcdStore {
     }
 
     async fn time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, StoreError> {
-        let mut leases = self.client.lease_client();
-        match within_lease(
+        let leases = self.client.lease_client();
+        match request(
+            self.tries,
             REQUEST_TIMEOUT,
             "lease time-to-live",
             Some(lease),
-            leases.time_to_live(lease, None),
+            || {
+                let mut leases = leases.clone();
+                async move { leases.time_to_live(lease, None).await }
+            },
         )
         .await
         {
@@ -438,12 +514,16 @@ impl Store for EtcdStore {
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let mut leases = self.client.lease_client();
-        match within_lease(
+        let leases = self.client.lease_client();
+        match request(
+            self.tries,
             REQUEST_TIMEOUT,
             "lease revoke",
             Some(lease),
-            leases.revoke(lease),
+            || {
+                let mut leases = leases.clone();
+                async move { leases.revoke(lease).await }
+            },
         )
         .await
         {
@@ -453,19 +533,27 @@ impl Store for EtcdStore {
     }
 
     async fn list_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
-        let mut leases = self.client.lease_client();
-        let resp = within(REQUEST_TIMEOUT, "lease list", leases.leases()).await?;
+        let leases = self.client.lease_client();
+        let resp = request(self.tries, REQUEST_TIMEOUT, "lease list", None, || {
+            let mut leases = leases.clone();
+            async move { leases.leases().await }
+        })
+        .await?;
         Ok(resp.leases().iter().map(|l| l.id()).collect())
     }
 
     async fn lease_info(&self, lease: LeaseId) -> Result<Option<LeaseInfo>, StoreError> {
-        let mut leases = self.client.lease_client();
-        let options = LeaseTimeToLiveOptions::new().with_keys();
-        let resp = match within_lease(
+        let leases = self.client.lease_client();
+        let resp = match request(
+            self.tries,
             REQUEST_TIMEOUT,
             "lease time-to-live",
             Some(lease),
-            leases.time_to_live(lease, Some(options)),
+            || {
+                let mut leases = leases.clone();
+                let options = LeaseTimeToLiveOptions::new().with_keys();
+                async move { leases.time_to_live(lease, Some(options)).await }
+            },
         )
         .await
         {
@@ -496,12 +584,11 @@ impl Store for EtcdStore {
         if start_revision > 0 {
             options = options.with_start_revision(start_revision);
         }
-        let mut watches = self.client.watch_client();
-        let mut etcd = within(
-            REQUEST_TIMEOUT,
-            "watch",
-            watches.watch(prefix, Some(options)),
-        )
+        let watches = self.client.watch_client();
+        let mut etcd = request(self.tries, REQUEST_TIMEOUT, "watch", None, || {
+            let (mut watches, options) = (watches.clone(), options.clone());
+            async move { watches.watch(prefix, Some(options)).await }
+        })
         .await?;
         // Wait for "created" (or the cancellation that replaces it), see the module notes.
         let first = match within(REQUEST_TIMEOUT, "watch", etcd.message()).await? {
@@ -521,20 +608,22 @@ impl Store for EtcdStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut maintenance = self.client.maintenance_client();
-        within(PING_TIMEOUT, "status", maintenance.status())
-            .await
-            .map(|_| ())
+        let maintenance = self.client.maintenance_client();
+        request(self.tries, PING_TIMEOUT, "status", None, || {
+            let mut maintenance = maintenance.clone();
+            async move { maintenance.status().await }
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        let mut kv = self.client.kv_client();
-        let options = CompactionOptions::new().with_physical();
-        match within(
-            REQUEST_TIMEOUT,
-            "compact",
-            kv.compact(revision, Some(options)),
-        )
+        let kv = self.client.kv_client();
+        match request(self.tries, REQUEST_TIMEOUT, "compact", None, || {
+            let mut kv = kv.clone();
+            let options = CompactionOptions::new().with_physical();
+            async move { kv.compact(revision, Some(options)).await }
+        })
         .await
         {
             Ok(_) => Ok(()),
@@ -550,6 +639,60 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_failed_connection_counts_as_never_sent() {
+        let status = |s: tonic::Status| etcd_client::Error::GRpcStatus(s);
+        let refused = tonic::Status::from_error(Box::new(tonic::ConnectError(
+            "tcp connect error: Connection refused".into(),
+        )));
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert!(never_sent(&status(refused)));
+        // Sent, outcome unknown: never repeated.
+        for sent in [
+            tonic::Status::unavailable("etcdserver: leader changed"),
+            tonic::Status::unavailable("connection reset"),
+            tonic::Status::cancelled("Timeout expired"),
+            tonic::Status::unknown("etcdserver: request timed out"),
+        ] {
+            assert!(!never_sent(&status(sent)));
+        }
+        assert_eq!(unsent_tries(1), 1, "one endpoint: nothing else to pick");
+    }
+
+    #[test]
+    fn members_that_do_not_answer_are_taken_out_but_never_all() {
+        // m1 stops answering: out. It answers again: back in.
+        assert_eq!(
+            members_to_change(&[true, false, true], &[false; 3]),
+            [(1, true)]
+        );
+        assert_eq!(
+            members_to_change(&[true, false, true], &[false, true, false]),
+            []
+        );
+        assert_eq!(
+            members_to_change(&[true, true, true], &[false, true, false]),
+            [(1, false)]
+        );
+        // Nobody answers: everything back in, whoever returns first gets the requests.
+        assert_eq!(
+            members_to_change(&[false; 3], &[false, true, false]),
+            [(1, false)]
+        );
+        assert_eq!(members_to_change(&[false; 3], &[false; 3]), []);
+        let timeout: Option<Result<(), etcd_client::Error>> = None;
+        assert!(!answers_status(timeout));
+        let refused =
+            etcd_client::Error::GRpcStatus(tonic::Status::unavailable("tcp connect error"));
+        assert!(!answers_status::<()>(Some(Err(refused))));
+        let denied = etcd_client::Error::GRpcStatus(tonic::Status::permission_denied("no"));
+        assert!(
+            answers_status::<()>(Some(Err(denied))),
+            "an answer, if not a welcome one"
+        );
+        assert_eq!(unsent_tries(3), 12);
+    }
 
     #[test]
     fn ttl_rounds_up_to_whole_seconds() {
