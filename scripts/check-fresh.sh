@@ -70,20 +70,22 @@ step() {
   exit 1
 }
 
-# The Debian mirror(s) this machine's apt uses, as a sources file mmdebstrap reads.
-sources=$work/sources
+# The Debian mirror(s) this machine's apt uses, as a sources file mmdebstrap reads: a
+# deb822 `.sources` file that names Debian, else the `deb` lines of the one-line files.
+sources=$work/sources.list
 : >"$sources"
-for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-  [ -f "$f" ] || continue
-  if grep -qE '^[^#]*debian' "$f"; then
-    if [[ $f == *.sources ]]; then
-      cat "$f" >"$sources.sources"
-      sources=$sources.sources
-      break
-    fi
-    grep -E '^deb ' "$f" | grep debian >>"$sources" || true
+for f in /etc/apt/sources.list.d/*.sources; do
+  if [ -f "$f" ] && grep -qE '^[^#]*debian' "$f"; then
+    sources=$work/debian.sources
+    cp "$f" "$sources"
+    break
   fi
 done
+if [ "$sources" = "$work/sources.list" ]; then
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -f "$f" ] && { grep -E '^deb ' "$f" | grep debian >>"$sources" || true; }
+  done
+fi
 [ -s "$sources" ] || die "no Debian apt source found on this machine"
 aptopts=()
 while read -r opt; do aptopts+=(--aptopt="$opt"); done < <(apt-config dump | grep -iE '^Acquire::(https?|ftp)::Proxy' || true)

@@ -67,10 +67,10 @@ fi
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -qq
-if ! "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/install-deps.$$.log 2>&1; then
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$log" 2>&1; then
   echo "install-deps: apt-get install failed; its last lines:" >&2
-  tail -n 20 /tmp/install-deps.$$.log >&2
-  rm -f /tmp/install-deps.$$.log
+  tail -n 20 "$log" >&2
   exit 1
 fi
-rm -f /tmp/install-deps.$$.log

@@ -68,7 +68,6 @@ impl Controllers {
             .join(", ")
     }
 
-    /// A client for the current controller, connecting (and failing over) as needed.
     /// A channel to the current controller, connecting (and failing over) if needed.
     pub async fn channel(&self) -> Result<Channel, ClientError> {
         let start = {

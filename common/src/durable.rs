@@ -155,8 +155,13 @@ fn split(path: &Path) -> Result<(PathBuf, String), FileError> {
 /// existing file, never through a symlink) with `mode`.
 fn create_temp(dir: &Path, name: &str, mode: u32) -> std::io::Result<(File, PathBuf)> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    // Short enough that the temp name fits NAME_MAX whatever the target's length.
-    let stem: String = name.chars().take(64).collect();
+    // Short enough that the temp name fits NAME_MAX (255 bytes) whatever the target's
+    // length: at most 64 bytes, cut at a character boundary.
+    let mut cut = name.len().min(64);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let stem = &name[..cut];
     let mut last = None;
     for _ in 0..64 {
         let nanos = std::time::SystemTime::now()

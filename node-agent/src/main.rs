@@ -19,7 +19,7 @@ use overlay_common::daemon::ListenOrOff;
 use overlay_common::flags::TlsArgs;
 use overlay_common::tls::Transport;
 use overlay_core::config::parse_duration_in;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -163,6 +163,17 @@ async fn run() -> anyhow::Result<()> {
     let host = overlay_agent::hostnet::detect(args.public_ip, args.iface.as_deref())?;
     let chosen = firewall::select(args.firewall, &path).context("--firewall")?;
     info!(firewall = chosen.firewall.name(), reason = %chosen.reason, "firewall chosen");
+    for (name, result) in firewall::remove_others(chosen.firewall.as_ref(), &path) {
+        match result {
+            Ok(true) => {
+                warn!(firewall = %name, "removed Overlay's rules left there by an earlier choice")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(firewall = %name, error = %e, "cannot remove Overlay's rules left there by an earlier choice")
+            }
+        }
+    }
     status.write().expect("status").firewall.reason = Some(chosen.reason);
     let effects = HostEffects::kernel(chosen.firewall).context("netlink")?;
     let opts = AgentOptions {

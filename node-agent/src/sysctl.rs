@@ -1,8 +1,9 @@
 //! Kernel settings under `/proc/sys` (IP forwarding): a host effect behind a trait, so the
 //! backends ask for a setting and tests record what was asked instead of writing it.
 //!
-//! Sysctls under `net/` belong to the network namespace of the writing thread; the agent
-//! writes them from its main thread, in the host's namespace.
+//! Sysctls under `net/` belong to the network namespace of the writing thread; no thread of
+//! the agent ever leaves the host's namespace (only overlay-cni enters containers), so
+//! whichever runtime thread writes, it writes the host's.
 
 #[cfg(any(test, feature = "testing"))]
 use std::sync::Mutex;

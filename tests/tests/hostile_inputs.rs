@@ -216,7 +216,24 @@ fn a_hostile_value_planted_in_etcd_never_reaches_the_terminal() {
             &value("peer", "192.0.2.21", "eth0"),
         ],
     );
+    // A key that is no lease key at all, with an escape sequence in it: `status` lists it
+    // among the ignored keys, escaped.
+    etcdctl(
+        &s.etcd,
+        &[
+            "put",
+            "/overlay/leases/\u{1b}[2Jx-24",
+            &value("stray", "192.0.2.22", "eth0"),
+        ],
+    );
     let url = s.controller.url.clone();
+    overlay_tests::wait_until(Duration::from_secs(20), || {
+        let out = overlayctl(&url, &["status"]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("[2Jx-24")
+            .then_some(())
+    })
+    .expect("status lists the stray key among the ignored ones");
     // The clean lease is served once the controller's watch has it.
     overlay_tests::wait_until(Duration::from_secs(20), || {
         leases(&url)

@@ -190,7 +190,13 @@ pub fn render(s: &ClusterStatus, format: Format) -> String {
                 s.ignored.len()
             ));
             for i in &s.ignored {
-                out.push_str(&format!("ignored {} ({}): {}\n", i.key, i.reason, i.detail));
+                // The key is whatever someone wrote to etcd: escaped like every field.
+                out.push_str(&format!(
+                    "ignored {} ({}): {}\n",
+                    crate::output::escape(&i.key),
+                    crate::output::escape(&i.reason),
+                    crate::output::escape(&i.detail)
+                ));
             }
         }
     }

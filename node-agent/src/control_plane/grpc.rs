@@ -61,6 +61,17 @@ fn bad(e: impl std::fmt::Display) -> ControlPlaneError {
     ControlPlaneError::BadAnswer(e.to_string())
 }
 
+/// The longest TTL taken from a controller: etcd's own maximum lease TTL is 9e9 s, and a
+/// larger answer would overflow the agent's time arithmetic.
+const MAX_TTL_SECS: u64 = 9_000_000_000;
+
+fn ttl(secs: u64) -> Result<Duration, ControlPlaneError> {
+    if secs > MAX_TTL_SECS {
+        return Err(bad(format!("a TTL of {secs} s")));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 #[async_trait]
 impl ControlPlane for GrpcControlPlane {
     async fn config(&self) -> Result<NetworkConfig, ControlPlaneError> {
@@ -94,7 +105,7 @@ impl ControlPlane for GrpcControlPlane {
         let lease = resp.lease.as_ref().ok_or_else(|| bad("no lease"))?;
         Ok(Granted {
             lease: lease_from_proto(lease).map_err(bad)?,
-            ttl: Duration::from_secs(resp.ttl_secs),
+            ttl: ttl(resp.ttl_secs)?,
         })
     }
 
@@ -108,7 +119,7 @@ impl ControlPlane for GrpcControlPlane {
             })
             .await
             .map_err(|s| self.failure(s))?;
-        Ok(Duration::from_secs(resp.into_inner().ttl_secs))
+        ttl(resp.into_inner().ttl_secs)
     }
 
     async fn watch(&self, after_revision: i64) -> Result<PeerStream, ControlPlaneError> {

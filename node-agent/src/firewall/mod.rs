@@ -320,6 +320,30 @@ pub fn cleanup(kind: FirewallKind, path: &OsString) -> Vec<(String, Result<bool,
     done
 }
 
+/// Removes Overlay's rules from every implementation but `chosen` (rules an agent left
+/// while it ran with another choice, e.g. before `auto` found iptables-nft installed by
+/// Docker): the agent maintains one implementation, and stale rules in another would keep
+/// masquerading after `--ip-masq` is turned off. Nothing is removed with `none`: the
+/// operator runs the firewall then. What was removed, or could not be, per implementation.
+pub fn remove_others(
+    chosen: &dyn Firewall,
+    path: &OsString,
+) -> Vec<(String, Result<bool, FirewallError>)> {
+    if chosen.name() == FirewallKind::None.name() {
+        return Vec::new();
+    }
+    [
+        FirewallKind::Nftables,
+        FirewallKind::IptablesNft,
+        FirewallKind::IptablesLegacy,
+    ]
+    .into_iter()
+    .filter_map(|k| select(k, path).ok())
+    .filter(|s| s.firewall.name() != chosen.name())
+    .map(|s| (s.firewall.name().to_string(), s.firewall.cleanup()))
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

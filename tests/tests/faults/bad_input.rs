@@ -372,7 +372,7 @@ fn cli_cases(b: &Bench) -> Vec<Case> {
         case("certs issue --name ca", &["exit 1", "\"ca\"", "CA's own name"], b.cli(&["certs", "issue", "--dir", &pki, "--name", "ca"], None)),
         case("certs issue --name node-a-key", &["exit 1", "node-a-key", "reserved"], b.cli(&["certs", "issue", "--dir", &pki, "--name", "node-a-key"], None)),
         case("revoke: not a CIDR", &["exit 2", "SUBNET", "not-a-subnet"], b.cli(&["lease", "revoke", "not-a-subnet"], None)),
-        case("revoke: no such lease", &["exit 1", "10.96.77.0/24", "no lease"], b.cli(&["lease", "revoke", "10.96.77.0/24"], None)),
+        case("revoke: no such lease", &["exit 1", "10.96.250.0/24", "no lease"], b.cli(&["lease", "revoke", "10.96.250.0/24"], None)),
         case("watch: negative revision", &["exit 2", "--after-revision", "-5"], b.cli(&["watch", "--after-revision", "-5"], None)),
         case("routes: node name with a slash", &["exit 1", "--node", "a/b"], b.cli(&["routes", "--node", "a/b"], None)),
         case("--insecure with TLS files", &["--insecure", "--tls"], b.cli(&["--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem", "--tls-ca", "/nonexistent/ca.pem", "leases"], None)),
@@ -443,7 +443,7 @@ fn grpc_cases(b: &Bench) -> Vec<Case> {
         case("acquire: 100 KiB request", &["OutOfRange", "message length too large", "65536"], b.acquire(|r| r.node = "n".repeat(100 * 1024))),
         case("renew: subnet not a CIDR", &["InvalidArgument", "subnet", "garbage"], b.renew("holder", "garbage")),
         case("renew: another node's lease", &["PermissionDenied", "thief", "held by node \"holder\""], b.renew("thief", &b.held)),
-        case("renew: a subnet nobody holds", &["NotFound", "10.96.77.0/24"], b.renew("holder", "10.96.77.0/24")),
+        case("renew: a subnet nobody holds", &["NotFound", "10.96.250.0/24"], b.renew("holder", "10.96.250.0/24")),
         case("release: another node's lease", &["PermissionDenied", "thief", "held by node \"holder\""], b.release("thief", &b.held)),
         case("watch: negative after_revision", &["InvalidArgument", "after_revision", "negative"], b.watch(-1)),
         case("set config: empty JSON", &["InvalidArgument", "not a valid config document"], b.set_json("")),
@@ -461,7 +461,7 @@ fn grpc_cases(b: &Bench) -> Vec<Case> {
         case("reserve: a subnet leased to another node", &["FailedPrecondition", "leased to node holder"], b.reserve(&b.held, "thief", "198.51.100.99")),
         case("reserve: a second reservation for a node", &["FailedPrecondition", "pinned", "10.96.200.0/24"], b.reserve("10.96.201.0/24", "pinned", "198.51.100.20")),
         case("revoke: not a CIDR", &["InvalidArgument", "subnet", "nope"], b.revoke("nope")),
-        case("revoke: a subnet nobody holds", &["NotFound", "10.96.77.0/24"], b.revoke("10.96.77.0/24")),
+        case("revoke: a subnet nobody holds", &["NotFound", "10.96.250.0/24"], b.revoke("10.96.250.0/24")),
     ]
 }
 

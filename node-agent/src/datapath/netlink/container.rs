@@ -32,20 +32,23 @@ pub enum NetnsError {
 
 /// Opens a network namespace file (`/run/netns/NAME`, `/proc/PID/ns/net`) for
 /// [`Netlink::connect_in_netns`] and [`Netlink::add_veth_into_netns`], after proving it
-/// is one and is not the caller's own. The open never blocks (O_NONBLOCK: a FIFO or a
-/// device under that name answers at once) and never leaks into children (O_CLOEXEC);
-/// then the open file must live on nsfs (statfs NSFS_MAGIC), be a network namespace
+/// is one and is not the caller's own. It is first opened O_PATH (no side effect, whatever
+/// the file is, and never blocking) and must live on nsfs before it is opened for real,
+/// through that descriptor; never leaking into children (O_CLOEXEC). The file must live on nsfs (statfs NSFS_MAGIC), be a network namespace
 /// (ioctl NS_GET_NSTYPE), and differ (st_dev, st_ino) from /proc/self/ns/net and
 /// /proc/thread-self/ns/net.
 pub fn open_netns(path: &std::path::Path) -> Result<std::fs::File, NetnsError> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let file = std::fs::OpenOptions::new()
+    // O_PATH first: opening a path for reading can have side effects (a device such as
+    // /dev/watchdog starts on open), an O_PATH descriptor has none and is enough to ask
+    // which filesystem the file is on.
+    let probe = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_PATH | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(NetnsError::Open)?;
-    let fd = file.as_raw_fd();
+    let fd = probe.as_raw_fd();
     // SAFETY: fstatfs writes only into the zeroed struct we own; `file` keeps fd open.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatfs(fd, &mut fs) } != 0 {
@@ -55,7 +58,7 @@ pub fn open_netns(path: &std::path::Path) -> Result<std::fs::File, NetnsError> {
     #[allow(clippy::unnecessary_cast)]
     let on_nsfs = fs.f_type as i64 == libc::NSFS_MAGIC as i64;
     if !on_nsfs {
-        let kind = match file.metadata() {
+        let kind = match probe.metadata() {
             Ok(m) => {
                 use std::os::unix::fs::FileTypeExt;
                 let t = m.file_type();
@@ -75,6 +78,15 @@ pub fn open_netns(path: &std::path::Path) -> Result<std::fs::File, NetnsError> {
         };
         return Err(NetnsError::NotNetns(kind.into()));
     }
+    // Only now, on nsfs, a real descriptor (for the ioctl and setns), of the very file
+    // checked: reopened through the O_PATH descriptor, not the path.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{fd}"))
+        .map_err(NetnsError::Open)?;
+    drop(probe);
+    let fd = file.as_raw_fd();
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the descriptor.
     let nstype = unsafe { libc::ioctl(fd, libc::NS_GET_NSTYPE) };
     if nstype < 0 {
