@@ -46,6 +46,16 @@ pub enum ControlError {
     },
     #[error("the request did not finish within the controller's --request-timeout ({0:?}); retry")]
     Timeout(std::time::Duration),
+    /// Too much work of this kind queued: retry after `retry_after` (sent as the
+    /// `grpc-retry-pushback-ms` trailer too).
+    #[error(
+        "the controller is busy with other {what}; retry in {} ms",
+        retry_after.as_millis()
+    )]
+    Busy {
+        what: &'static str,
+        retry_after: std::time::Duration,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -61,9 +71,9 @@ impl ControlError {
             ControlError::Config(_) | ControlError::Lease(_) | ControlError::InvalidArgument(_) => {
                 Code::InvalidArgument
             }
-            ControlError::Exhausted { .. } | ControlError::RateLimited { .. } => {
-                Code::ResourceExhausted
-            }
+            ControlError::Exhausted { .. }
+            | ControlError::RateLimited { .. }
+            | ControlError::Busy { .. } => Code::ResourceExhausted,
             ControlError::Timeout(_) => Code::DeadlineExceeded,
             ControlError::NotFound(_) => Code::NotFound,
             ControlError::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -76,8 +86,70 @@ impl ControlError {
     }
 }
 
+/// The metadata key of gRPC's retry pushback (gRFC A6): how long to wait before retrying,
+/// in milliseconds. Set on every answer that means "not now, later".
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+impl ControlError {
+    /// How long the caller should wait before trying again, when the answer is "later".
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ControlError::Busy { retry_after, .. }
+            | ControlError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
 impl From<ControlError> for tonic::Status {
     fn from(e: ControlError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        let retry_after = e.retry_after();
+        let mut status = tonic::Status::new(e.code(), e.to_string());
+        if let Some(after) = retry_after {
+            let ms = after.as_millis().max(1).to_string();
+            if let Ok(v) = ms.parse() {
+                status.metadata_mut().insert(RETRY_PUSHBACK, v);
+            }
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn answers_that_mean_later_carry_a_retry_pushback() {
+        let busy: tonic::Status = ControlError::Busy {
+            what: "acquires",
+            retry_after: Duration::from_millis(1500),
+        }
+        .into();
+        assert_eq!(busy.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            busy.metadata()
+                .get(RETRY_PUSHBACK)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "1500"
+        );
+        assert!(
+            busy.message().contains("retry in 1500 ms"),
+            "{}",
+            busy.message()
+        );
+        let full: tonic::Status = ControlError::Exhausted {
+            total: 2,
+            range: "a-b".into(),
+        }
+        .into();
+        assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            full.metadata().get(RETRY_PUSHBACK).is_none(),
+            "exhausted is no 'later'"
+        );
     }
 }

@@ -2,13 +2,28 @@
 //! [`Fanout`], and converts the answer. Every unary result goes through [`Api::finish`],
 //! the one place where outcomes are counted and errors become `tonic::Status`
 //! (`impl From<ControlError> for Status`).
+//!
+//! `WatchLeases` is served by [`AgentService`] next to the generated server: its answer is
+//! a body of gRPC frames the fan-out encoded once for every stream ([`crate::frames`]), so a
+//! stream holds no encoding buffer and no copy of any message. Everything else about the
+//! call (authorization, rate limit, the request's size limit, status codes) is as for the
+//! other calls.
 
 use std::collections::HashSet;
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Frame;
+use overlay_proto::v1::agent_server::AgentServer;
+use tonic::codec::{Codec, Streaming};
+use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
 
 use futures::{Stream, StreamExt};
 use ipnet::Ipv4Net;
@@ -356,5 +371,157 @@ impl Admin for Api {
             })
             .await;
         self.finish("revoke", result)
+    }
+}
+
+/// The path of `overlay.v1.Agent/WatchLeases`.
+const WATCH_PATH: &str = "/overlay.v1.Agent/WatchLeases";
+
+/// The `overlay.v1.Agent` service: the generated server, except for `WatchLeases`, which is
+/// answered with the fan-out's shared frames (see the module notes).
+#[derive(Clone)]
+pub struct AgentService {
+    inner: AgentServer<Api>,
+    api: Api,
+}
+
+impl AgentService {
+    /// Requests up to [`MAX_REQUEST_BYTES`], unary answers up to `max_response` bytes.
+    pub fn new(api: Api, max_response: usize) -> Self {
+        AgentService {
+            inner: AgentServer::new(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(max_response),
+            api,
+        }
+    }
+}
+
+impl NamedService for AgentService {
+    const NAME: &'static str = <AgentServer<Api> as NamedService>::NAME;
+}
+
+type BoxResponse =
+    Pin<Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Send>>;
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for AgentService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxResponse;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tonic::codegen::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() == WATCH_PATH {
+            let api = self.api.clone();
+            Box::pin(async move { Ok(api.watch_http(req).await) })
+        } else {
+            Box::pin(self.inner.call(req))
+        }
+    }
+}
+
+impl Api {
+    /// `WatchLeases` as an HTTP exchange: the request decoded as tonic would, the answer a
+    /// body of the fan-out's frames, then the OK status; a refusal is a trailers-only
+    /// answer with its status.
+    async fn watch_http(
+        &self,
+        req: http::Request<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        match self.open_watch(req).await {
+            Ok(frames) => {
+                let mut response = http::Response::new(tonic::body::Body::new(WatchBody {
+                    frames: Box::pin(frames),
+                    done: false,
+                }));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/grpc"),
+                );
+                response
+            }
+            Err(status) => status.into_http(),
+        }
+    }
+
+    async fn open_watch(
+        &self,
+        req: http::Request<tonic::body::Body>,
+    ) -> Result<impl futures::Stream<Item = Bytes> + Send + 'static, Status> {
+        if req
+            .headers()
+            .get("grpc-encoding")
+            .is_some_and(|e| e.as_bytes() != b"identity")
+        {
+            return Err(Status::unimplemented(
+                "compressed requests are not supported; send them uncompressed",
+            ));
+        }
+        let (parts, body) = req.into_parts();
+        let caller = Request::from_parts(
+            MetadataMap::from_headers(parts.headers),
+            parts.extensions,
+            (),
+        );
+        if !self.fanout.is_synced() {
+            return Err(Status::unavailable(
+                "the controller has not loaded the leases from etcd yet",
+            ));
+        }
+        self.rate_limit(&caller)?;
+        let mut codec =
+            tonic_prost::ProstCodec::<v1::WatchLeasesResponse, v1::WatchLeasesRequest>::default();
+        let mut messages =
+            Streaming::new_request(codec.decoder(), body, None, Some(MAX_REQUEST_BYTES));
+        let request = messages
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("no WatchLeasesRequest was sent"))?;
+        let after = request.after_revision;
+        if after < 0 {
+            return Err(ControlError::InvalidArgument(format!(
+                "after_revision: {after} is negative"
+            ))
+            .into());
+        }
+        Ok(self.fanout.subscribe_frames(after))
+    }
+}
+
+/// The body of a watch answer: the stream's frames, then `grpc-status: 0` when it ends
+/// (the controller shuts down).
+struct WatchBody {
+    frames: Pin<Box<dyn futures::Stream<Item = Bytes> + Send>>,
+    done: bool,
+}
+
+impl http_body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.frames.as_mut().poll_next(cx) {
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(Frame::data(frame)))),
+            Poll::Ready(None) => {
+                self.done = true;
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }

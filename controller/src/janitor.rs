@@ -12,12 +12,16 @@
 //!   between its grant and its create, which takes milliseconds. On an etcd shared with
 //!   other applications, their keyless leases would be revoked too: give Overlay its own
 //!   etcd, or a grace period longer than their leases live without keys.
+//! - With the fan-out's view of the keys ([`Janitor::with_view`]) a sweep looks up only the
+//!   etcd leases that no key under the prefix is attached to: a lease the view shows a key
+//!   of is not an orphan. So a sweep costs one lease listing and a lookup per candidate,
+//!   not a lookup per node.
 //! - Compaction keeps the last N revisions, and only runs once the target has moved by a
 //!   tenth of N, so a quiet cluster is not compacted every interval. Watchers further
 //!   behind than N revisions get `Compacted` and relist, which the fan-out handles.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
@@ -26,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::election::Election;
 use crate::metrics::Metrics;
 use crate::store::{LeaseId, LeaseInfo, Store, StoreError};
+use crate::view::ViewState;
 
 /// Lease lookups the janitor runs at once.
 const LOOKUP_CONCURRENCY: usize = 8;
@@ -56,6 +61,8 @@ impl Default for JanitorConfig {
 pub struct Sweep {
     /// Leases looked at (all of etcd's, the leader's own excluded).
     pub leases_checked: usize,
+    /// Of those, the ones looked up in etcd (the others have keys the view shows).
+    pub leases_looked_up: usize,
     pub orphans_revoked: Vec<LeaseId>,
     /// The revision history was compacted to, when it was.
     pub compacted_to: Option<i64>,
@@ -68,6 +75,7 @@ pub struct Janitor {
     config: JanitorConfig,
     last_compaction: AtomicI64,
     metrics: Option<Arc<Metrics>>,
+    view: Option<Arc<RwLock<ViewState>>>,
 }
 
 impl Janitor {
@@ -78,7 +86,14 @@ impl Janitor {
             config,
             last_compaction: AtomicI64::new(0),
             metrics: None,
+            view: None,
         }
+    }
+
+    /// Skips the lookup of leases that keys in `view` are attached to (module notes).
+    pub fn with_view(mut self, view: Arc<RwLock<ViewState>>) -> Self {
+        self.view = Some(view);
+        self
     }
 
     /// Counts revoked leases and compactions in the controller's metrics.
@@ -105,16 +120,17 @@ impl Janitor {
 
     /// One pass: revoke orphaned leases, then compact.
     pub async fn sweep(&self) -> Result<Sweep, StoreError> {
-        let (leases_checked, orphans_revoked) = self.revoke_orphans().await?;
+        let (leases_checked, leases_looked_up, orphans_revoked) = self.revoke_orphans().await?;
         let compacted_to = self.compact().await?;
         Ok(Sweep {
             leases_checked,
+            leases_looked_up,
             orphans_revoked,
             compacted_to,
         })
     }
 
-    async fn revoke_orphans(&self) -> Result<(usize, Vec<LeaseId>), StoreError> {
+    async fn revoke_orphans(&self) -> Result<(usize, usize, Vec<LeaseId>), StoreError> {
         let own = self.election.leader_lease();
         let leases: Vec<LeaseId> = self
             .store
@@ -124,6 +140,16 @@ impl Janitor {
             .filter(|l| Some(*l) != own)
             .collect();
         let checked = leases.len();
+        // Read after the listing: a lease the view shows a key of had one when listed.
+        let with_keys = self.view.as_ref().and_then(|v| {
+            let state = v.read().expect("view lock");
+            state.synced.then(|| state.view.lease_ids())
+        });
+        let leases: Vec<LeaseId> = match &with_keys {
+            Some(ids) => leases.into_iter().filter(|l| !ids.contains(l)).collect(),
+            None => leases,
+        };
+        let looked_up = leases.len();
         let grace = self.config.orphan_grace;
         let infos: Vec<Result<Option<LeaseInfo>, StoreError>> = stream::iter(leases)
             .map(|lease| self.store.lease_info(lease))
@@ -149,7 +175,7 @@ impl Janitor {
             revoked.push(lease);
         }
         revoked.sort_unstable();
-        Ok((checked, revoked))
+        Ok((checked, looked_up, revoked))
     }
 
     async fn compact(&self) -> Result<Option<i64>, StoreError> {
@@ -185,12 +211,15 @@ pub fn spawn(
     leader_ttl: Duration,
     config: JanitorConfig,
     metrics: Arc<Metrics>,
+    view: Arc<RwLock<ViewState>>,
 ) -> Arc<Election> {
     let election = Arc::new(
         Election::new(store.clone(), prefix, identity, leader_ttl).with_metrics(metrics.clone()),
     );
     tokio::spawn(election.clone().run());
-    let janitor = Janitor::new(store, election.clone(), config).with_metrics(metrics);
+    let janitor = Janitor::new(store, election.clone(), config)
+        .with_metrics(metrics)
+        .with_view(view);
     tokio::spawn(janitor.run());
     election
 }
@@ -243,6 +272,56 @@ mod tests {
         assert!(leader.is_leader());
         // Nothing left to do.
         assert!(janitor.sweep().await.unwrap().orphans_revoked.is_empty());
+    }
+
+    /// With the fan-out's view, a sweep looks up only leases no key is attached to.
+    #[tokio::test]
+    async fn with_the_view_only_keyless_leases_are_looked_up() {
+        let store = Arc::new(MemoryStore::new());
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let leader = election(&store, "leader");
+        tokio::spawn(leader.clone().run());
+        eventually("leader elected", || leader.is_leader()).await;
+        let m = Arc::new(crate::leases::LeaseManager::new(
+            dyn_store.clone(),
+            crate::leases::Keys::new("/test"),
+        ));
+        m.set_config(
+            r#"{"network":"10.244.0.0/16","backend":{"type":"alloc"}}"#,
+            false,
+        )
+        .await
+        .unwrap();
+        let f = Arc::new(crate::fanout::Fanout::new());
+        tokio::spawn(f.run(m.clone()));
+        for i in 0..10 {
+            m.acquire(&crate::leases::AcquireRequest {
+                node: format!("n{i}"),
+                public_ip: "192.0.2.1".parse().unwrap(),
+                backend: overlay_core::BackendType::Alloc,
+                data: Default::default(),
+                preferred: None,
+            })
+            .await
+            .unwrap();
+        }
+        let keyless = store.grant(Duration::from_secs(3600)).await.unwrap();
+        let (_, now) = store.list("/test/").await.unwrap();
+        m.view_reaches(now).await;
+        let janitor = Janitor::new(
+            dyn_store,
+            leader,
+            JanitorConfig {
+                interval: Duration::from_secs(1),
+                orphan_grace: Duration::from_secs(3600),
+                keep_revisions: 0,
+            },
+        )
+        .with_view(m.view().clone());
+        let sweep = janitor.sweep().await.unwrap();
+        assert_eq!(sweep.leases_checked, 11);
+        assert_eq!(sweep.leases_looked_up, 1, "only the keyless lease");
+        assert!(sweep.orphans_revoked.is_empty(), "young: {keyless:x}");
     }
 
     #[tokio::test]

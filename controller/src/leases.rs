@@ -1,10 +1,28 @@
 //! Lease management on top of a [`Store`]: acquire, renew, release, reserve, revoke, and
 //! config changes.
 //!
-//! Correctness never depends on this process's memory: every decision is re-read from the
-//! store and committed with a compare-and-set, so any number of controllers can serve one
-//! etcd at once. Two nodes can never hold one subnet because a lease key is only ever
-//! *created* with "create if absent"; a lost race simply re-lists and picks again.
+//! Correctness never depends on this process's memory: every decision is committed with a
+//! compare-and-set that proves what it was based on, so any number of controllers can
+//! serve one etcd at once. Two nodes can never hold one subnet because a lease key is only
+//! ever *created* with "create if absent"; a lost race simply picks again.
+//!
+//! **Allocation** reads the controller's view of the keys ([`crate::view::ViewState`],
+//! kept current by the watch fan-out) instead of listing every lease from etcd, which made
+//! a burst of N acquires cost O(N²) etcd reads. The transaction proves the view right: the
+//! new key is absent, the node's and the MAC's index keys and the config are at the
+//! revisions the view showed (a lease handed back is compared with the key as seen). So an
+//! acquire is a grant and one transaction. Acquires of this controller claim the subnet
+//! they picked until the view shows it, so they never pick the same one. A transaction
+//! that fails on a subnet another controller took picks again; any other failure, and
+//! every case the view cannot settle (no synced view, a second lease to release, a lease
+//! that no longer fits, a MAC to refuse, "exhausted"), is decided from a listing read from
+//! etcd, as before. "Exhausted" is said only after such a listing, started after the
+//! request came in, found no free subnet while no claim of this controller could still
+//! fail. At most [`ACQUIRE_CONCURRENCY`] acquires run at once; one that waited
+//! [`ACQUIRE_QUEUE_WAIT`] for its turn is answered [`ControlError::Busy`] (retry later).
+//!
+//! **Listing** shows each lease's expiry as this controller last learnt it (grant,
+//! keepalive, or one lookup), so it costs two etcd requests, not one lookup per lease.
 //!
 //! **One lease per node, one VTEP MAC per cluster.** Next to each lease key
 //! `<prefix>/leases/<subnet>` there are index keys `<prefix>/index/node/<node>` and
@@ -50,10 +68,11 @@
 //!   compare-and-delete of its key succeeded: when the delete loses (the key changed), the
 //!   etcd lease may be the live lease of whoever changed it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::{self, StreamExt};
 use ipnet::Ipv4Net;
@@ -68,10 +87,13 @@ use tracing::{info, warn};
 
 use crate::error::ControlError;
 use crate::store::{Condition, KeyValue, LeaseId, Store, StoreError, TxnWrite, Written};
-use crate::view::{interpret, read_key, Entry, Ignored, Interpretation};
+use crate::view::{interpret, read_key, Entry, Ignored, Interpretation, LeaseView, ViewState};
+use tokio::sync::{Notify, Semaphore};
 
 /// How often an allocation re-lists and retries after losing a race.
 const MAX_ATTEMPTS: u32 = 16;
+/// How often an allocation waits for the acquires that hold the last free subnets.
+const MAX_WAITS: u32 = 64;
 
 /// The key layout under one prefix.
 #[derive(Debug, Clone)]
@@ -102,6 +124,11 @@ impl Keys {
 
     pub fn leases(&self) -> String {
         format!("{}/leases/", self.prefix)
+    }
+
+    /// Every index key is under this.
+    pub fn index_prefix(&self) -> String {
+        format!("{}/index/", self.prefix)
     }
 
     pub fn lease(&self, subnet: Ipv4Net) -> String {
@@ -264,24 +291,152 @@ fn names(index: Option<&KeyValue>, subnet: Ipv4Net, lease: LeaseId) -> bool {
     index.is_some_and(|kv| kv.value == subnet_key(subnet).as_bytes() && kv.lease == lease)
 }
 
+/// Acquires worked on at once by one controller ([`LeaseManager::with_acquire_limits`]).
+pub const ACQUIRE_CONCURRENCY: usize = 64;
+/// How long an acquire waits for its turn before it is answered "busy, retry".
+pub const ACQUIRE_QUEUE_WAIT: Duration = Duration::from_secs(2);
+/// How long a subnet seen taken by another controller's write stays out of this
+/// controller's picks while its view has not shown it yet.
+const FOREIGN_CLAIM: Duration = Duration::from_secs(10);
+
+/// A subnet this controller must not pick although its view shows it free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// An acquire of this controller is creating it.
+    InFlight,
+    /// Created at this revision, which the view has not reached yet.
+    Created(i64),
+    /// Another controller created it (a create lost on it), as of this instant.
+    Foreign(Instant),
+}
+
+/// What the view says an acquire should do (see "Allocation" in the module notes).
+enum Plan {
+    /// The view cannot decide (not synced, a case only a listing settles, or a refusal
+    /// that must be confirmed): read etcd.
+    Slow,
+    /// Give the node its lease back, proven by a transaction on the key as seen.
+    Refresh {
+        keep: Box<Entry>,
+        node_index: Option<KeyValue>,
+        mac_index: Option<KeyValue>,
+    },
+    /// Create `subnet`, claimed for this acquire.
+    Create {
+        subnet: Ipv4Net,
+        node_index: Option<KeyValue>,
+        mac_index: Option<KeyValue>,
+        config_revision: i64,
+    },
+    /// No free subnet, but acquires of this controller are still creating some (one that
+    /// fails frees its subnet): wait for one to finish.
+    Wait,
+    /// No free subnet and nothing in flight.
+    Full,
+}
+
+/// The outcome of one attempt from the view.
+enum Fast {
+    Done(Acquired, LeaseId),
+    /// Lost the subnet to another controller: pick again.
+    Again,
+    /// Read etcd.
+    Slow,
+}
+
+/// Counts of how acquires were decided, for tests and the bench.
+#[derive(Debug, Default)]
+pub struct AcquireStats {
+    /// Decided from the view, proven by one transaction.
+    pub from_view: AtomicU64,
+    /// Decided from a listing of every lease read from etcd.
+    pub from_listing: AtomicU64,
+    /// Creates lost to another controller's write of the same subnet.
+    pub lost_races: AtomicU64,
+    /// Answered "busy, retry" because the queue was too long.
+    pub busy: AtomicU64,
+}
+
 pub struct LeaseManager {
     store: Arc<dyn Store>,
     keys: Keys,
     /// The config as last read, for metrics (never for decisions: those re-read it).
     last_config: std::sync::RwLock<Option<NetworkConfig>>,
+    /// The keys as the watch fan-out follows them; allocation reads it (module notes).
+    view: Arc<RwLock<ViewState>>,
+    claims: Mutex<HashMap<Ipv4Net, Claim>>,
+    /// Woken whenever an in-flight claim ends.
+    claim_ended: Notify,
+    /// Turns for acquires, and how long one waits for its turn.
+    gate: Semaphore,
+    queue_wait: Duration,
+    /// When a listing read from etcd (started at that instant) last found the range full.
+    full_at: Mutex<Option<Instant>>,
+    /// The expiry of each etcd lease as this controller last learnt it (grant, keepalive,
+    /// lookup), so that a listing needs no lookup per lease.
+    expiry: Mutex<HashMap<LeaseId, SystemTime>>,
+    stats: AcquireStats,
+    /// The revision the view is complete up to, for [`Self::view_reaches`].
+    view_revision: tokio::sync::watch::Sender<i64>,
 }
 
 impl LeaseManager {
     pub fn new(store: Arc<dyn Store>, keys: Keys) -> Self {
         LeaseManager {
+            view: Arc::new(RwLock::new(ViewState::new(keys.clone()))),
             store,
             keys,
             last_config: Default::default(),
+            claims: Mutex::default(),
+            claim_ended: Notify::new(),
+            gate: Semaphore::new(ACQUIRE_CONCURRENCY),
+            queue_wait: ACQUIRE_QUEUE_WAIT,
+            full_at: Mutex::default(),
+            expiry: Mutex::default(),
+            stats: AcquireStats::default(),
+            view_revision: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// At most `concurrency` acquires are worked on at once; one that has waited
+    /// `queue_wait` for its turn is answered [`ControlError::Busy`].
+    pub fn with_acquire_limits(mut self, concurrency: usize, queue_wait: Duration) -> Self {
+        self.gate = Semaphore::new(concurrency.max(1));
+        self.queue_wait = queue_wait;
+        self
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// The view of the keys that the watch fan-out ([`crate::fanout::Fanout::run`]) keeps
+    /// current. Until one runs it is not synced, and every decision reads etcd.
+    pub fn view(&self) -> &Arc<RwLock<ViewState>> {
+        &self.view
+    }
+
+    /// The fan-out has applied everything up to `revision`: claims the view now shows
+    /// are dropped.
+    pub fn view_advanced(&self, revision: i64) {
+        {
+            let view = self.view.read().expect("view lock");
+            let mut claims = self.claims.lock().expect("claims lock");
+            if !claims.is_empty() {
+                claims.retain(|s, c| keep_claim(*c, *s, revision, &view.view));
+            }
+        }
+        self.view_revision.send_replace(revision);
+    }
+
+    /// Waits until the view is complete up to `revision` (a fan-out must be running).
+    pub async fn view_reaches(&self, revision: i64) {
+        let mut rx = self.view_revision.subscribe();
+        let _ = rx.wait_for(|r| *r >= revision).await;
+    }
+
+    pub fn stats(&self) -> &AcquireStats {
+        &self.stats
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -323,7 +478,12 @@ impl LeaseManager {
         validate_node_name(&req.node)?;
         validate_public_ip(req.public_ip)?;
         validate_backend_data(&req.data, req.public_ip)?;
-        let config = self.config().await?;
+        let started = Instant::now();
+        let _turn = self.turn().await?;
+        let config = match self.view_config() {
+            Some(config) => config,
+            None => self.config().await?,
+        };
         if config.network.contains(&req.public_ip) {
             return Err(LeaseError::PublicIpInOverlay {
                 ip: req.public_ip,
@@ -338,7 +498,9 @@ impl LeaseManager {
             )));
         }
         let mut granted: Option<LeaseId> = None;
-        let result = self.acquire_attempts(req, &config, &mut granted).await;
+        let result = self
+            .acquire_attempts(req, config, started, &mut granted)
+            .await;
         let used = match &result {
             Ok((_, id)) => Some(*id),
             Err(_) => None,
@@ -394,7 +556,306 @@ impl LeaseManager {
         }
     }
 
+    /// Waits for a turn among [`ACQUIRE_CONCURRENCY`] acquires; "busy" after too long.
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ControlError> {
+        match tokio::time::timeout(self.queue_wait, self.gate.acquire()).await {
+            Ok(permit) => Ok(permit.expect("the gate is never closed")),
+            Err(_) => {
+                self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                Err(ControlError::Busy {
+                    what: "acquires",
+                    retry_after: self.queue_wait,
+                })
+            }
+        }
+    }
+
+    /// The config as the synced view holds it.
+    fn view_config(&self) -> Option<NetworkConfig> {
+        let state = self.view.read().expect("view lock");
+        let config = state.view.config().filter(|_| state.synced)?.clone();
+        *self.last_config.write().expect("config lock") = Some(config.clone());
+        Some(config)
+    }
+
+    /// Records when etcd lease `id` expires, as just learnt (`ttl` from now).
+    fn note_expiry(&self, id: LeaseId, ttl: Duration) {
+        if id != 0 {
+            let at = SystemTime::now() + ttl;
+            self.expiry.lock().expect("expiry lock").insert(id, at);
+        }
+    }
+
+    /// Decides from the view first, then (when the view cannot) from a listing.
     async fn acquire_attempts(
+        &self,
+        req: &AcquireRequest,
+        config: NetworkConfig,
+        started: Instant,
+        granted: &mut Option<LeaseId>,
+    ) -> Result<(Acquired, LeaseId), ControlError> {
+        let (mut lost, mut waits) = (0, 0);
+        while lost < MAX_ATTEMPTS && waits < MAX_WAITS {
+            // Registered before the view is read, so an ending claim is never missed.
+            let ended = self.claim_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            match self.plan(req, &config) {
+                Plan::Slow => break,
+                Plan::Wait => {
+                    // Bounded: a claim always ends, but never wait on a stuck store.
+                    waits += 1;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ended).await;
+                }
+                Plan::Full => {
+                    // A listing that started after this request found the range full.
+                    let full_at = *self.full_at.lock().expect("full lock");
+                    if full_at.is_some_and(|t| t >= started) {
+                        return Err(exhausted(&config));
+                    }
+                    break;
+                }
+                Plan::Refresh {
+                    keep,
+                    node_index,
+                    mac_index,
+                } => {
+                    let indexes = (node_index.as_ref(), mac_index.as_ref());
+                    match self.refresh(&keep, req, &config, indexes, true).await? {
+                        Some(acquired) => {
+                            self.stats.from_view.fetch_add(1, Ordering::Relaxed);
+                            return Ok((acquired, keep.lease_id));
+                        }
+                        None => break,
+                    }
+                }
+                Plan::Create {
+                    subnet,
+                    node_index,
+                    mac_index,
+                    config_revision,
+                } => {
+                    let claim = ClaimGuard {
+                        manager: self,
+                        subnet,
+                        done: false,
+                    };
+                    let plan = (claim, node_index, mac_index, config_revision);
+                    match self.create_from_view(req, &config, plan, granted).await {
+                        Ok(Fast::Done(acquired, id)) => {
+                            self.stats.from_view.fetch_add(1, Ordering::Relaxed);
+                            return Ok((acquired, id));
+                        }
+                        Ok(Fast::Again) => lost += 1,
+                        Ok(Fast::Slow) => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        self.stats.from_listing.fetch_add(1, Ordering::Relaxed);
+        // The view could not decide: read etcd, with a fresh config.
+        let fresh = self.config().await?;
+        if fresh.lease_ttl != config.lease_ttl {
+            // Granted for the config the view had: not the TTL leases get now.
+            if let Some(id) = granted.take() {
+                if let Err(e) = self.store.revoke(id).await {
+                    warn!(lease = id, error = %e, "could not revoke an unused etcd lease; it will expire");
+                }
+            }
+        }
+        self.listing_attempts(req, &fresh, granted).await
+    }
+
+    /// What the view says `req` should get (see [`Plan`]). Never waits: it holds the
+    /// view's read lock.
+    fn plan(&self, req: &AcquireRequest, config: &NetworkConfig) -> Plan {
+        let state = self.view.read().expect("view lock");
+        let view = &state.view;
+        if !state.synced || view.config() != Some(config) {
+            return Plan::Slow;
+        }
+        let node_index = view.index(&self.keys.node_index(&req.node)).cloned();
+        let mac = req.data.vtep_mac;
+        let mac_index = mac.and_then(|m| view.index(&self.keys.mac_index(m)).cloned());
+        let mac_holder = mac.and_then(|m| state.served_macs.get(&m));
+        let mine: Vec<&Entry> = view.of_node(&req.node).collect();
+        let keep = mine
+            .iter()
+            .copied()
+            .min_by_key(|e| (!is_reserved(e), e.create_revision))
+            .or_else(|| {
+                // An unreadable value that the node's index key proves to be its own.
+                let index = node_index.as_ref()?;
+                let e = view.entry(&self.keys.indexed_lease(index))?;
+                (e.lease().is_none() && e.subnet.is_some() && e.lease_id == index.lease)
+                    .then_some(e)
+            });
+        if let Some(keep) = keep {
+            let subnet = keep.subnet.expect("lease keys have a subnet");
+            let others = mine.iter().any(|d| d.key != keep.key && !is_reserved(d));
+            // A second lease to release, a lease that no longer fits, a MAC to refuse:
+            // decided from a listing.
+            if others
+                || !config.keeps(subnet, is_reserved(keep))
+                || mac_holder.is_some_and(|h| h.key != keep.key)
+            {
+                return Plan::Slow;
+            }
+            return Plan::Refresh {
+                keep: Box::new(keep.clone()),
+                node_index,
+                mac_index,
+            };
+        }
+        if mac_holder.is_some() {
+            return Plan::Slow;
+        }
+        let range = config.range();
+        let mut claims = self.claims.lock().expect("claims lock");
+        let now = Instant::now();
+        claims.retain(|s, c| keep_claim(*c, *s, state.revision, view) && !foreign_expired(*c, now));
+        let taken = |s: Ipv4Net| view.is_taken(s) || claims.contains_key(&s);
+        let preferred = req.preferred.filter(|p| range.contains(*p) && !taken(*p));
+        let Some(subnet) = preferred.or_else(|| range.pick_free_by(taken, &mut rand::rng())) else {
+            return if claims.values().any(|c| *c == Claim::InFlight) {
+                Plan::Wait
+            } else {
+                Plan::Full
+            };
+        };
+        claims.insert(subnet, Claim::InFlight);
+        Plan::Create {
+            subnet,
+            node_index,
+            mac_index,
+            config_revision: view.config_mod_revision(),
+        }
+    }
+
+    /// Ends the claim of an acquire on `subnet`: created at a revision, or given up.
+    fn end_claim(&self, subnet: Ipv4Net, outcome: Option<Claim>) {
+        {
+            let mut claims = self.claims.lock().expect("claims lock");
+            match outcome {
+                Some(c) => claims.insert(subnet, c),
+                None => claims.remove(&subnet),
+            };
+        }
+        self.claim_ended.notify_waiters();
+    }
+}
+
+/// An in-flight claim, given up when dropped without an outcome (the acquire failed, or
+/// its caller went away mid-way).
+struct ClaimGuard<'a> {
+    manager: &'a LeaseManager,
+    subnet: Ipv4Net,
+    done: bool,
+}
+
+impl ClaimGuard<'_> {
+    fn end(mut self, outcome: Option<Claim>) {
+        self.done = true;
+        self.manager.end_claim(self.subnet, outcome);
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.manager.end_claim(self.subnet, None);
+        }
+    }
+}
+
+impl LeaseManager {
+    /// Creates the subnet the view picked, in one transaction that proves the view right:
+    /// the key is absent, the node's and the MAC's index keys and the config are as the
+    /// view shows them.
+    async fn create_from_view(
+        &self,
+        req: &AcquireRequest,
+        config: &NetworkConfig,
+        (claim, node_index, mac_index, config_revision): (
+            ClaimGuard<'_>,
+            Option<KeyValue>,
+            Option<KeyValue>,
+            i64,
+        ),
+        granted: &mut Option<LeaseId>,
+    ) -> Result<Fast, ControlError> {
+        let subnet = claim.subnet;
+        let lease_id = match *granted {
+            Some(id) => id,
+            None => {
+                let id = self.store.grant(config.lease_ttl).await?;
+                *granted = Some(id);
+                id
+            }
+        };
+        let now = now_millis();
+        let record = LeaseRecord {
+            node: req.node.clone(),
+            public_ip: req.public_ip,
+            backend: req.backend,
+            backend_data: req.data.clone(),
+            reserved: false,
+            created_at: now,
+            renewed_at: now,
+        };
+        let key = self.keys.lease(subnet);
+        let node_index_key = self.keys.node_index(&req.node);
+        let mut txn = Txn::default();
+        txn.absent(&key);
+        txn.put(&key, record.encode(), lease_id);
+        txn.unchanged(&node_index_key, node_index.as_ref());
+        txn.put(&node_index_key, subnet_key(subnet).into_bytes(), lease_id);
+        if let Some(m) = req.data.vtep_mac {
+            let k = self.keys.mac_index(m);
+            txn.unchanged(&k, mac_index.as_ref());
+            txn.put(&k, subnet_key(subnet).into_bytes(), lease_id);
+        }
+        txn.at_revision(&self.keys.config(), config_revision);
+        let written = txn.commit(self.store.as_ref()).await;
+        match written {
+            Ok(Written::Yes(revision)) => {
+                claim.end(Some(Claim::Created(revision)));
+                self.note_expiry(lease_id, config.lease_ttl);
+                info!(node = %req.node, %subnet, "leased a new subnet");
+                Ok(Fast::Done(
+                    Acquired {
+                        lease: Lease { subnet, record },
+                        config: config.clone(),
+                        ttl: Some(config.lease_ttl),
+                    },
+                    lease_id,
+                ))
+            }
+            Ok(Written::Conflict) => {
+                // Who moved? If the subnet's key exists, another controller took it: pick
+                // another. Otherwise the node, the MAC or the config changed: a listing
+                // decides.
+                if self.store.get(&key).await?.is_some() {
+                    self.stats.lost_races.fetch_add(1, Ordering::Relaxed);
+                    claim.end(Some(Claim::Foreign(Instant::now())));
+                    Ok(Fast::Again)
+                } else {
+                    Ok(Fast::Slow)
+                }
+            }
+            Err(StoreError::LeaseNotFound(_)) => {
+                // Our fresh etcd lease vanished (e.g. etcd restored); grant another.
+                *granted = None;
+                Ok(Fast::Again)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Decides from a listing of every lease read from etcd, as many times as the store
+    /// changes under it (at most [`MAX_ATTEMPTS`]).
+    async fn listing_attempts(
         &self,
         req: &AcquireRequest,
         config: &NetworkConfig,
@@ -411,6 +872,7 @@ impl LeaseManager {
                 Some(k) => self.get_index(k).await?,
                 None => None,
             };
+            let listed_at = Instant::now();
             let listing = self.listing().await?;
             let served = listing.interpret(config);
             if let Some(keep) = self.own_lease(&listing, &req.node, node_index.as_ref()) {
@@ -429,7 +891,7 @@ impl LeaseManager {
                 }
                 self.check_mac(&served, mac, Some(&keep.key))?;
                 let indexes = (node_index.as_ref(), mac_index.as_ref());
-                match self.refresh(keep, req, config, indexes).await? {
+                match self.refresh(keep, req, config, indexes, false).await? {
                     Some(acquired) => return Ok((acquired, keep.lease_id)),
                     None => continue,
                 }
@@ -441,10 +903,9 @@ impl LeaseManager {
                 .filter(|p| range.contains(*p) && !taken.contains(p));
             let Some(subnet) = preferred.or_else(|| range.pick_free(&taken, &mut rand::rng()))
             else {
-                return Err(ControlError::Exhausted {
-                    total: range.len(),
-                    range: format!("{}-{}", config.subnet_min, config.subnet_max),
-                });
+                let mut full_at = self.full_at.lock().expect("full lock");
+                *full_at = Some(full_at.map_or(listed_at, |t| t.max(listed_at)));
+                return Err(exhausted(config));
             };
             let lease_id = match *granted {
                 Some(id) => id,
@@ -476,6 +937,7 @@ impl LeaseManager {
             }
             match txn.commit(self.store.as_ref()).await {
                 Ok(Written::Yes(_)) => {
+                    self.note_expiry(lease_id, config.lease_ttl);
                     info!(node = %req.node, %subnet, attempt, "leased a new subnet");
                     let lease = Lease { subnet, record };
                     return Ok((
@@ -502,13 +964,16 @@ impl LeaseManager {
 
     /// Hands a node its existing lease back, updating what peers need to know and writing
     /// the index keys it lacks (rewriting an unreadable value, see the module notes). `None`
-    /// when the stored state changed meanwhile (the caller re-lists).
+    /// when the stored state changed meanwhile (the caller re-lists). With `verify` (the
+    /// lease was found in the view, not in a listing) the key is compared with what was
+    /// seen even when nothing is written.
     async fn refresh(
         &self,
         keep: &Entry,
         req: &AcquireRequest,
         config: &NetworkConfig,
         (node_index, mac_index): (Option<&KeyValue>, Option<&KeyValue>),
+        verify: bool,
     ) -> Result<Option<Acquired>, ControlError> {
         let subnet = keep.subnet.expect("lease keys have a subnet");
         let reserved = is_reserved(keep);
@@ -531,7 +996,10 @@ impl LeaseManager {
             None
         } else {
             match self.store.keep_alive(keep.lease_id).await {
-                Ok(ttl) => Some(ttl),
+                Ok(ttl) => {
+                    self.note_expiry(keep.lease_id, ttl);
+                    Some(ttl)
+                }
                 // Expired this very moment: the key is going away; re-list.
                 Err(StoreError::LeaseNotFound(_)) => return Ok(None),
                 Err(e) => return Err(e.into()),
@@ -570,7 +1038,7 @@ impl LeaseManager {
                 }
             }
         }
-        if !txn.is_empty() {
+        if !txn.is_empty() || verify {
             txn.at_revision(&keep.key, keep.mod_revision);
             match txn.commit(self.store.as_ref()).await {
                 Ok(Written::Yes(_)) => {}
@@ -682,7 +1150,10 @@ impl LeaseManager {
             return Ok(None);
         }
         match self.store.keep_alive(e.lease_id).await {
-            Ok(ttl) => Ok(Some(ttl)),
+            Ok(ttl) => {
+                self.note_expiry(e.lease_id, ttl);
+                Ok(Some(ttl))
+            }
             Err(StoreError::LeaseNotFound(_)) => Err(ControlError::NotFound(format!(
                 "the lease for {subnet} has expired"
             ))),
@@ -738,25 +1209,50 @@ impl LeaseManager {
                 )
             })
             .collect();
+        // Expiries as learnt from grants, keepalives and earlier lookups; only a lease
+        // this controller knows no future expiry of is looked up (see the module notes).
+        let known: HashMap<LeaseId, SystemTime> = {
+            let mut expiry = self.expiry.lock().expect("expiry lock");
+            let live: HashSet<LeaseId> = served.iter().map(|(_, id)| *id).collect();
+            expiry.retain(|id, _| live.contains(id));
+            expiry.clone()
+        };
         let store = self.store.clone();
         let lookups = served.into_iter().map(|(lease, id)| {
             let store = store.clone();
+            let known = known.get(&id).copied().filter(|at| *at > now);
             async move {
                 let expires_at = if id == 0 || lease.record.reserved {
                     None
+                } else if let Some(at) = known {
+                    Some(at)
                 } else {
                     // A lease that vanished between the listing and now expires "now".
-                    Some(store.time_to_live(id).await?.map_or(now, |ttl| now + ttl))
+                    let ttl = store.time_to_live(id).await?;
+                    return Ok::<_, StoreError>((
+                        ListedLease {
+                            lease,
+                            expires_at: Some(ttl.map_or(now, |ttl| now + ttl)),
+                        },
+                        ttl.map(|t| (id, t)),
+                    ));
                 };
-                Ok::<_, StoreError>(ListedLease { lease, expires_at })
+                Ok((ListedLease { lease, expires_at }, None))
             }
         });
-        let leases: Vec<ListedLease> = stream::iter(lookups)
+        let looked_up: Vec<(ListedLease, Option<(LeaseId, Duration)>)> = stream::iter(lookups)
             .buffered(32)
             .collect::<Vec<_>>()
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
+        let mut leases = Vec::with_capacity(looked_up.len());
+        for (listed, learnt) in looked_up {
+            if let Some((id, ttl)) = learnt {
+                self.note_expiry(id, ttl);
+            }
+            leases.push(listed);
+        }
         Ok(LeaseListing {
             leases,
             ignored: interpretation.ignored,
@@ -986,6 +1482,26 @@ impl LeaseManager {
     }
 }
 
+fn exhausted(config: &NetworkConfig) -> ControlError {
+    ControlError::Exhausted {
+        total: config.range().len(),
+        range: format!("{}-{}", config.subnet_min, config.subnet_max),
+    }
+}
+
+/// Whether a claim still matters once the view is complete up to `revision`.
+fn keep_claim(c: Claim, subnet: Ipv4Net, revision: i64, view: &LeaseView) -> bool {
+    match c {
+        Claim::InFlight => true,
+        Claim::Created(at) => at > revision,
+        Claim::Foreign(_) => !view.is_taken(subnet),
+    }
+}
+
+fn foreign_expired(c: Claim, now: Instant) -> bool {
+    matches!(c, Claim::Foreign(at) if now.duration_since(at) > FOREIGN_CLAIM)
+}
+
 fn check_holder(lease: &Lease, node: &str) -> Result<(), ControlError> {
     if lease.record.node == node {
         Ok(())
@@ -1002,6 +1518,7 @@ fn check_holder(lease: &Lease, node: &str) -> Result<(), ControlError> {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+    use crate::store::{Condition, TxnWrite};
 
     const CONFIG: &str =
         r#"{"network":"10.244.0.0/16","backend":{"type":"alloc"},"lease_ttl":"60s"}"#;
@@ -1482,5 +1999,320 @@ mod tests {
         )
         .await
         .unwrap();
+    }
+
+    /// A store that counts the calls allocation and listing must keep rare, and that can
+    /// hold `grant` until released.
+    struct Counting {
+        inner: MemoryStore,
+        lists: AtomicU64,
+        lookups: AtomicU64,
+        grants_held: Option<tokio::sync::Semaphore>,
+    }
+
+    impl Counting {
+        fn new() -> Self {
+            Counting {
+                inner: MemoryStore::new(),
+                lists: AtomicU64::new(0),
+                lookups: AtomicU64::new(0),
+                grants_held: None,
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Counting {
+        async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+            self.lists.fetch_add(1, Ordering::Relaxed);
+            self.inner.list(prefix).await
+        }
+        async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64, StoreError> {
+            self.inner.put(key, value).await
+        }
+        async fn create(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            lease: LeaseId,
+        ) -> Result<Written, StoreError> {
+            self.inner.create(key, value, lease).await
+        }
+        async fn update(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            expected: i64,
+            lease: LeaseId,
+        ) -> Result<Written, StoreError> {
+            self.inner.update(key, value, expected, lease).await
+        }
+        async fn delete(&self, key: &str, expected: Option<i64>) -> Result<Written, StoreError> {
+            self.inner.delete(key, expected).await
+        }
+        async fn txn(&self, c: Vec<Condition>, w: Vec<TxnWrite>) -> Result<Written, StoreError> {
+            self.inner.txn(c, w).await
+        }
+        async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+            if let Some(held) = &self.grants_held {
+                held.acquire().await.expect("open").forget();
+            }
+            self.inner.grant(ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, StoreError> {
+            self.lookups.fetch_add(1, Ordering::Relaxed);
+            self.inner.time_to_live(lease).await
+        }
+        async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.revoke(lease).await
+        }
+        async fn list_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
+            self.inner.list_leases().await
+        }
+        async fn lease_info(
+            &self,
+            lease: LeaseId,
+        ) -> Result<Option<crate::store::LeaseInfo>, StoreError> {
+            self.lookups.fetch_add(1, Ordering::Relaxed);
+            self.inner.lease_info(lease).await
+        }
+        async fn watch(
+            &self,
+            prefix: &str,
+            start: i64,
+        ) -> Result<crate::store::WatchStream, StoreError> {
+            self.inner.watch(prefix, start).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    /// A controller: a manager and the fan-out that keeps its view current, synced.
+    async fn controller(store: Arc<dyn Store>) -> Arc<LeaseManager> {
+        let m = Arc::new(LeaseManager::new(store.clone(), Keys::new("/t")));
+        let f = Arc::new(crate::fanout::Fanout::new());
+        tokio::spawn(f.run(m.clone()));
+        let (_, now) = store.list("/t/").await.unwrap();
+        m.view_reaches(now).await;
+        m
+    }
+
+    /// Every controller's view is complete up to what the store holds now.
+    async fn all_caught_up(store: &dyn Store, managers: &[Arc<LeaseManager>]) {
+        let (_, now) = store.list("/t/").await.unwrap();
+        for m in managers {
+            m.view_reaches(now).await;
+        }
+    }
+
+    /// Acquires for `nodes` all at once, spread over `managers`: the subnets granted and
+    /// how many were told the range is exhausted (any other error fails the test).
+    async fn all_at_once(
+        managers: &[Arc<LeaseManager>],
+        nodes: &[String],
+    ) -> (Vec<Ipv4Net>, usize) {
+        let tasks: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let m = managers[i % managers.len()].clone();
+                let r = req(node);
+                tokio::spawn(async move { m.acquire(&r).await })
+            })
+            .collect();
+        let mut got = Vec::new();
+        let mut exhausted = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(a) => got.push(a.lease.subnet),
+                Err(ControlError::Exhausted { .. }) => exhausted += 1,
+                Err(e) => panic!("only 'exhausted' may fail an acquire here: {e}"),
+            }
+        }
+        (got, exhausted)
+    }
+
+    /// Allocation from the controllers' views, many at once on a nearly full range, on
+    /// three controllers: as many acquires succeed as there are free subnets, no subnet
+    /// twice, and "exhausted" is only ever said once none is free. After some leases are
+    /// released, exactly that many of the next burst succeed.
+    #[tokio::test]
+    async fn concurrent_allocators_get_every_free_subnet_of_a_nearly_full_range() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let setup = LeaseManager::new(store.clone(), Keys::new("/t"));
+        // A /24 in /28s: 15 subnets (the first is not in the range).
+        setup
+            .set_config(
+                r#"{"network":"10.244.0.0/24","subnet_len":28,"backend":{"type":"alloc"}}"#,
+                false,
+            )
+            .await
+            .unwrap();
+        let mut managers = Vec::new();
+        for _ in 0..3 {
+            managers.push(controller(store.clone()).await);
+        }
+        let early: Vec<String> = (0..10).map(|i| format!("early{i}")).collect();
+        for node in &early {
+            managers[0].acquire(&req(node)).await.unwrap();
+        }
+        all_caught_up(store.as_ref(), &managers).await;
+
+        let burst: Vec<String> = (0..40).map(|i| format!("burst{i}")).collect();
+        let (got, exhausted) = all_at_once(&managers, &burst).await;
+        assert_eq!(
+            got.len(),
+            5,
+            "every one of the 5 free subnets was handed out: {got:?}"
+        );
+        assert_eq!(exhausted, 35);
+        let (listed, _) = setup.list().await.unwrap();
+        let subnets: HashSet<Ipv4Net> = listed.iter().map(|l| l.lease.subnet).collect();
+        assert_eq!((listed.len(), subnets.len()), (15, 15), "no subnet twice");
+
+        // Three leases go; a second burst gets exactly those three.
+        for l in listed
+            .iter()
+            .filter(|l| l.lease.record.node.starts_with("early"))
+            .take(3)
+        {
+            setup
+                .release(&l.lease.record.node, l.lease.subnet)
+                .await
+                .unwrap();
+        }
+        all_caught_up(store.as_ref(), &managers).await;
+        let again: Vec<String> = (0..30).map(|i| format!("again{i}")).collect();
+        let (got, exhausted) = all_at_once(&managers, &again).await;
+        assert_eq!((got.len(), exhausted), (3, 27), "{got:?}");
+        let (listed, _) = setup.list().await.unwrap();
+        let subnets: HashSet<Ipv4Net> = listed.iter().map(|l| l.lease.subnet).collect();
+        assert_eq!((listed.len(), subnets.len()), (15, 15));
+        let from_view: u64 = managers
+            .iter()
+            .map(|m| m.stats().from_view.load(Ordering::Relaxed))
+            .sum();
+        assert!(
+            from_view >= 18,
+            "allocation went through the views: {from_view}"
+        );
+    }
+
+    /// A burst on one controller with room to spare is decided from its view alone: no
+    /// acquire lists the leases from the store.
+    #[tokio::test]
+    async fn a_burst_of_acquires_on_one_controller_lists_nothing() {
+        let counting = Arc::new(Counting::new());
+        let store: Arc<dyn Store> = counting.clone();
+        LeaseManager::new(store.clone(), Keys::new("/t"))
+            .set_config(CONFIG, false)
+            .await
+            .unwrap();
+        let m = controller(store.clone()).await;
+        let lists_before = counting.lists.load(Ordering::Relaxed);
+        let nodes: Vec<String> = (0..200).map(|i| format!("n{i}")).collect();
+        let (got, exhausted) = all_at_once(std::slice::from_ref(&m), &nodes).await;
+        assert_eq!((got.len(), exhausted), (200, 0));
+        assert_eq!(got.iter().collect::<HashSet<_>>().len(), 200);
+        assert_eq!(
+            counting.lists.load(Ordering::Relaxed),
+            lists_before,
+            "an acquire listed the leases"
+        );
+        assert_eq!(m.stats().from_listing.load(Ordering::Relaxed), 0);
+        // Acquiring again hands each node its lease back, also from the view.
+        for (node, subnet) in nodes.iter().zip(&got).take(20) {
+            let _ = subnet;
+            let again = m.acquire(&req(node)).await.unwrap();
+            assert!(got.contains(&again.lease.subnet));
+        }
+        assert_eq!(m.stats().from_listing.load(Ordering::Relaxed), 0);
+    }
+
+    /// ListLeases looks up no etcd lease whose expiry the controller learnt when it granted
+    /// or renewed it, and another controller looks each one up once, not per listing.
+    #[tokio::test]
+    async fn listing_looks_up_each_etcd_lease_at_most_once() {
+        let counting = Arc::new(Counting::new());
+        let store: Arc<dyn Store> = counting.clone();
+        let m = LeaseManager::new(store.clone(), Keys::new("/t"));
+        m.set_config(CONFIG, false).await.unwrap();
+        for i in 0..20 {
+            m.acquire(&req(&format!("n{i}"))).await.unwrap();
+        }
+        m.renew("n0", m.list().await.unwrap().0[0].lease.subnet)
+            .await
+            .ok();
+        let lookups = || counting.lookups.load(Ordering::Relaxed);
+        let before = lookups();
+        let (listed, _) = m.list().await.unwrap();
+        assert_eq!(listed.len(), 20);
+        assert!(listed
+            .iter()
+            .all(|l| l.expires_at.is_some_and(|t| t > SystemTime::now())));
+        assert_eq!(
+            lookups(),
+            before,
+            "the granting controller looked leases up"
+        );
+
+        let other = LeaseManager::new(store.clone(), Keys::new("/t"));
+        other.list().await.unwrap();
+        assert_eq!(
+            lookups(),
+            before + 20,
+            "one lookup per lease it did not know"
+        );
+        let (again, _) = other.list().await.unwrap();
+        assert_eq!(lookups(), before + 20, "and none the second time");
+        assert!(again.iter().all(|l| l.expires_at.is_some()));
+    }
+
+    /// When the acquires worked on at once fill the gate and one has waited its time, it
+    /// is told to come back later (RESOURCE_EXHAUSTED with a retry pushback), and the
+    /// others finish.
+    #[tokio::test]
+    async fn a_full_queue_answers_busy_with_a_retry_hint() {
+        let counting = Arc::new(Counting {
+            grants_held: Some(tokio::sync::Semaphore::new(0)),
+            ..Counting::new()
+        });
+        let store: Arc<dyn Store> = counting.clone();
+        let m = Arc::new(
+            LeaseManager::new(store, Keys::new("/t"))
+                .with_acquire_limits(1, Duration::from_millis(50)),
+        );
+        m.set_config(CONFIG, false).await.unwrap();
+        let lists = counting.lists.load(Ordering::Relaxed);
+        let first = {
+            let m = m.clone();
+            tokio::spawn(async move { m.acquire(&req("first")).await })
+        };
+        // The first holds the only turn once it has listed (its grant is held next).
+        while counting.lists.load(Ordering::Relaxed) == lists {
+            tokio::task::yield_now().await;
+        }
+        let e = m.acquire(&req("second")).await.unwrap_err();
+        assert!(matches!(e, ControlError::Busy { .. }), "{e}");
+        assert_eq!(m.stats().busy.load(Ordering::Relaxed), 1);
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status.metadata().get(crate::error::RETRY_PUSHBACK).unwrap(),
+            "50"
+        );
+        counting.grants_held.as_ref().unwrap().add_permits(10);
+        first.await.unwrap().unwrap();
+        m.acquire(&req("second")).await.unwrap();
     }
 }

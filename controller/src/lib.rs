@@ -6,6 +6,7 @@
 pub mod election;
 pub mod error;
 pub mod fanout;
+pub mod frames;
 pub mod grpc;
 pub mod health;
 pub mod janitor;

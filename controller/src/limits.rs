@@ -1,8 +1,9 @@
 //! Per-identity rate limit of the listing calls (ListLeases, GetConfig, WatchLeases): a
 //! token bucket per client certificate identity.
 //!
-//! A ListLeases costs etcd a range read plus one lease lookup per lease, so one node in a
-//! loop could keep etcd busy for everyone. Each identity gets `burst` calls at once and
+//! A ListLeases costs etcd a range read of every lease (and a lookup of each lease whose
+//! expiry this controller does not know yet), so one node in a loop could keep etcd busy
+//! for everyone. Each identity gets `burst` calls at once and
 //! `rate` more per second; a call beyond that is refused with RESOURCE_EXHAUSTED and the
 //! time to wait. Admin identities are not limited (they may already do anything), and
 //! neither are plaintext clients (`--insecure`), which have no identity.

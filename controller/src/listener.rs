@@ -318,6 +318,24 @@ async fn accept_loop<H: Handshake>(
     }
 }
 
+/// Connections the kernel may hold for us before `accept` (capped by
+/// `net.core.somaxconn`). tokio's `TcpListener::bind` asks for 1024: thousands of agents
+/// that start at once then overflow the queue, and their connections are dropped or reset
+/// before the accept loop ever sees them.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as
+/// `TcpListener::bind` sets, so a restarted controller gets its port back at once).
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// RLIMIT_NOFILE: raises the soft limit to the hard one (as Go's runtime does), and returns
 /// the limit now in force, or `None` when it cannot be read.
 pub fn raise_fd_limit() -> Option<u64> {

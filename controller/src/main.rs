@@ -12,7 +12,7 @@ use overlay_common::flags::TlsArgs;
 use overlay_common::tls::Transport;
 use overlay_controller::election;
 use overlay_controller::fanout::Fanout;
-use overlay_controller::grpc::{Api, Auth, MAX_REQUEST_BYTES};
+use overlay_controller::grpc::{AgentService, Api, Auth, MAX_REQUEST_BYTES};
 use overlay_controller::health::{self, HealthState, Readiness};
 use overlay_controller::janitor::{self, JanitorConfig};
 use overlay_controller::leases::{Keys, LeaseManager};
@@ -22,7 +22,14 @@ use overlay_controller::metrics::{MeteredStore, Metrics};
 use overlay_controller::store::{EtcdOptions, EtcdStore, Store, StoreError};
 use overlay_core::backoff::Backoff;
 use overlay_core::config::parse_duration_in;
-use overlay_proto::v1::{admin_server::AdminServer, agent_server::AgentServer};
+use overlay_proto::v1::admin_server::AdminServer;
+
+/// HTTP/2 flow-control windows the controller grants: a stream's (a request is at most
+/// `MAX_REQUEST_BYTES`), and the connection's, shared by its streams.
+const STREAM_WINDOW: u32 = MAX_REQUEST_BYTES as u32;
+const CONNECTION_WINDOW: u32 = 2 * MAX_REQUEST_BYTES as u32;
+/// The largest HTTP/2 frame we accept: the protocol's minimum.
+const MAX_FRAME: u32 = 16 * 1024;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -346,8 +353,7 @@ async fn run() -> anyhow::Result<()> {
         handshake_timeout: args.tls_handshake_timeout,
     };
     // Bind first so a taken port fails at once, with the port in the message.
-    let grpc_listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let grpc_listener = listener::bind(args.listen)
         .with_context(|| format!("--listen: cannot listen on {}", args.listen))?;
     let grpc_addr = grpc_listener.local_addr()?;
     let health_listener = match health_addr {
@@ -385,6 +391,10 @@ async fn run() -> anyhow::Result<()> {
             tokio::spawn(check_etcd_access(store.clone(), probe_key));
         }
     }
+    let manager = Arc::new(LeaseManager::new(
+        store.clone(),
+        Keys::new(&args.etcd_prefix),
+    ));
     let election = janitor::spawn(
         store.clone(),
         &args.etcd_prefix,
@@ -396,11 +406,8 @@ async fn run() -> anyhow::Result<()> {
             keep_revisions: args.keep_revisions,
         },
         metrics.clone(),
+        manager.view().clone(),
     );
-    let manager = Arc::new(LeaseManager::new(
-        store.clone(),
-        Keys::new(&args.etcd_prefix),
-    ));
     let fanout = Arc::new(Fanout::with_metrics(metrics.clone()));
     let readiness = Arc::new(Readiness::default());
     let health_state = HealthState {
@@ -452,15 +459,17 @@ async fn run() -> anyhow::Result<()> {
         info!(cert = %files.cert.display(), ca = %files.ca.display(), "mutual TLS on: clients need a certificate from the CA");
     }
     let max_response = args.max_response_bytes as usize;
+    // HTTP/2 windows: what a client may send us before we read it. Requests are at most
+    // MAX_REQUEST_BYTES, so small windows cost callers nothing and bound what thousands of
+    // connections can make us buffer (see docs/benchmarks.md, controller memory).
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(args.max_concurrent_streams)
-        .add_service(
-            AgentServer::new(api.clone())
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(max_response),
-        )
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .add_service(AgentService::new(api.clone(), max_response))
         .add_service(
             AdminServer::new(api)
                 .max_decoding_message_size(MAX_REQUEST_BYTES)

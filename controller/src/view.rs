@@ -26,12 +26,13 @@
 //! `overlay_controller_ignored_lease_keys{reason}`, listed in `ListLeases` (`ignored`) and
 //! shown by `overlayctl status`.
 //!
-//! Cost: the fan-out interprets the whole set again for every revision that touches a lease
-//! key or the config, O(n log n) in the number of keys. For a thousand leases that is well
-//! under a millisecond, and it keeps the rule in one function instead of an incremental
-//! copy of it that could drift.
+//! Cost: the fan-out interprets the whole set again for every batch of watch events that
+//! touches a lease key or the config, O(n log n) in the number of keys. For a thousand
+//! leases that is well under a millisecond, and it keeps the rule in one function instead
+//! of an incremental copy of it that could drift. Under a burst of writes the fan-out takes
+//! every batch that has arrived at once, so the cost is paid per batch, not per write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use ipnet::Ipv4Net;
 use overlay_core::config::NetworkConfig;
@@ -160,7 +161,8 @@ pub fn interpret<'a>(
     entries: impl IntoIterator<Item = &'a Entry>,
 ) -> Interpretation<'a> {
     let mut out = Interpretation::default();
-    let mut candidates: Vec<(&'a Entry, &'a Lease)> = Vec::new();
+    let entries = entries.into_iter();
+    let mut candidates: Vec<(&'a Entry, &'a Lease)> = Vec::with_capacity(entries.size_hint().0);
     for e in entries {
         let lease = match &e.read {
             Err(ignored) => {
@@ -200,7 +202,7 @@ pub fn interpret<'a>(
         }
     }
     candidates.sort_by(|a, b| precedence(a.0).cmp(&precedence(b.0)));
-    let mut nodes: HashMap<&str, &Lease> = HashMap::new();
+    let mut nodes: HashMap<&str, &Lease> = HashMap::with_capacity(candidates.len());
     let mut macs: HashMap<MacAddr, &Lease> = HashMap::new();
     for (e, lease) in candidates {
         let node = lease.record.node.as_str();
@@ -245,13 +247,23 @@ pub fn interpret<'a>(
     out
 }
 
-/// The keys of a cluster prefix as the watch fan-out follows them: the config and every
-/// key under the lease prefix, read once each, interpreted as a whole on demand.
+/// The keys of a cluster prefix as the watch fan-out follows them: the config, every key
+/// under the lease prefix (read once each, interpreted as a whole on demand) and the index
+/// keys. It also keeps what allocation looks up per request, so that a lookup never walks
+/// every lease: the subnets taken, and the keys of each node's readable leases.
 #[derive(Debug)]
 pub struct LeaseView {
     keys: Keys,
     config: Option<NetworkConfig>,
+    /// Mod revision of the config key as last applied (0: none seen).
+    config_mod_revision: i64,
     entries: BTreeMap<String, Entry>,
+    /// The index keys (`<prefix>/index/...`) as stored.
+    indexes: HashMap<String, KeyValue>,
+    /// Subnets whose lease key exists, readable or not.
+    taken: HashSet<Ipv4Net>,
+    /// The keys of the readable leases that name each node.
+    by_node: HashMap<String, BTreeSet<String>>,
 }
 
 /// What applying a store event did to a [`LeaseView`].
@@ -271,7 +283,11 @@ impl LeaseView {
         LeaseView {
             keys,
             config: None,
+            config_mod_revision: 0,
             entries: BTreeMap::new(),
+            indexes: HashMap::new(),
+            taken: HashSet::new(),
+            by_node: HashMap::new(),
         }
     }
 
@@ -279,13 +295,96 @@ impl LeaseView {
         self.config.as_ref()
     }
 
+    /// The mod revision of the config key the view holds (0: none).
+    pub fn config_mod_revision(&self) -> i64 {
+        self.config_mod_revision
+    }
+
+    /// The key under the lease prefix, as read.
+    pub fn entry(&self, key: &str) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    /// An index key (`<prefix>/index/...`) as stored.
+    pub fn index(&self, key: &str) -> Option<&KeyValue> {
+        self.indexes.get(key)
+    }
+
+    /// Whether a lease key of `subnet` exists (readable or not).
+    pub fn is_taken(&self, subnet: Ipv4Net) -> bool {
+        self.taken.contains(&subnet)
+    }
+
+    /// Every key under the lease prefix.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The readable leases that name `node`.
+    pub fn of_node<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.entries.get(k))
+    }
+
+    /// Every etcd lease a key under the prefix is attached to.
+    pub fn lease_ids(&self) -> HashSet<LeaseId> {
+        self.entries
+            .values()
+            .map(|e| e.lease_id)
+            .chain(self.indexes.values().map(|kv| kv.lease))
+            .filter(|id| *id != 0)
+            .collect()
+    }
+
+    fn insert_entry(&mut self, entry: Entry) {
+        self.remove_entry(&entry.key.clone());
+        if let Some(s) = entry.subnet {
+            self.taken.insert(s);
+        }
+        if let Some(l) = entry.lease() {
+            self.by_node
+                .entry(l.record.node.clone())
+                .or_default()
+                .insert(entry.key.clone());
+        }
+        self.entries.insert(entry.key.clone(), entry);
+    }
+
+    fn remove_entry(&mut self, key: &str) {
+        let Some(old) = self.entries.remove(key) else {
+            return;
+        };
+        if let Some(s) = old.subnet {
+            self.taken.remove(&s);
+        }
+        if let Some(l) = old.lease() {
+            if let Some(keys) = self.by_node.get_mut(&l.record.node) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_node.remove(&l.record.node);
+                }
+            }
+        }
+    }
+
     /// Replaces the contents with a listing of the whole cluster prefix
     /// ([`Keys::root`]); what could not be taken in (an unreadable config, which leaves the
     /// last readable one in force).
     pub fn load(&mut self, kvs: &[KeyValue]) -> Vec<String> {
         self.entries.clear();
+        self.indexes.clear();
+        self.taken.clear();
+        self.by_node.clear();
         if !kvs.iter().any(|kv| kv.key == self.keys.config()) {
             self.config = None;
+            self.config_mod_revision = 0;
         }
         let mut problems = Vec::new();
         for kv in kvs {
@@ -302,6 +401,7 @@ impl LeaseView {
         if key == self.keys.config() {
             return match event {
                 StoreEvent::Put(kv) => {
+                    self.config_mod_revision = kv.mod_revision;
                     match NetworkConfig::from_json(&String::from_utf8_lossy(&kv.value)) {
                         Ok(config) => {
                             self.config = Some(config);
@@ -312,27 +412,88 @@ impl LeaseView {
                 }
                 StoreEvent::Delete { .. } => {
                     self.config = None;
+                    self.config_mod_revision = 0;
                     Applied::Changed
                 }
             };
+        }
+        if key.starts_with(&self.keys.index_prefix()) {
+            match event {
+                StoreEvent::Put(kv) => {
+                    self.indexes.insert(kv.key.clone(), kv.clone());
+                }
+                StoreEvent::Delete { key, .. } => {
+                    self.indexes.remove(key);
+                }
+            }
+            return Applied::Unrelated;
         }
         if !key.starts_with(&self.keys.leases()) {
             return Applied::Unrelated;
         }
         match event {
-            StoreEvent::Put(kv) => {
-                self.entries
-                    .insert(kv.key.clone(), read_key(&self.keys, kv));
-            }
-            StoreEvent::Delete { key, .. } => {
-                self.entries.remove(key);
-            }
+            StoreEvent::Put(kv) => self.insert_entry(read_key(&self.keys, kv)),
+            StoreEvent::Delete { key, .. } => self.remove_entry(key),
         }
         Applied::Changed
     }
 
     pub fn interpret(&self) -> Interpretation<'_> {
         interpret(self.config.as_ref(), self.entries.values())
+    }
+}
+
+/// A served lease that publishes a VTEP MAC, as allocation needs it to refuse the MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MacHolder {
+    pub key: String,
+    pub node: String,
+    pub subnet: Ipv4Net,
+}
+
+/// The view the watch fan-out keeps current, shared with lease allocation
+/// ([`crate::leases`]), which reads it instead of listing every lease from etcd per
+/// request. Only the fan-out writes it, under the write lock, one coalesced watch batch at
+/// a time; readers hold the read lock for a lookup, never across an `.await`.
+#[derive(Debug)]
+pub struct ViewState {
+    pub view: LeaseView,
+    /// Served leases by the VTEP MAC they publish, from the last interpretation.
+    pub served_macs: HashMap<MacAddr, MacHolder>,
+    /// The store revision the view is complete up to.
+    pub revision: i64,
+    /// Whether the view holds a listing and its watch is running. While it is not,
+    /// allocation reads etcd instead.
+    pub synced: bool,
+}
+
+impl ViewState {
+    pub fn new(keys: Keys) -> Self {
+        ViewState {
+            view: LeaseView::new(keys),
+            served_macs: HashMap::new(),
+            revision: 0,
+            synced: false,
+        }
+    }
+
+    /// Records what `interpretation` (of this view) serves, for lookups by MAC.
+    pub fn note_served(served: &Interpretation<'_>) -> HashMap<MacAddr, MacHolder> {
+        served
+            .leases
+            .values()
+            .filter_map(|e| {
+                let l = e.lease()?;
+                Some((
+                    l.record.backend_data.vtep_mac?,
+                    MacHolder {
+                        key: e.key.clone(),
+                        node: l.record.node.clone(),
+                        subnet: l.subnet,
+                    },
+                ))
+            })
+            .collect()
     }
 }
 

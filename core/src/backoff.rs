@@ -36,6 +36,17 @@ impl Backoff {
         half + half.mul_f64(rand::rng().random::<f64>())
     }
 
+    /// The next delay when the other side said how long to wait (a retry pushback):
+    /// at least `hint`, spread over up to half as much again so that everyone told the
+    /// same does not come back at the same moment; at least the next delay too.
+    pub fn next_delay_after(&mut self, hint: Option<Duration>) -> Duration {
+        let own = self.next_delay();
+        match hint {
+            Some(h) => own.max(h + (h / 2).mul_f64(rand::rng().random::<f64>())),
+            None => own,
+        }
+    }
+
     /// The current step (the most the next delay can be).
     pub fn step(&self) -> Duration {
         self.step
@@ -64,6 +75,21 @@ mod tests {
         assert_eq!(steps, [100, 200, 400, 800, 800, 800]);
         b.reset();
         assert_eq!(b.step(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_pushback_is_waited_at_least_and_spread() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        for _ in 0..50 {
+            let d = b.next_delay_after(Some(Duration::from_secs(2)));
+            assert!(
+                d >= Duration::from_secs(2) && d <= Duration::from_secs(3),
+                "{d:?}"
+            );
+            b.reset();
+        }
+        let d = b.next_delay_after(None);
+        assert!(d <= Duration::from_millis(100), "{d:?}");
     }
 
     #[test]

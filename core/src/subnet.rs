@@ -84,14 +84,24 @@ impl SubnetRange {
         taken: &HashSet<Ipv4Net>,
         rng: &mut R,
     ) -> Option<Ipv4Net> {
+        self.pick_free_by(|s| taken.contains(&s), rng)
+    }
+
+    /// [`Self::pick_free`] with "taken" decided by `is_taken`: a few random probes, then,
+    /// when the range is nearly full, a uniform pick among all the free subnets.
+    pub fn pick_free_by<R: Rng + ?Sized>(
+        &self,
+        is_taken: impl Fn(Ipv4Net) -> bool,
+        rng: &mut R,
+    ) -> Option<Ipv4Net> {
         let n = self.len();
         for _ in 0..32 {
             let candidate = self.nth(rng.random_range(0..n)).expect("in range");
-            if !taken.contains(&candidate) {
+            if !is_taken(candidate) {
                 return Some(candidate);
             }
         }
-        let free: Vec<Ipv4Net> = self.iter().filter(|s| !taken.contains(s)).collect();
+        let free: Vec<Ipv4Net> = self.iter().filter(|s| !is_taken(*s)).collect();
         if free.is_empty() {
             None
         } else {

@@ -339,7 +339,7 @@ impl Agent {
                         }
                         Err(why) => {
                             self.metrics.renewed(false);
-                            let wait = renew_backoff.next_delay();
+                            let wait = renew_backoff.next_delay_after(why.retry_after());
                             debug!(reason = %why, retry_in = ?wait, "renewal failed; keeping everything and retrying");
                             self.note_error("renew", &why);
                             next_renew = Instant::now() + wait;
@@ -453,7 +453,7 @@ impl Agent {
             match self.control.config().await {
                 Ok(c) => return c,
                 Err(e) => {
-                    let wait = backoff.next_delay();
+                    let wait = backoff.next_delay_after(e.retry_after());
                     warn!(error = %e, retry_in = ?wait, "cannot get the network config");
                     self.note_error("config", &e);
                     sleep(wait).await;
@@ -473,7 +473,9 @@ impl Agent {
                     return granted;
                 }
                 Err(e) => {
-                    let wait = backoff.next_delay();
+                    // A busy controller says when to come back; otherwise back off, with
+                    // jitter either way, so thousands of agents do not return together.
+                    let wait = backoff.next_delay_after(e.retry_after());
                     warn!(error = %e, retry_in = ?wait, "cannot acquire a lease");
                     self.note_error("acquire", &e);
                     sleep(wait).await;
@@ -520,8 +522,12 @@ async fn watch_peers(control: Arc<dyn ControlPlane>, view: Arc<PeerView>, status
     let mut backoff = watch_backoff();
     loop {
         let after = view.cache.lock().expect("cache").revision();
+        let mut hint = None;
         match control.watch(after).await {
-            Err(e) => debug!(error = %e, "cannot watch leases; retrying"),
+            Err(e) => {
+                debug!(error = %e, "cannot watch leases; retrying");
+                hint = e.retry_after();
+            }
             Ok(mut stream) => {
                 while let Some(update) = stream.next().await {
                     let update = match update {
@@ -556,6 +562,6 @@ async fn watch_peers(control: Arc<dyn ControlPlane>, view: Arc<PeerView>, status
                 debug!("watch stream ended");
             }
         }
-        sleep(backoff.next_delay()).await;
+        sleep(backoff.next_delay_after(hint)).await;
     }
 }

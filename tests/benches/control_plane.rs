@@ -3,9 +3,16 @@
 //! same changes reaching N watchers of etcd itself, in one run on one etcd.
 //!
 //! Run it with `make bench` (release binaries, then this `harness = false` bench). N and K
-//! come from `OVERLAY_BENCH_AGENTS` (default 1000) and `OVERLAY_BENCH_EVENTS` (default 50);
-//! `OVERLAY_BENCH_SPACING_MS` (default 50) spaces the changes. It prints a markdown table and
-//! never fails on a number: timings depend on the machine, so there is nothing to assert.
+//! come from `OVERLAY_BENCH_AGENTS` (default 1000; a list such as `1000,5000` runs each N in
+//! turn, each with a controller of its own on the same etcd, under a prefix of its own) and
+//! `OVERLAY_BENCH_EVENTS` (default 50); `OVERLAY_BENCH_SPACING_MS` (default 50) spaces the
+//! changes. It prints markdown tables and never fails on a number: timings depend on the
+//! machine, so there is nothing to assert.
+//!
+//! Simulated agents retry as the agent does: an answer that means "later" (a busy
+//! controller's RESOURCE_EXHAUSTED with a retry pushback, UNAVAILABLE, ABORTED) is waited
+//! out with jittered backoff ([`Backoff`]) and counted as a retry by kind; anything else
+//! ends that agent and is counted as an error by kind.
 //!
 //! Why in-process agents: 1000 `overlay-agent` processes on a 2-core machine would measure
 //! process start-up and the scheduler, not the control plane. Each simulated agent still has
@@ -28,8 +35,14 @@
 //!
 //! All clients share this process and its 2-thread runtime, which itself competes for the 2
 //! cores with etcd and the controller; that cost is the same for both paths.
+//!
+//! What limits N on one machine: open files (this process holds N gRPC connections, then N
+//! etcd connections; so do the controller and etcd: the bench raises RLIMIT_NOFILE before
+//! it starts them, and passes `--max-connections` above N to the controller), ephemeral ports
+//! (about 28000 in the default `ip_local_port_range`, per destination, and closed ones wait
+//! in TIME_WAIT for a minute) and memory (a few hundred MiB per thousand clients here).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +50,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use ipnet::Ipv4Net;
+use overlay_core::backoff::Backoff;
 use overlay_core::lease::{now_millis, BackendData, LeaseRecord};
 use overlay_core::subnet::subnet_key;
 use overlay_core::BackendType;
@@ -48,29 +62,49 @@ use overlay_tests::cluster::Controller;
 use overlay_tests::{Etcd, EtcdCluster};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-const PREFIX: &str = "/overlay";
-/// Node names of the leases the bench writes into etcd; the suffix is the change's index.
+/// Node names of the leases the bench writes into etcd, per phase; the suffix is the
+/// change's index. Distinct per phase, so the controller (still running in the direct
+/// phase) never sees two leases of one node.
 const EVENT_NODE: &str = "bench-event-";
+const DIRECT_EVENT_NODE: &str = "bench-direct-";
+/// How long a simulated agent keeps retrying "later" answers before it gives up.
+const RETRY_FOR: Duration = Duration::from_secs(120);
 /// How long to wait for stragglers after the last change before counting what arrived.
 const DELIVERY_GRACE: Duration = Duration::from_secs(15);
 /// Concurrent connects while opening the direct etcd watchers (setup, not measured).
 const DIRECT_CONNECT_CONCURRENCY: usize = 64;
 
+#[derive(Clone)]
 struct Settings {
+    /// The largest N of the runs (what the open-files limit is sized for).
     agents: usize,
+    /// N of each run, in order.
+    runs: Vec<usize>,
     events: usize,
     spacing: Duration,
 }
 
 impl Settings {
     fn from_env() -> Settings {
+        let runs = env_numbers("OVERLAY_BENCH_AGENTS", 1000);
         Settings {
-            agents: env_number("OVERLAY_BENCH_AGENTS", 1000).max(1),
+            agents: runs.iter().copied().max().unwrap_or(1),
+            runs,
             events: env_number("OVERLAY_BENCH_EVENTS", 50).max(1),
             spacing: Duration::from_millis(env_number("OVERLAY_BENCH_SPACING_MS", 50) as u64),
+        }
+    }
+
+    /// The settings of the run with `agents` agents.
+    fn run(&self, agents: usize) -> Settings {
+        Settings {
+            agents,
+            runs: vec![agents],
+            ..self.clone()
         }
     }
 
@@ -83,6 +117,20 @@ impl Settings {
             "10.0.0.0/8"
         };
         net.parse().expect("network literal")
+    }
+}
+
+/// A comma-separated list of positive numbers.
+fn env_numbers(name: &str, default: usize) -> Vec<usize> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .split(',')
+            .map(|n| match n.trim().parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => panic!("{name}={v:?} is not a list of positive integers (e.g. 1000,5000)"),
+            })
+            .collect(),
+        Err(_) => vec![default],
     }
 }
 
@@ -106,6 +154,10 @@ struct Progress {
     failed: AtomicUsize,
     connect_retries: AtomicUsize,
     errors: Mutex<Vec<String>>,
+    /// Errors that ended an agent, by kind.
+    error_kinds: Mutex<BTreeMap<String, usize>>,
+    /// "Later" answers that were retried, by kind.
+    retried: Mutex<BTreeMap<String, usize>>,
 }
 
 impl Progress {
@@ -114,9 +166,84 @@ impl Progress {
         self.errors.lock().expect("errors lock").push(what);
     }
 
+    /// An error that ended an agent: counted by kind, the first few kept whole.
+    fn fail(&self, who: String, e: &BoxError) {
+        *self
+            .error_kinds
+            .lock()
+            .expect("kinds lock")
+            .entry(error_kind(e.as_ref()))
+            .or_default() += 1;
+        self.error(format!("{who}: {e}"));
+    }
+
+    fn retried(&self, kind: String) {
+        *self
+            .retried
+            .lock()
+            .expect("retried lock")
+            .entry(kind)
+            .or_default() += 1;
+    }
+
     fn errors(&self) -> Vec<String> {
         self.errors.lock().expect("errors lock").clone()
     }
+}
+
+/// What kind of failure `e` is, in a few words: the gRPC code and what the controller
+/// said up to its first detail, or the transport's I/O error.
+fn error_kind(e: &(dyn std::error::Error + 'static)) -> String {
+    if let Some(s) = e.downcast_ref::<tonic::Status>() {
+        return status_kind(s);
+    }
+    let mut source = e.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return format!("transport: {:?}", io.kind());
+        }
+        source = cause.source();
+    }
+    let text = e.to_string();
+    text.split(':').next().unwrap_or(&text).trim().to_string()
+}
+
+fn status_kind(s: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut source = s.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return format!("{:?} (transport: {:?})", s.code(), io.kind());
+        }
+        source = cause.source();
+    }
+    let message = s.message();
+    let head: String = message
+        .split([':', ';', '('])
+        .next()
+        .unwrap_or(message)
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(60)
+        .collect();
+    format!("{:?}: {}", s.code(), head.trim())
+}
+
+/// The controller's retry pushback, if it sent one.
+fn pushback(s: &tonic::Status) -> Option<Duration> {
+    let ms: u64 = s
+        .metadata()
+        .get("grpc-retry-pushback-ms")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+/// Whether the agent would retry this answer (it keeps everything and comes back later).
+fn is_later(s: &tonic::Status) -> bool {
+    pushback(s).is_some() || matches!(s.code(), Code::Unavailable | Code::Aborted)
 }
 
 /// What one simulated agent saw, as absolute instants.
@@ -128,7 +255,8 @@ struct AgentRun {
     deliveries: Vec<Option<Instant>>,
 }
 
-/// Records the arrival of the bench's change number N (from the node name `bench-event-N`).
+/// Records the arrival of the bench's change number N (from the node name `bench-event-N`
+/// or `bench-direct-N`).
 fn record_delivery(
     deliveries: &mut [Option<Instant>],
     node: &str,
@@ -137,6 +265,7 @@ fn record_delivery(
 ) {
     let Some(index) = node
         .strip_prefix(EVENT_NODE)
+        .or_else(|| node.strip_prefix(DIRECT_EVENT_NODE))
         .and_then(|n| n.parse::<usize>().ok())
     else {
         return;
@@ -198,8 +327,12 @@ async fn simulated_agent(
     let result: Result<(), BoxError> = async {
         let channel = connect_channel(&url, &progress).await?;
         let mut client = AgentClient::new(channel);
-        let acquired = client
-            .acquire_lease(v1::AcquireLeaseRequest {
+        // As the agent: "later" answers are retried with jittered backoff (the agent's
+        // control-plane schedule), honouring the controller's pushback.
+        let give_up = Instant::now() + RETRY_FOR;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let acquired = loop {
+            let request = v1::AcquireLeaseRequest {
                 node: format!("bench-node-{i:05}"),
                 public_ip: public_ip(i).to_string(),
                 backend: v1::BackendType::Alloc.into(),
@@ -207,30 +340,53 @@ async fn simulated_agent(
                 preferred_subnet: None,
                 iface: None,
                 underlay: None,
-            })
-            .await?
-            .into_inner();
+            };
+            match client.acquire_lease(request).await {
+                Ok(r) => break r.into_inner(),
+                Err(s) if is_later(&s) && Instant::now() < give_up => {
+                    progress.retried(format!("acquire {}", status_kind(&s)));
+                    tokio::time::sleep(backoff.next_delay_after(pushback(&s))).await;
+                }
+                Err(s) => return Err(s.into()),
+            }
+        };
         run.leased = Some(Instant::now());
         run.subnet = acquired.lease.map(|l| l.subnet);
         progress.leased.fetch_add(1, Ordering::Relaxed);
 
-        let mut stream = client
-            .watch_leases(v1::WatchLeasesRequest { after_revision: 0 })
-            .await?
-            .into_inner();
+        // As the agent: (re)open the watch after the last revision seen, with backoff.
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut revision = 0;
+        let mut stream =
+            open_watch(&mut client, revision, &mut backoff, give_up, &progress).await?;
         let mut known: HashSet<String> = HashSet::new();
         loop {
             let message = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => return Ok(()),
-                m = stream.message() => m?,
+                m = stream.message() => m,
             };
             let now = Instant::now();
-            let Some(message) = message else {
-                return Err("the controller ended the watch stream".into());
+            let message = match message {
+                Ok(Some(m)) => m,
+                // A broken stream is resumed, as the agent does.
+                broken if Instant::now() < give_up => {
+                    let why = match broken {
+                        Err(s) => status_kind(&s),
+                        _ => "the controller ended it".to_string(),
+                    };
+                    progress.retried(format!("watch stream broke, resumed: {why}"));
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    stream =
+                        open_watch(&mut client, revision, &mut backoff, give_up, &progress).await?;
+                    continue;
+                }
+                Err(s) => return Err(s.into()),
+                Ok(None) => return Err("the controller ended the watch stream".into()),
             };
             match message.kind {
                 Some(Kind::Snapshot(snapshot)) => {
+                    revision = snapshot.revision;
                     if run.snapshot.is_none() {
                         run.snapshot = Some(now);
                         progress.snapshots.fetch_add(1, Ordering::Relaxed);
@@ -243,6 +399,7 @@ async fn simulated_agent(
                     known = snapshot.leases.into_iter().map(|l| l.subnet).collect();
                 }
                 Some(Kind::Event(event)) => {
+                    revision = revision.max(event.revision);
                     let Some(lease) = event.lease else { continue };
                     match EventType::try_from(event.r#type) {
                         Ok(EventType::Added) => {
@@ -265,9 +422,34 @@ async fn simulated_agent(
     }
     .await;
     if let Err(e) = result {
-        progress.error(format!("agent {i}: {e}"));
+        progress.fail(format!("agent {i}"), &e);
     }
     run
+}
+
+/// Opens `WatchLeases` after `revision`, retrying "later" answers until `give_up`.
+async fn open_watch(
+    client: &mut AgentClient<Channel>,
+    revision: i64,
+    backoff: &mut Backoff,
+    give_up: Instant,
+    progress: &Progress,
+) -> Result<tonic::Streaming<v1::WatchLeasesResponse>, BoxError> {
+    loop {
+        match client
+            .watch_leases(v1::WatchLeasesRequest {
+                after_revision: revision,
+            })
+            .await
+        {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if is_later(&s) && Instant::now() < give_up => {
+                progress.retried(format!("watch {}", status_kind(&s)));
+                tokio::time::sleep(backoff.next_delay_after(pushback(&s))).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
 }
 
 /// One direct etcd watcher: its own client (connection) and a prefix watch, until `stop`.
@@ -322,11 +504,12 @@ async fn direct_watcher(
 
 async fn open_direct_watch(
     endpoint: &str,
+    prefix: &str,
 ) -> Result<(etcd_client::Client, etcd_client::WatchStream), BoxError> {
     let mut client = etcd_client::Client::connect([endpoint], None).await?;
     let mut stream = client
         .watch(
-            format!("{PREFIX}/leases/"),
+            format!("{prefix}/leases/"),
             Some(etcd_client::WatchOptions::new().with_prefix()),
         )
         .await?;
@@ -341,6 +524,7 @@ async fn open_direct_watch(
 /// each put is sent, and each put's round trip.
 async fn put_changes(
     etcd: &mut etcd_client::Client,
+    (prefix, node): (&str, &str),
     subnets: &[Ipv4Net],
     spacing: Duration,
 ) -> Result<(Vec<Instant>, Vec<Duration>), BoxError> {
@@ -349,7 +533,7 @@ async fn put_changes(
     for (i, subnet) in subnets.iter().enumerate() {
         let now = now_millis();
         let record = LeaseRecord {
-            node: format!("{EVENT_NODE}{i}"),
+            node: format!("{node}{i}"),
             public_ip: Ipv4Addr::new(192, 0, 2, 254),
             backend: BackendType::Alloc,
             backend_data: BackendData::default(),
@@ -357,7 +541,7 @@ async fn put_changes(
             created_at: now,
             renewed_at: now,
         };
-        let key = format!("{PREFIX}/leases/{}", subnet_key(*subnet));
+        let key = format!("{prefix}/leases/{}", subnet_key(*subnet));
         let value = record.encode();
         let before = Instant::now();
         etcd.put(key, value, None).await?;
@@ -378,6 +562,60 @@ async fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     true
+}
+
+/// CPU time (user + system) used so far by the controller, etcd and this process, in ms.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    controller: Option<u64>,
+    etcd: Option<u64>,
+    bench: Option<u64>,
+}
+
+impl Cpu {
+    fn now(controller: u32, etcd: u32) -> Cpu {
+        Cpu {
+            controller: cpu_ms(&controller.to_string()),
+            etcd: cpu_ms(&etcd.to_string()),
+            bench: cpu_ms("self"),
+        }
+    }
+
+    /// What was used since `before`.
+    fn since(self, before: Cpu) -> Cpu {
+        let d = |a: Option<u64>, b: Option<u64>| Some(a?.saturating_sub(b?));
+        Cpu {
+            controller: d(self.controller, before.controller),
+            etcd: d(self.etcd, before.etcd),
+            bench: d(self.bench, before.bench),
+        }
+    }
+
+    fn show(self, per: usize) -> String {
+        let f = |v: Option<u64>| {
+            v.map_or("—".into(), |v| {
+                format!("{:.1} ms", v as f64 / per.max(1) as f64)
+            })
+        };
+        format!(
+            "{} / {} / {}",
+            f(self.controller),
+            f(self.etcd),
+            f(self.bench)
+        )
+    }
+}
+
+/// utime + stime of a process (`self` or a pid) in ms, from /proc.
+fn cpu_ms(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some((utime + stime) * 1000 / ticks)
 }
 
 /// Resident memory of a process in KiB, from /proc.
@@ -445,6 +683,8 @@ struct FanoutStats {
     last_watcher: Vec<Duration>,
     put_round_trip: Vec<Duration>,
     etcd_rss_kib: Option<u64>,
+    /// CPU used from the first change to the last delivery.
+    cpu: Cpu,
 }
 
 impl FanoutStats {
@@ -477,6 +717,7 @@ impl FanoutStats {
             last_watcher,
             put_round_trip,
             etcd_rss_kib,
+            cpu: Cpu::default(),
         }
     }
 }
@@ -491,6 +732,10 @@ struct JoinStats {
     all_converged: Option<Duration>,
     connect_retries: usize,
     errors: Vec<String>,
+    error_kinds: BTreeMap<String, usize>,
+    retried: BTreeMap<String, usize>,
+    /// CPU used from the start until every agent knew every lease.
+    cpu: Cpu,
 }
 
 struct Report {
@@ -506,6 +751,18 @@ struct Report {
     fanout_errors: Vec<String>,
     load_before: String,
     load_after: String,
+}
+
+/// `kind ×count` pairs, or "none".
+fn kinds(counts: &BTreeMap<String, usize>) -> String {
+    if counts.is_empty() {
+        return "none".into();
+    }
+    counts
+        .iter()
+        .map(|(k, n)| format!("{} ×{n}", k.replace('|', "/")))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn ms(d: Option<Duration>) -> String {
@@ -528,6 +785,47 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 }
 
 impl Report {
+    /// Controller memory per watch stream: RSS with the streams minus RSS before the
+    /// agents joined, over the streams.
+    fn kib_per_stream(&self) -> Option<f64> {
+        let (with, before) = (self.controller_rss_kib?, self.controller_rss_before_kib?);
+        let streams = self.via_controller.expected / self.settings.events.max(1);
+        (streams > 0).then(|| with.saturating_sub(before) as f64 / streams as f64)
+    }
+
+    /// One line of the summary table over all runs.
+    fn summary_row(&self) -> String {
+        let (c, d) = (&self.via_controller, &self.direct);
+        let p = |f: &FanoutStats, q| percentile(&f.all, q);
+        let errors = self.join.errors.len() + self.fanout_errors.len();
+        format!(
+            "| {} | {} / {} | {} | {} | {} / {} ({}) | {} / {} ({}) | {} | {} | {} | {} → {} |",
+            self.settings.agents,
+            self.join.leased,
+            self.join.distinct_subnets,
+            errors,
+            secs(self.join.all_leased),
+            ms(p(c, 0.5)),
+            ms(p(d, 0.5)),
+            ratio(
+                p(c, 0.5).map(|x| x.as_secs_f64()),
+                p(d, 0.5).map(|x| x.as_secs_f64())
+            ),
+            ms(p(c, 0.99)),
+            ms(p(d, 0.99)),
+            ratio(
+                p(c, 0.99).map(|x| x.as_secs_f64()),
+                p(d, 0.99).map(|x| x.as_secs_f64())
+            ),
+            self.kib_per_stream()
+                .map_or("—".into(), |k| format!("{k:.1} KiB")),
+            mib(c.etcd_rss_kib),
+            mib(d.etcd_rss_kib),
+            self.load_before,
+            self.load_after,
+        )
+    }
+
     fn markdown(&self) -> String {
         let s = &self.settings;
         let j = &self.join;
@@ -539,7 +837,10 @@ impl Report {
              | median agent holds its lease | {} |\n\
              | all agents have their watch snapshot | {} |\n\
              | all watchers know all {} leases | {} |\n\
-             | errors / connect retries | {} / {} |\n\n",
+             | errors / connect retries | {} / {} |\n\
+             | errors by kind | {} |\n\
+             | \"later\" answers retried, by kind | {} |\n\
+             | CPU per agent joining: controller / etcd / this process | {} |\n\n",
             j.agents,
             j.leased,
             j.distinct_subnets,
@@ -550,6 +851,9 @@ impl Report {
             secs(j.all_converged),
             j.errors.len(),
             j.connect_retries,
+            kinds(&j.error_kinds),
+            kinds(&j.retried),
+            j.cpu.show(j.agents),
         );
         let (c, d) = (&self.via_controller, &self.direct);
         out += &format!(
@@ -584,9 +888,14 @@ impl Report {
             );
         }
         out += &format!(
+            "| CPU per change: controller / etcd / this process | {} | {} | |\n",
+            c.cpu.show(s.events),
+            d.cpu.show(s.events)
+        );
+        out += &format!(
             "| deliveries received | {} / {} | {} / {} | |\n\
              | etcd RSS with the {} watchers connected | {} | {} (before they connected: {}) | {} |\n\
-             | controller RSS with {} gRPC watchers | {} (before they joined: {}) | — | |\n\n",
+             | controller RSS with {} gRPC watchers | {} (before they joined: {}; {} per stream) | — | |\n\n",
             c.delivered,
             c.expected,
             d.delivered,
@@ -602,6 +911,8 @@ impl Report {
             s.agents,
             mib(self.controller_rss_kib),
             mib(self.controller_rss_before_kib),
+            self.kib_per_stream()
+                .map_or("—".into(), |k| format!("{k:.1} KiB")),
         );
         out += &format!(
             "Opening the {} direct etcd watchers took {} (setup, not measured above); \
@@ -630,7 +941,13 @@ fn free_subnets(network: Ipv4Net, taken: &HashSet<String>, count: usize) -> Vec<
         .collect()
 }
 
-async fn run(settings: Settings, fd_limit: u64, etcd: &Etcd, controller: &Controller) -> Report {
+async fn run(
+    settings: Settings,
+    fd_limit: u64,
+    etcd: &Etcd,
+    controller: &Controller,
+    prefix: &str,
+) -> Report {
     let n = settings.agents;
     let k = settings.events;
     let network = settings.network();
@@ -667,10 +984,13 @@ async fn run(settings: Settings, fd_limit: u64, etcd: &Etcd, controller: &Contro
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
+    let etcd_pid = etcd.pid().expect("etcd runs");
+    let cpu_at = || Cpu::now(controller.child.pid(), etcd_pid);
+    let cpu_start = cpu_at();
     let started = Instant::now();
     start_tx.send_replace(true);
     let failed = || progress.failed.load(Ordering::Relaxed);
-    wait_for(Duration::from_secs(90), || {
+    wait_for(RETRY_FOR + Duration::from_secs(30), || {
         progress.leased.load(Ordering::Relaxed) + failed() >= n
     })
     .await;
@@ -682,6 +1002,7 @@ async fn run(settings: Settings, fd_limit: u64, etcd: &Etcd, controller: &Contro
         progress.converged.load(Ordering::Relaxed) + failed() >= n
     })
     .await;
+    let join_cpu = cpu_at().since(cpu_start);
     let join_errors = progress.errors();
     eprintln!(
         "phase 1 done in {:.1} s: {} leased, {} errors",
@@ -711,14 +1032,20 @@ async fn run(settings: Settings, fd_limit: u64, etcd: &Etcd, controller: &Contro
         .expect("connect to etcd");
     let watching = progress.snapshots.load(Ordering::Relaxed);
     eprintln!("phase 2: {k} changes to {watching} watchers via the controller");
-    let (sent, round_trips) = put_changes(&mut writer, via_controller_subnets, settings.spacing)
-        .await
-        .expect("put changes into etcd");
+    let cpu_start = cpu_at();
+    let (sent, round_trips) = put_changes(
+        &mut writer,
+        (prefix, EVENT_NODE),
+        via_controller_subnets,
+        settings.spacing,
+    )
+    .await
+    .expect("put changes into etcd");
     wait_for(DELIVERY_GRACE, || {
         progress.delivered.load(Ordering::Relaxed) >= watching * k
     })
     .await;
-    let etcd_pid = etcd.pid().expect("etcd runs");
+    let controller_phase_cpu = cpu_at().since(cpu_start);
     let etcd_rss_controller = rss_kib(etcd_pid);
     let controller_rss_kib = rss_kib(controller.child.pid());
     stop_tx.send_replace(true);
@@ -747,15 +1074,19 @@ async fn run(settings: Settings, fd_limit: u64, etcd: &Etcd, controller: &Contro
         all_converged: all(|r| r.converged),
         connect_retries: progress.connect_retries.load(Ordering::Relaxed),
         errors: join_errors.clone(),
+        error_kinds: progress.error_kinds.lock().expect("kinds lock").clone(),
+        retried: progress.retried.lock().expect("retried lock").clone(),
+        cpu: join_cpu,
     };
     let deliveries: Vec<Vec<Option<Instant>>> = runs.into_iter().map(|r| r.deliveries).collect();
-    let via_controller = FanoutStats::new(
+    let mut via_controller = FanoutStats::new(
         &sent,
         &deliveries,
         watching,
         round_trips,
         etcd_rss_controller,
     );
+    via_controller.cpu = controller_phase_cpu;
     let mut fanout_errors: Vec<String> = progress.errors().split_off(join_errors.len());
 
     // Phase 3: the same with N watchers on etcd itself.
@@ -767,7 +1098,7 @@ async fn run(settings: Settings, fd_limit: u64, etcd: &Etcd, controller: &Contro
     let setup_started = Instant::now();
     let endpoint = etcd.endpoint.clone();
     let opened: Vec<Result<_, BoxError>> = futures::stream::iter(0..n)
-        .map(|_| open_direct_watch(&endpoint))
+        .map(|_| open_direct_watch(&endpoint, prefix))
         .buffer_unordered(DIRECT_CONNECT_CONCURRENCY)
         .collect()
         .await;
@@ -782,25 +1113,33 @@ async fn run(settings: Settings, fd_limit: u64, etcd: &Etcd, controller: &Contro
                 stop_rx.clone(),
                 direct_progress.clone(),
             ))),
-            Err(e) => direct_progress.error(format!("opening a direct watch: {e}")),
+            Err(e) => direct_progress.fail("opening a direct watch".into(), &e),
         }
     }
     let watching = watchers.len();
     eprintln!("phase 3: {k} changes to {watching} direct etcd watchers");
-    let (sent, round_trips) = put_changes(&mut writer, direct_subnets, settings.spacing)
-        .await
-        .expect("put changes into etcd");
+    let cpu_start = cpu_at();
+    let (sent, round_trips) = put_changes(
+        &mut writer,
+        (prefix, DIRECT_EVENT_NODE),
+        direct_subnets,
+        settings.spacing,
+    )
+    .await
+    .expect("put changes into etcd");
     wait_for(DELIVERY_GRACE, || {
         direct_progress.delivered.load(Ordering::Relaxed) >= watching * k
     })
     .await;
+    let direct_phase_cpu = cpu_at().since(cpu_start);
     let etcd_rss_direct = rss_kib(etcd_pid);
     stop_tx.send_replace(true);
     let mut deliveries = Vec::with_capacity(watching);
     for w in watchers {
         deliveries.push(w.await.expect("watcher task"));
     }
-    let direct = FanoutStats::new(&sent, &deliveries, watching, round_trips, etcd_rss_direct);
+    let mut direct = FanoutStats::new(&sent, &deliveries, watching, round_trips, etcd_rss_direct);
+    direct.cpu = direct_phase_cpu;
     fanout_errors.extend(direct_progress.errors());
 
     Report {
@@ -841,35 +1180,57 @@ fn main() {
         .as_ref()
         .map_or(etcd.endpoint.clone(), |c| c.endpoints());
     let dir = tempfile::tempdir().expect("temp dir");
-    let controller = Controller::start_on(
-        &endpoints,
-        PREFIX,
-        dir.path(),
-        "controller",
-        &["--insecure".into()],
-    );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let report = runtime.block_on(run(settings, fd_limit, etcd, &controller));
-    // Clients first, so the servers see orderly closes rather than resets.
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    for (phase, errors) in [
-        ("join", &report.join.errors),
-        ("fan-out", &report.fanout_errors),
-    ] {
-        for e in errors.iter().take(5) {
-            eprintln!("{phase} error: {e}");
-        }
-    }
-    if !report.join.errors.is_empty() {
-        let log = controller.log();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        eprintln!(
-            "controller log (last lines, newest first):\n{}",
-            tail.join("\n")
+    let mut reports = Vec::new();
+    for &n in &settings.runs {
+        // Each N under a prefix of its own, with a controller of its own, so no run sees
+        // another's leases; etcd (and its memory) is shared.
+        let prefix = format!("/overlay-{n}");
+        let flags = [
+            "--insecure".to_string(),
+            // Above N: the default cap (4096) would close connections of the agents
+            // beyond it.
+            format!("--max-connections={}", n + 1024),
+        ];
+        let controller = Controller::start_on(
+            &endpoints,
+            &prefix,
+            dir.path(),
+            &format!("controller-{n}"),
+            &flags,
         );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let report = runtime.block_on(run(settings.run(n), fd_limit, &etcd, &controller, &prefix));
+        // Clients first, so the servers see orderly closes rather than resets.
+        runtime.shutdown_timeout(Duration::from_secs(5));
+        for (phase, errors) in [
+            ("join", &report.join.errors),
+            ("fan-out", &report.fanout_errors),
+        ] {
+            for e in errors.iter().take(5) {
+                eprintln!("{phase} error: {e}");
+            }
+        }
+        if !report.join.errors.is_empty() {
+            let log = controller.log();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            eprintln!(
+                "controller log (last lines, newest first):\n{}",
+                tail.join("\n")
+            );
+        }
+        println!("{}", report.markdown());
+        reports.push(report);
     }
-    println!("{}", report.markdown());
+    println!(
+        "### Summary\n\n\
+         | N | leased / distinct | errors | all leased | fan-out p50 controller / direct | \
+         fan-out p99 controller / direct | controller per stream | etcd RSS controller / direct | \
+         load average |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in &reports {
+        println!("{}", r.summary_row());
+    }
 }

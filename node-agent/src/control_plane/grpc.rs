@@ -40,6 +40,12 @@ impl GrpcControlPlane {
 
     /// A failed call as the agent sees it; a transport failure also fails over.
     fn failure(&self, s: tonic::Status) -> ControlPlaneError {
+        if let Some(retry_after) = retry_pushback(&s) {
+            return ControlPlaneError::Busy {
+                message: s.message().to_string(),
+                retry_after,
+            };
+        }
         if is_transport_failure(&s) {
             self.controllers.failed();
             return ControlPlaneError::Unavailable(error_chain(&s));
@@ -55,6 +61,21 @@ impl GrpcControlPlane {
             _ => ControlPlaneError::Unavailable(s.message().to_string()),
         }
     }
+}
+
+/// The controller's "retry after" (gRPC retry pushback, gRFC A6), when it sent one: its
+/// answers that mean "not now" (busy, rate limited) carry it.
+pub fn retry_pushback(s: &tonic::Status) -> Option<Duration> {
+    let ms: u64 = s
+        .metadata()
+        .get("grpc-retry-pushback-ms")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // A pushback longer than a minute is not believed; backoff rules then.
+    Some(Duration::from_millis(ms.min(60_000)))
 }
 
 fn bad(e: impl std::fmt::Display) -> ControlPlaneError {
@@ -158,5 +179,22 @@ fn peer_update(msg: v1::WatchLeasesResponse) -> Result<PeerUpdate, ControlPlaneE
         }),
         Some(Kind::Event(e)) => Ok(PeerUpdate::Event(event_from_proto(&e).map_err(bad)?)),
         None => Err(bad("an empty watch message")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_pushback_is_read_from_the_status() {
+        let mut s = tonic::Status::resource_exhausted("busy");
+        assert_eq!(retry_pushback(&s), None);
+        s.metadata_mut()
+            .insert("grpc-retry-pushback-ms", "1500".parse().unwrap());
+        assert_eq!(retry_pushback(&s), Some(Duration::from_millis(1500)));
+        s.metadata_mut()
+            .insert("grpc-retry-pushback-ms", "99999999".parse().unwrap());
+        assert_eq!(retry_pushback(&s), Some(Duration::from_secs(60)));
     }
 }

@@ -61,12 +61,29 @@ pub enum ControlPlaneError {
     /// The controller answered and said no (e.g. the subnet range is exhausted).
     #[error("{0}")]
     Refused(String),
+    /// The controller is busy (too many requests at once, or this node's rate limit): try
+    /// again after `retry_after`, which it said (gRPC retry pushback). Keep everything.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after: Duration,
+    },
     /// Renewal only: the lease no longer exists or is someone else's; acquire again.
     #[error("{0}")]
     LeaseGone(String),
     /// The controller's answer could not be understood.
     #[error("bad answer from the controller: {0}")]
     BadAnswer(String),
+}
+
+impl ControlPlaneError {
+    /// How long the controller asked us to wait before trying again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ControlPlaneError::Busy { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
 }
 
 pub type PeerStream = BoxStream<'static, Result<PeerUpdate, ControlPlaneError>>;
