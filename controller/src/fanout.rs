@@ -725,7 +725,7 @@ mod tests {
             .await
             .unwrap();
         tokio::spawn(f.clone().run(m.clone()));
-        while f.cache.read().unwrap().len() < 1 {
+        while f.cache.read().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(f.is_synced());

@@ -1202,7 +1202,7 @@ fn main() {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let report = runtime.block_on(run(settings.run(n), fd_limit, &etcd, &controller, &prefix));
+        let report = runtime.block_on(run(settings.run(n), fd_limit, etcd, &controller, &prefix));
         // Clients first, so the servers see orderly closes rather than resets.
         runtime.shutdown_timeout(Duration::from_secs(5));
         for (phase, errors) in [
