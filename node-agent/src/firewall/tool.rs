@@ -104,7 +104,8 @@ mod tests {
     fn finds_programs_in_the_given_path_only() {
         let dir = tempfile::tempdir().unwrap();
         let exe = dir.path().join("nft");
-        std::fs::write(&exe, "#!/bin/sh\necho \"$@\"\n").unwrap();
+        // Reads its input, as nft does (a tool that exits without reading it breaks the pipe).
+        std::fs::write(&exe, "#!/bin/sh\ncat >/dev/null\necho \"$@\"\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(dir.path().join("iptables-nft-save"), "not executable").unwrap();
