@@ -71,6 +71,21 @@ pub struct AcquireStats {
 }
 
 impl LeaseManager {
+    /// The etcd lease of this acquire: granted on first use, reused by its later
+    /// attempts (and revoked by the caller when it ends up unused).
+    pub(super) async fn grant_once(
+        &self,
+        config: &NetworkConfig,
+        granted: &mut Option<LeaseId>,
+    ) -> Result<LeaseId, ControlError> {
+        if let Some(id) = *granted {
+            return Ok(id);
+        }
+        let id = self.store.grant(config.lease_ttl).await?;
+        *granted = Some(id);
+        Ok(id)
+    }
+
     /// Gives `req.node` a lease: its existing one (refreshed), its reservation, its
     /// preferred subnet if free, or a random free subnet.
     pub async fn acquire(&self, req: &AcquireRequest) -> Result<Acquired, ControlError> {
@@ -385,24 +400,8 @@ impl LeaseManager {
         granted: &mut Option<LeaseId>,
     ) -> Result<Fast, ControlError> {
         let subnet = claim.subnet;
-        let lease_id = match *granted {
-            Some(id) => id,
-            None => {
-                let id = self.store.grant(config.lease_ttl).await?;
-                *granted = Some(id);
-                id
-            }
-        };
-        let now = now_millis();
-        let record = LeaseRecord {
-            node: req.node.clone(),
-            public_ip: req.public_ip,
-            backend: req.backend,
-            backend_data: req.data.clone(),
-            reserved: false,
-            created_at: now,
-            renewed_at: now,
-        };
+        let lease_id = self.grant_once(config, granted).await?;
+        let record = new_record(req);
         let key = self.keys.lease(subnet);
         let node_index_key = self.keys.node_index(&req.node);
         let mut txn = Txn::default();
@@ -506,24 +505,8 @@ impl LeaseManager {
                 *full_at = Some(full_at.map_or(listed_at, |t| t.max(listed_at)));
                 return Err(exhausted(config));
             };
-            let lease_id = match *granted {
-                Some(id) => id,
-                None => {
-                    let id = self.store.grant(config.lease_ttl).await?;
-                    *granted = Some(id);
-                    id
-                }
-            };
-            let now = now_millis();
-            let record = LeaseRecord {
-                node: req.node.clone(),
-                public_ip: req.public_ip,
-                backend: req.backend,
-                backend_data: req.data.clone(),
-                reserved: false,
-                created_at: now,
-                renewed_at: now,
-            };
+            let lease_id = self.grant_once(config, granted).await?;
+            let record = new_record(req);
             let key = self.keys.lease(subnet);
             let mut txn = Txn::default();
             txn.absent(&key);
@@ -678,4 +661,18 @@ pub(super) fn keep_claim(c: Claim, subnet: Ipv4Net, revision: i64, view: &LeaseV
 
 pub(super) fn foreign_expired(c: Claim, now: Instant) -> bool {
     matches!(c, Claim::Foreign(at) if now.duration_since(at) > FOREIGN_CLAIM)
+}
+
+/// The value of a new dynamic lease for `req`.
+pub(super) fn new_record(req: &AcquireRequest) -> LeaseRecord {
+    let now = now_millis();
+    LeaseRecord {
+        node: req.node.clone(),
+        public_ip: req.public_ip,
+        backend: req.backend,
+        backend_data: req.data.clone(),
+        reserved: false,
+        created_at: now,
+        renewed_at: now,
+    }
 }
