@@ -28,11 +28,13 @@ die() { say "$*"; exit 1; }
 command -v mmdebstrap >/dev/null || die "mmdebstrap is missing (scripts/install-deps.sh installs it)"
 command -v unshare >/dev/null || die "unshare is missing (util-linux)"
 
-rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
 cargo_home=${CARGO_HOME:-$HOME/.cargo}
-toolchain=$(rustup show active-toolchain 2>/dev/null | cut -d' ' -f1)
-[ -n "$toolchain" ] && [ -d "$rustup_home/toolchains/$toolchain" ] ||
-  die "no active rustup toolchain found under $rustup_home"
+# The toolchain in use (rustup's active one, or a standalone install): its sysroot holds
+# cargo, rustc and the standard library, and is what the root gets, read-only.
+sysroot=$(rustc --print sysroot 2>/dev/null) || die "rustc is not on PATH"
+[ -x "$sysroot/bin/cargo" ] && [ -x "$sysroot/bin/rustc" ] ||
+  die "no cargo and rustc in the toolchain's sysroot $sysroot"
+[ "$sysroot" != /usr ] || die "rustc is the distribution's (/usr): the clean root must not see it"
 
 work=$repo/target/check-fresh
 root=$work/root
@@ -105,13 +107,13 @@ git ls-files -z --cached --others --exclude-standard |
 # Crates for the offline build: fetched here, read-only there.
 step fetch cargo fetch --locked
 
-mkdir -p "$root/rustup" "$root/cargo-registry" "$root/cargo"
+mkdir -p "$root/toolchain" "$root/cargo-registry" "$root/cargo"
 inside() {
   unshare --mount --propagation private -- bash -c '
     set -e
-    root=$1; rustup_home=$2; cargo_home=$3; shift 3
-    mount --bind "$rustup_home" "$root/rustup"
-    mount -o remount,bind,ro "$root/rustup"
+    root=$1; sysroot=$2; cargo_home=$3; shift 3
+    mount --bind "$sysroot" "$root/toolchain"
+    mount -o remount,bind,ro "$root/toolchain"
     mount --bind "$cargo_home/registry" "$root/cargo-registry"
     mount -o remount,bind,ro "$root/cargo-registry"
     mount -t proc proc "$root/proc"
@@ -120,17 +122,17 @@ inside() {
     mount -t tmpfs tmpfs "$root/run"
     exec chroot "$root" /usr/bin/env -i \
       HOME=/root PATH=/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-      RUSTUP_HOME=/rustup CARGO_HOME=/cargo RUSTUP_TOOLCHAIN='"$toolchain"' \
+      CARGO_HOME=/cargo \
       CARGO_TARGET_DIR=/src/target LANG=C.UTF-8 OVERLAY_TEST_STRICT=1 \
       bash -c "cd /src && $*"
-  ' inside "$root" "$rustup_home" "$cargo_home" "$@"
+  ' inside "$root" "$sysroot" "$cargo_home" "$@"
 }
 # cargo and rustc from the toolchain itself (no rustup proxy inside); the registry where
 # cargo looks for it.
 mkdir -p "$root/cargo/bin"
-ln -s /rustup/toolchains/"$toolchain"/bin/cargo "$root/cargo/bin/cargo"
-ln -s /rustup/toolchains/"$toolchain"/bin/rustc "$root/cargo/bin/rustc"
-ln -s /rustup/toolchains/"$toolchain"/bin/rustdoc "$root/cargo/bin/rustdoc"
+for tool in cargo rustc rustdoc; do
+  ln -s /toolchain/bin/$tool "$root/cargo/bin/$tool"
+done
 ln -s /cargo-registry "$root/cargo/registry"
 
 step install-deps inside scripts/install-deps.sh
