@@ -391,3 +391,44 @@ pub fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The usual control-plane fixture: a real etcd, one controller on it under `/overlay`,
+/// and the network config set (10.244.0.0/16 with `backend`, leasing at random only up to
+/// [`crate::labs::RANDOM_SUBNET_MAX`], so a test may reserve above it).
+pub struct Configured {
+    pub etcd: Etcd,
+    pub controller: Controller,
+    pub dir: tempfile::TempDir,
+}
+
+impl Configured {
+    /// `None` when etcd is missing (see [`crate::skip`]).
+    pub fn start(test: &str, backend: &str) -> Option<Configured> {
+        let etcd = Etcd::start_or_skip(test)?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let controller = Controller::start(&etcd, "/overlay", dir.path(), "controller");
+        let out = overlayctl(
+            &controller.url,
+            &[
+                "config",
+                "set",
+                "--network",
+                "10.244.0.0/16",
+                "--backend",
+                backend,
+                "--subnet-max",
+                crate::labs::RANDOM_SUBNET_MAX,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "config set: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(Configured {
+            etcd,
+            controller,
+            dir,
+        })
+    }
+}

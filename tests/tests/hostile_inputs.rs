@@ -6,7 +6,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use overlay_proto::v1::{self, admin_client::AdminClient, agent_client::AgentClient};
-use overlay_tests::cluster::{etcdctl, overlayctl, overlayctl_json, Controller};
+use overlay_tests::cluster::{etcdctl, overlayctl, overlayctl_json, Configured, Controller};
 use overlay_tests::Etcd;
 use serde_json::Value;
 use tonic::transport::{Channel, Endpoint};
@@ -19,29 +19,13 @@ struct Setup {
     channel: Channel,
 }
 
-/// etcd, one controller and a config of `backend` on 10.244.0.0/16.
+/// etcd, one controller and a config of `backend` on 10.244.0.0/16, and a gRPC channel.
 fn setup(test: &str, backend: &str) -> Option<Setup> {
-    let etcd = Etcd::start_or_skip(test)?;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let controller = Controller::start(&etcd, "/overlay", dir.path(), "controller");
-    let out = overlayctl(
-        &controller.url,
-        &[
-            "config",
-            "set",
-            "--network",
-            "10.244.0.0/16",
-            "--backend",
-            backend,
-            "--subnet-max",
-            overlay_tests::labs::RANDOM_SUBNET_MAX,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Configured {
+        etcd,
+        controller,
+        dir,
+    } = Configured::start(test, backend)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -8,49 +8,19 @@ use std::time::Duration;
 use overlay_core::lease::{now_millis, BackendData, LeaseRecord};
 use overlay_core::BackendType;
 use overlay_proto::v1::{self, agent_client::AgentClient, watch_leases_response::Kind};
-use overlay_tests::cluster::{etcdctl, http_get, overlayctl, overlayctl_json, Agent, Controller};
-use overlay_tests::labs::RANDOM_SUBNET_MAX;
-use overlay_tests::{wait_until, Etcd};
+use overlay_tests::cluster::{etcdctl, http_get, overlayctl, overlayctl_json, Agent};
+use overlay_tests::wait_until;
 use serde_json::Value;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 const MAC: &str = "02:00:00:00:aa:01";
 
-struct Setup {
-    etcd: Etcd,
-    controller: Controller,
-    dir: tempfile::TempDir,
-}
+use overlay_tests::cluster::Configured as Setup;
 
 /// etcd, one controller and a config of `backend`, leasing at random up to
-/// [`RANDOM_SUBNET_MAX`]; `None` when etcd is missing (skipped).
+/// `overlay_tests::labs::RANDOM_SUBNET_MAX`; `None` when etcd is missing (skipped).
 fn setup(test: &str, backend: &str) -> Option<Setup> {
-    let etcd = Etcd::start_or_skip(test)?;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let controller = Controller::start(&etcd, "/overlay", dir.path(), "controller");
-    let out = overlayctl(
-        &controller.url,
-        &[
-            "config",
-            "set",
-            "--network",
-            "10.244.0.0/16",
-            "--backend",
-            backend,
-            "--subnet-max",
-            RANDOM_SUBNET_MAX,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "config set: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(Setup {
-        etcd,
-        controller,
-        dir,
-    })
+    Setup::start(test, backend)
 }
 
 /// (subnet, node) of every lease `overlayctl leases` lists.
