@@ -234,7 +234,7 @@ pub(crate) mod tests {
                 "--public-ip",
                 "192.0.2.1"
             ]),
-            r#"--subnet: "10.1.2.300/24" is not an IPv4 CIDR"#
+            r#"--subnet: "10.1.2.300/24" is not a CIDR"#
         );
         assert_eq!(
             usage(&["lease", "revoke", "10.244.7.5/24"]),

@@ -132,9 +132,13 @@ impl Table {
 /// A lease as `overlayctl` shows it in JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LeaseJson {
+    /// The key subnet (IPv4; IPv6 in an IPv6-only cluster).
     pub subnet: String,
+    /// Dual stack: the IPv6 subnet.
+    pub ipv6_subnet: Option<String>,
     pub node: String,
-    pub public_ip: String,
+    pub public_ip: Option<String>,
+    pub public_ipv6: Option<String>,
     pub backend: &'static str,
     pub vtep_mac: Option<String>,
     pub reserved: bool,
@@ -150,8 +154,10 @@ pub fn lease_json(lease: &Lease, expires_at: Option<SystemTime>) -> LeaseJson {
     let r = &lease.record;
     LeaseJson {
         subnet: lease.subnet.to_string(),
+        ipv6_subnet: r.ipv6_subnet.map(|s| s.to_string()),
         node: r.node.clone(),
-        public_ip: r.public_ip.to_string(),
+        public_ip: r.public_ip.map(|ip| ip.to_string()),
+        public_ipv6: r.public_ipv6.map(|ip| ip.to_string()),
         backend: r.backend.as_str(),
         vtep_mac: r.backend_data.vtep_mac.map(|m| m.to_string()),
         reserved: r.reserved,
@@ -237,7 +243,9 @@ pub(crate) mod tests {
             subnet: subnet.parse().unwrap(),
             record: LeaseRecord {
                 node: node.into(),
-                public_ip: "192.0.2.11".parse().unwrap(),
+                public_ip: Some("192.0.2.11".parse().unwrap()),
+                public_ipv6: None,
+                ipv6_subnet: None,
                 backend: BackendType::Vxlan,
                 backend_data: BackendData {
                     vtep_mac: (!reserved).then(|| "0a:58:0a:f4:07:00".parse().unwrap()),
@@ -283,8 +291,10 @@ pub(crate) mod tests {
             v,
             serde_json::json!({
                 "subnet": "10.244.7.0/24",
+                "ipv6_subnet": null,
                 "node": "n1",
                 "public_ip": "192.0.2.11",
+                "public_ipv6": null,
                 "backend": "vxlan",
                 "vtep_mac": "0a:58:0a:f4:07:00",
                 "reserved": false,
@@ -302,12 +312,12 @@ pub(crate) mod tests {
         assert_eq!(v["vtep_mac"], serde_json::Value::Null);
         assert_eq!(v["expires_at"], serde_json::Value::Null);
         assert_eq!(v["reserved"], serde_json::Value::Bool(true));
-        assert_eq!(v.as_object().unwrap().len(), 9);
+        assert_eq!(v.as_object().unwrap().len(), 11);
         // Key order is the struct's, not alphabetical.
         let text =
             serde_json::to_string(&lease_json(&lease("10.244.8.0/24", "n2", true), None)).unwrap();
         assert!(
-            text.starts_with(r#"{"subnet":"10.244.8.0/24","node":"n2","#),
+            text.starts_with(r#"{"subnet":"10.244.8.0/24","ipv6_subnet":null,"node":"n2","#),
             "{text}"
         );
     }

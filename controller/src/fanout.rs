@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use overlay_core::backoff::Backoff;
 use overlay_core::watch::{ChangeKind, LeaseCache, LeaseEvent, Replay};
 use overlay_proto::v1::WatchLeasesResponse;
@@ -80,7 +80,7 @@ const MAX_WRITE: usize = 64 * 1024;
 #[derive(Default)]
 struct Encoded {
     /// Each lease of the cache as an element of a snapshot ([`frames::lease_part`]).
-    parts: BTreeMap<Ipv4Net, Bytes>,
+    parts: BTreeMap<IpNet, Bytes>,
     /// Bumped with every change of `parts`.
     version: u64,
     /// The last snapshot: (revision, version, frame).
@@ -223,7 +223,7 @@ impl Fanout {
         }
         // The pieces follow the broadcast events, which follow the cache; encode any lease
         // they lack (never the case while the fan-out runs) rather than send a wrong one.
-        let missing: HashMap<Ipv4Net, Bytes> = cache
+        let missing: HashMap<IpNet, Bytes> = cache
             .leases()
             .filter(|l| !encoded.parts.contains_key(&l.subnet))
             .map(|l| (l.subnet, frames::lease_part(l)))
@@ -526,7 +526,7 @@ fn follow(
     last_change: i64,
 ) -> Vec<Arc<LeaseEvent>> {
     enum Change {
-        Remove(Ipv4Net),
+        Remove(IpNet),
         Put(overlay_core::lease::Lease),
     }
     let revision_of = |key: Option<&str>| {
@@ -680,10 +680,12 @@ mod tests {
     fn req(node: &str) -> AcquireRequest {
         AcquireRequest {
             node: node.into(),
-            public_ip: "192.0.2.1".parse().unwrap(),
+            public_ip: Some("192.0.2.1".parse().unwrap()),
             backend: overlay_core::BackendType::Alloc,
             data: Default::default(),
             preferred: None,
+            ..Default::default()
+
         }
     }
 

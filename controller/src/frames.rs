@@ -136,12 +136,15 @@ mod tests {
             subnet: format!("10.244.{i}.0/24").parse().unwrap(),
             record: LeaseRecord {
                 node: format!("node-{i}"),
-                public_ip: format!("192.0.2.{i}").parse().unwrap(),
+                public_ip: Some(format!("192.0.2.{i}").parse().unwrap()),
+                public_ipv6: None,
+                ipv6_subnet: None,
                 backend: BackendType::Vxlan,
                 backend_data: BackendData {
                     vtep_mac: mac.then(|| format!("02:00:00:00:00:{i:02x}").parse().unwrap()),
                     iface: mac.then(|| "eth1".to_string()),
                     underlay: None,
+                    underlay_v6: None,
                 },
                 reserved: i.is_multiple_of(2),
                 created_at: from_unix_millis(1_700_000_000_000 + i as i64),

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -26,7 +26,7 @@ use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
 
 use futures::{Stream, StreamExt};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use overlay_common::tls::peer_identity;
 use overlay_core::lease::{unix_millis, BackendData};
 use overlay_core::MacAddr;
@@ -36,7 +36,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ControlError;
 use crate::fanout::Fanout;
-use crate::leases::{AcquireRequest, LeaseManager};
+use crate::leases::{AcquireRequest, Reservation, LeaseManager};
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 
@@ -123,16 +123,25 @@ impl Api {
     }
 }
 
-fn parse_subnet(field: &str, text: &str) -> Result<Ipv4Net, ControlError> {
-    let net: Ipv4Net = text.parse().map_err(|_| {
-        ControlError::InvalidArgument(format!("{field}: {text:?} is not an IPv4 CIDR"))
+fn parse_subnet<N: std::str::FromStr + Copy + Into<IpNet>>(
+    field: &str,
+    text: &str,
+) -> Result<N, ControlError> {
+    let parsed: N = text.parse().map_err(|_| {
+        let what = if std::any::type_name::<N>().ends_with("Ipv6Net") {
+            "an IPv6 CIDR"
+        } else {
+            "a CIDR"
+        };
+        ControlError::InvalidArgument(format!("{field}: {text:?} is not {what}"))
     })?;
+    let net: IpNet = parsed.into();
     if net.addr() != net.network() {
         return Err(ControlError::InvalidArgument(format!(
             "{field}: {text} has host bits set"
         )));
     }
-    Ok(net)
+    Ok(parsed)
 }
 
 fn parse_prefix(field: &str, text: &str) -> Result<Ipv4Net, ControlError> {
@@ -141,10 +150,29 @@ fn parse_prefix(field: &str, text: &str) -> Result<Ipv4Net, ControlError> {
     })
 }
 
-fn parse_ip(field: &str, text: &str) -> Result<Ipv4Addr, ControlError> {
-    text.parse().map_err(|_| {
+fn parse_prefix6(field: &str, text: &str) -> Result<Ipv6Net, ControlError> {
+    text.parse::<Ipv6Net>().map(|n| n.trunc()).map_err(|_| {
+        ControlError::InvalidArgument(format!("{field}: {text:?} is not an IPv6 CIDR"))
+    })
+}
+
+/// An optional IPv4 address: the empty string is "none" (a host without one).
+fn parse_ip(field: &str, text: &str) -> Result<Option<Ipv4Addr>, ControlError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
         ControlError::InvalidArgument(format!("{field}: {text:?} is not an IPv4 address"))
     })
+}
+
+fn parse_ip6(field: &str, text: Option<&str>) -> Result<Option<Ipv6Addr>, ControlError> {
+    text.map(|t| {
+        t.parse().map_err(|_| {
+            ControlError::InvalidArgument(format!("{field}: {t:?} is not an IPv6 address"))
+        })
+    })
+    .transpose()
 }
 
 fn parse_mac(field: &str, text: &str) -> Result<MacAddr, ControlError> {
@@ -160,6 +188,7 @@ impl Api {
         let request = AcquireRequest {
             node: r.node,
             public_ip: parse_ip("public_ip", &r.public_ip)?,
+            public_ipv6: parse_ip6("public_ipv6", r.public_ipv6.as_deref())?,
             backend: backend_from_proto(r.backend)
                 .map_err(|e| ControlError::InvalidArgument(e.0))?,
             data: BackendData {
@@ -174,11 +203,21 @@ impl Api {
                     .as_deref()
                     .map(|u| parse_prefix("underlay", u))
                     .transpose()?,
+                underlay_v6: r
+                    .underlay_v6
+                    .as_deref()
+                    .map(|u| parse_prefix6("underlay_v6", u))
+                    .transpose()?,
             },
             preferred: r
                 .preferred_subnet
                 .as_deref()
-                .map(|s| parse_subnet("preferred_subnet", s))
+                .map(|s| parse_subnet::<IpNet>("preferred_subnet", s))
+                .transpose()?,
+            preferred6: r
+                .preferred_ipv6_subnet
+                .as_deref()
+                .map(|s| parse_subnet::<Ipv6Net>("preferred_ipv6_subnet", s))
                 .transpose()?,
         };
         let acquired = self.leases.acquire(&request).await?;
@@ -346,9 +385,18 @@ impl Admin for Api {
         let result = self
             .bounded(async {
                 allowed?;
-                let subnet = parse_subnet("subnet", &r.subnet)?;
-                let ip = parse_ip("public_ip", &r.public_ip)?;
-                let lease = self.leases.reserve(subnet, &r.node, ip).await?;
+                let reservation = Reservation {
+                    subnet: parse_subnet::<IpNet>("subnet", &r.subnet)?,
+                    subnet6: r
+                        .ipv6_subnet
+                        .as_deref()
+                        .map(|s| parse_subnet::<Ipv6Net>("ipv6_subnet", s))
+                        .transpose()?,
+                    node: r.node.clone(),
+                    public_ip: parse_ip("public_ip", &r.public_ip)?,
+                    public_ipv6: parse_ip6("public_ipv6", r.public_ipv6.as_deref())?,
+                };
+                let lease = self.leases.reserve(&reservation).await?;
                 Ok(v1::ReserveSubnetResponse {
                     lease: Some(lease_to_proto(&lease, None)),
                 })
@@ -365,7 +413,7 @@ impl Admin for Api {
         let result = self
             .bounded(async {
                 allowed?;
-                let subnet = parse_subnet("subnet", &req.into_inner().subnet)?;
+                let subnet = parse_subnet::<IpNet>("subnet", &req.into_inner().subnet)?;
                 self.leases.revoke(subnet).await?;
                 Ok(v1::RevokeLeaseResponse {})
             })

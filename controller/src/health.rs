@@ -47,7 +47,7 @@ impl HealthState {
     /// The metrics text, with state gauges computed now.
     pub fn metrics_text(&self) -> String {
         let m = &self.metrics;
-        let range = self.leases.last_config().map(|c| c.range());
+        let range = self.leases.last_config().map(|c| c.key_pool().range());
         let (held, fitting) = self.fanout.count_leases(range.as_ref());
         m.leases_held.set(held as i64);
         if let Some(r) = range {

@@ -297,10 +297,12 @@ mod tests {
         for i in 0..10 {
             m.acquire(&crate::leases::AcquireRequest {
                 node: format!("n{i}"),
-                public_ip: "192.0.2.1".parse().unwrap(),
+                public_ip: Some("192.0.2.1".parse().unwrap()),
                 backend: overlay_core::BackendType::Alloc,
                 data: Default::default(),
                 preferred: None,
+                ..Default::default()
+
             })
             .await
             .unwrap();

@@ -34,7 +34,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv6Net};
 use overlay_core::config::NetworkConfig;
 use overlay_core::lease::{Lease, LeaseRecord};
 use overlay_core::MacAddr;
@@ -59,16 +59,19 @@ pub enum IgnoreReason {
     NodeClash,
     /// The VTEP MAC is already published by a lease that comes first.
     MacClash,
+    /// The IPv6 subnet is already held by a lease that comes first.
+    Ipv6Clash,
 }
 
 impl IgnoreReason {
-    pub const ALL: [IgnoreReason; 6] = [
+    pub const ALL: [IgnoreReason; 7] = [
         IgnoreReason::BadKey,
         IgnoreReason::Unreadable,
         IgnoreReason::NoConfig,
         IgnoreReason::OutsideConfig,
         IgnoreReason::NodeClash,
         IgnoreReason::MacClash,
+        IgnoreReason::Ipv6Clash,
     ];
 
     /// The metric label and the name in messages.
@@ -80,6 +83,7 @@ impl IgnoreReason {
             IgnoreReason::OutsideConfig => "outside_config",
             IgnoreReason::NodeClash => "node_clash",
             IgnoreReason::MacClash => "mac_clash",
+            IgnoreReason::Ipv6Clash => "ipv6_clash",
         }
     }
 }
@@ -102,7 +106,7 @@ pub struct Entry {
     pub lease_id: LeaseId,
     /// The subnet, when the key is canonical (also when the value is unreadable: a key
     /// that exists takes its subnet out of allocation either way).
-    pub subnet: Option<Ipv4Net>,
+    pub subnet: Option<IpNet>,
     pub read: Result<Lease, Ignored>,
 }
 
@@ -144,7 +148,7 @@ pub fn read_key(keys: &Keys, kv: &KeyValue) -> Entry {
 #[derive(Debug, Default)]
 pub struct Interpretation<'a> {
     /// Served leases, by subnet.
-    pub leases: BTreeMap<Ipv4Net, &'a Entry>,
+    pub leases: BTreeMap<IpNet, &'a Entry>,
     /// Every other key, sorted by key.
     pub ignored: Vec<Ignored>,
 }
@@ -176,20 +180,9 @@ pub fn interpret<'a>(
                 IgnoreReason::NoConfig,
                 "no network config is set".to_string(),
             )),
-            Some(c) if !c.keeps(lease.subnet, lease.record.reserved) => Some((
-                IgnoreReason::OutsideConfig,
-                if lease.record.reserved {
-                    format!(
-                        "a reservation must be a /{} inside {}",
-                        c.subnet_len, c.network
-                    )
-                } else {
-                    format!(
-                        "a lease must be a /{} in {}..={}",
-                        c.subnet_len, c.subnet_min, c.subnet_max
-                    )
-                },
-            )),
+            Some(c) if !c.keeps_lease(lease.subnet, lease.record.ipv6_subnet, lease.record.reserved) => {
+                Some((IgnoreReason::OutsideConfig, misfit(c, lease)))
+            }
             Some(_) => None,
         };
         match why {
@@ -204,10 +197,22 @@ pub fn interpret<'a>(
     candidates.sort_by(|a, b| precedence(a.0).cmp(&precedence(b.0)));
     let mut nodes: HashMap<&str, &Lease> = HashMap::with_capacity(candidates.len());
     let mut macs: HashMap<MacAddr, &Lease> = HashMap::new();
+    let mut subnets6: HashMap<Ipv6Net, &Lease> = HashMap::new();
     for (e, lease) in candidates {
         let node = lease.record.node.as_str();
         let mac = lease.record.backend_data.vtep_mac;
-        let clash = if let Some(first) = nodes.get(node) {
+        let subnet6 = lease.record.ipv6_subnet;
+        let clash = if let Some(first) = subnet6.and_then(|s| subnets6.get(&s)) {
+            Some((
+                IgnoreReason::Ipv6Clash,
+                format!(
+                    "IPv6 subnet {} is already held by node {} with {} (one holder per subnet; the reservation, then the older lease, wins)",
+                    subnet6.expect("a subnet"),
+                    first.record.node,
+                    first.subnet
+                ),
+            ))
+        } else if let Some(first) = nodes.get(node) {
             Some((
                 IgnoreReason::NodeClash,
                 format!(
@@ -239,12 +244,38 @@ pub fn interpret<'a>(
                 if let Some(m) = mac {
                     macs.insert(m, lease);
                 }
+                if let Some(s6) = subnet6 {
+                    subnets6.insert(s6, lease);
+                }
                 out.leases.insert(lease.subnet, e);
             }
         }
     }
     out.ignored.sort_by(|a, b| a.key.cmp(&b.key));
     out
+}
+
+/// Why a readable lease does not fit `c`, for people.
+fn misfit(c: &NetworkConfig, lease: &Lease) -> String {
+    let key = c.key_pool();
+    let pool_rule = |p: &overlay_core::config::SubnetPool, reserved: bool| {
+        if reserved {
+            format!("a /{} inside {}", p.subnet_len, p.network)
+        } else {
+            format!("a /{} in {}..={}", p.subnet_len, p.subnet_min, p.subnet_max)
+        }
+    };
+    let what = if lease.record.reserved { "a reservation" } else { "a lease" };
+    let reserved = lease.record.reserved;
+    if !c.keeps_key(lease.subnet, reserved) {
+        return format!("{what} must be {}", pool_rule(key, reserved));
+    }
+    match (c.ipv6.filter(|_| c.is_dual_stack()), lease.record.ipv6_subnet) {
+        (Some(p6), Some(_)) => format!("its IPv6 subnet must be {}", pool_rule(&p6, reserved)),
+        (Some(p6), None) => format!("the cluster is dual-stack, but it has no IPv6 subnet of {}", p6.network),
+        (None, Some(s6)) => format!("it has the IPv6 subnet {s6}, but the cluster is not dual-stack"),
+        (None, None) => format!("{what} does not fit the config"),
+    }
 }
 
 /// The keys of a cluster prefix as the watch fan-out follows them: the config, every key
@@ -261,7 +292,7 @@ pub struct LeaseView {
     /// The index keys (`<prefix>/index/...`) as stored.
     indexes: HashMap<String, KeyValue>,
     /// Subnets whose lease key exists, readable or not.
-    taken: HashSet<Ipv4Net>,
+    taken: HashSet<IpNet>,
     /// The keys of the readable leases that name each node.
     by_node: HashMap<String, BTreeSet<String>>,
 }
@@ -311,8 +342,15 @@ impl LeaseView {
     }
 
     /// Whether a lease key of `subnet` exists (readable or not).
-    pub fn is_taken(&self, subnet: Ipv4Net) -> bool {
+    ///
+    /// An IPv6 subnet of a dual-stack cluster (not a key subnet) is taken when its index
+    /// key exists.
+    pub fn is_taken(&self, subnet: IpNet) -> bool {
         self.taken.contains(&subnet)
+            || match subnet {
+                IpNet::V6(s6) => self.indexes.contains_key(&self.keys.ipv6_index(s6)),
+                IpNet::V4(_) => false,
+            }
     }
 
     /// Every key under the lease prefix.
@@ -448,7 +486,7 @@ impl LeaseView {
 pub struct MacHolder {
     pub key: String,
     pub node: String,
-    pub subnet: Ipv4Net,
+    pub subnet: IpNet,
 }
 
 /// The view the watch fan-out keeps current, shared with lease allocation
@@ -509,7 +547,9 @@ mod tests {
     fn kv(key: &str, node: &str, mac: Option<&str>, reserved: bool, rev: i64) -> KeyValue {
         let record = LeaseRecord {
             node: node.into(),
-            public_ip: "192.0.2.1".parse().unwrap(),
+            public_ip: Some("192.0.2.1".parse().unwrap()),
+            public_ipv6: None,
+            ipv6_subnet: None,
             backend: BackendType::Vxlan,
             backend_data: BackendData {
                 vtep_mac: mac.map(|m| m.parse().unwrap()),

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{Stream, StreamExt};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use overlay_controller::error::ControlError;
 use overlay_controller::fanout::Fanout;
-use overlay_controller::leases::{AcquireRequest, Keys, LeaseManager};
+use overlay_controller::leases::{AcquireRequest, Keys, LeaseManager, Reservation};
 use overlay_controller::store::{
     Condition, EtcdStore, KeyValue, LeaseId, LeaseInfo, MemoryStore, Store, StoreError, StoreEvent,
     TxnWrite, WatchStream, Written,
@@ -35,13 +35,14 @@ const PATIENCE: Duration = Duration::from_secs(20);
 fn req(node: &str, mac: &str) -> AcquireRequest {
     AcquireRequest {
         node: node.into(),
-        public_ip: "192.0.2.10".parse().unwrap(),
+        public_ip: Some("192.0.2.10".parse().unwrap()),
         backend: BackendType::Vxlan,
         data: BackendData {
             vtep_mac: Some(mac.parse().unwrap()),
             ..Default::default()
         },
         preferred: None,
+        ..Default::default()
     }
 }
 
@@ -137,7 +138,9 @@ async fn events_until(s: &mut Watch, node: &str) -> Vec<(&'static str, String, S
 fn record(node: &str, reserved: bool) -> LeaseRecord {
     LeaseRecord {
         node: node.into(),
-        public_ip: "192.0.2.20".parse().unwrap(),
+        public_ip: Some("192.0.2.20".parse().unwrap()),
+        public_ipv6: None,
+        ipv6_subnet: None,
         backend: BackendType::Vxlan,
         backend_data: BackendData::default(),
         reserved,
@@ -148,7 +151,7 @@ fn record(node: &str, reserved: bool) -> LeaseRecord {
 
 /// Overwrites the value of the lease of `subnet` with garbage, keeping its etcd lease
 /// (as `etcdctl put --ignore-lease` does).
-async fn corrupt(store: &dyn Store, subnet: Ipv4Net) -> KeyValue {
+async fn corrupt(store: &dyn Store, subnet: IpNet) -> KeyValue {
     let key = Keys::new(PREFIX).lease(subnet);
     let kv = store.get(&key).await.unwrap().expect("the lease key");
     let w = store
@@ -417,8 +420,8 @@ async fn index_keys_live_and_die_with_their_lease() {
         assert_eq!(count().await, 0);
         // A reservation replaces the node's dynamic lease at once, MAC index included.
         m.acquire(&req("a", MAC)).await.unwrap();
-        let fixed: Ipv4Net = "10.244.210.0/24".parse().unwrap();
-        m.reserve(fixed, "a", "192.0.2.10".parse().unwrap()).await.unwrap();
+        let fixed: IpNet = "10.244.210.0/24".parse().unwrap();
+        m.reserve(&Reservation::v4(fixed, "a", "192.0.2.10".parse().unwrap())).await.unwrap();
         let (kvs, _) = store.list(&index).await.unwrap();
         assert_eq!(kvs.len(), 1, "{kvs:?}");
         assert_eq!((kvs[0].key.as_str(), kvs[0].lease), (format!("{PREFIX}/index/node/a").as_str(), 0));
@@ -556,7 +559,7 @@ async fn acquire_together(
     store: &Arc<Counting>,
     m: &Arc<LeaseManager>,
     reqs: Vec<AcquireRequest>,
-) -> Vec<Result<Ipv4Net, ControlError>> {
+) -> Vec<Result<IpNet, ControlError>> {
     let n = reqs.len();
     etcd.pause();
     let before = store.started.load(Ordering::SeqCst);
@@ -610,7 +613,7 @@ async fn concurrent_acquires_for_one_node_create_one_lease_that_all_get() {
     };
     let (_, start) = store.list(PREFIX).await.unwrap();
     let results = acquire_together(&etcd, &store, &m, vec![req("n", MAC); 40]).await;
-    let subnets: HashSet<Ipv4Net> = results
+    let subnets: HashSet<IpNet> = results
         .into_iter()
         .map(|r| r.expect("every acquire succeeds"))
         .collect();

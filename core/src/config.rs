@@ -7,11 +7,11 @@
 //! defaults change in a later release.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::subnet::SubnetRange;
@@ -106,13 +106,24 @@ pub struct BackendSpec {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkConfigSpec {
-    pub network: String,
+    /// The IPv4 network; absent in an IPv6-only cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet_len: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet_min: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet_max: Option<String>,
+    /// The IPv6 network: with `network` a dual-stack cluster, alone an IPv6-only one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_network: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_subnet_len: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_subnet_min: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_subnet_max: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -150,14 +161,99 @@ impl Default for BackendConfig {
     }
 }
 
+/// An address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Family {
+    #[serde(rename = "ipv4")]
+    V4,
+    #[serde(rename = "ipv6")]
+    V6,
+}
+
+impl Family {
+    pub fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+
+    pub fn of_addr(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One family's share of the cluster network: the network and the subnets hosts get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetPool {
+    pub network: IpNet,
+    pub subnet_len: u8,
+    pub subnet_min: IpNet,
+    pub subnet_max: IpNet,
+}
+
+impl SubnetPool {
+    pub fn family(&self) -> Family {
+        Family::of(&self.network)
+    }
+
+    /// The range subnets are handed out from.
+    pub fn range(&self) -> SubnetRange {
+        SubnetRange::new(self.subnet_min, self.subnet_max)
+            .expect("validated config has a valid range")
+    }
+
+    /// Whether `subnet` is in the range dynamic leases are picked from.
+    pub fn fits(&self, subnet: impl Into<IpNet>) -> bool {
+        self.range().contains(subnet)
+    }
+
+    /// Whether `subnet` is one of the network's subnets: inside the network, `subnet_len`
+    /// long. A reservation may be any of them, in the dynamic range or outside it: an
+    /// operator keeps fixed subnets out of the way of random allocation by reserving them
+    /// outside `subnet_min..subnet_max`, as with static addresses outside a DHCP pool.
+    pub fn is_network_subnet(&self, subnet: impl Into<IpNet>) -> bool {
+        let subnet: IpNet = subnet.into();
+        subnet.prefix_len() == self.subnet_len && self.network.contains(&subnet)
+    }
+
+    /// Whether an existing lease's subnet is still valid under this pool: a dynamic
+    /// lease inside the range, a reservation anywhere in the network.
+    pub fn keeps(&self, subnet: impl Into<IpNet>, reserved: bool) -> bool {
+        if reserved {
+            self.is_network_subnet(subnet)
+        } else {
+            self.fits(subnet)
+        }
+    }
+}
+
 /// A validated network config with all defaults applied.
+///
+/// A cluster has an IPv4 pool, an IPv6 pool, or both (dual stack). A lease is keyed by
+/// its subnet of the [key family](Self::key_family) (IPv4 when the cluster has it); in a
+/// dual-stack cluster the IPv6 subnet travels in the lease's value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "NetworkConfigSpec", try_from = "NetworkConfigSpec")]
 pub struct NetworkConfig {
-    pub network: Ipv4Net,
-    pub subnet_len: u8,
-    pub subnet_min: Ipv4Net,
-    pub subnet_max: Ipv4Net,
+    pub ipv4: Option<SubnetPool>,
+    pub ipv6: Option<SubnetPool>,
     pub backend: BackendConfig,
     pub mtu: Option<u32>,
     pub lease_ttl: Duration,
@@ -182,33 +278,96 @@ impl NetworkConfig {
         serde_json::to_string_pretty(self).expect("config serializes")
     }
 
-    /// The range subnets are handed out from.
-    pub fn range(&self) -> SubnetRange {
-        SubnetRange::new(self.subnet_min, self.subnet_max)
-            .expect("validated config has a valid range")
+    /// The pool whose subnets key the leases: IPv4 when the cluster has it, else IPv6.
+    pub fn key_pool(&self) -> &SubnetPool {
+        self.ipv4
+            .as_ref()
+            .or(self.ipv6.as_ref())
+            .expect("a validated config has a family")
     }
 
-    /// Whether `subnet` is in the range dynamic leases are picked from.
-    pub fn fits(&self, subnet: Ipv4Net) -> bool {
-        self.range().contains(subnet)
+    pub fn key_family(&self) -> Family {
+        self.key_pool().family()
     }
 
-    /// Whether `subnet` is one of the network's subnets: inside the network, `subnet_len`
-    /// long. A reservation may be any of them, in the dynamic range or outside it: an
-    /// operator keeps fixed subnets out of the way of random allocation by reserving them
-    /// outside `subnet_min..subnet_max`, as with static addresses outside a DHCP pool.
-    pub fn is_network_subnet(&self, subnet: Ipv4Net) -> bool {
-        subnet.prefix_len() == self.subnet_len && self.network.contains(&subnet)
-    }
-
-    /// Whether an existing lease is still valid under this config: a dynamic lease inside
-    /// the range, a reservation anywhere in the network.
-    pub fn keeps(&self, subnet: Ipv4Net, reserved: bool) -> bool {
-        if reserved {
-            self.is_network_subnet(subnet)
-        } else {
-            self.fits(subnet)
+    /// The pool of a family, when the cluster has it.
+    pub fn pool(&self, family: Family) -> Option<&SubnetPool> {
+        match family {
+            Family::V4 => self.ipv4.as_ref(),
+            Family::V6 => self.ipv6.as_ref(),
         }
+    }
+
+    /// The pools the cluster has, IPv4 first.
+    pub fn pools(&self) -> impl Iterator<Item = &SubnetPool> {
+        self.ipv4.iter().chain(self.ipv6.iter())
+    }
+
+    /// The families the cluster has, IPv4 first.
+    pub fn families(&self) -> Vec<Family> {
+        self.pools().map(SubnetPool::family).collect()
+    }
+
+    pub fn is_dual_stack(&self) -> bool {
+        self.ipv4.is_some() && self.ipv6.is_some()
+    }
+
+    /// The IPv4 network, when the cluster has one.
+    pub fn ipv4_network(&self) -> Option<Ipv4Net> {
+        match self.ipv4?.network {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        }
+    }
+
+    /// The IPv6 network, when the cluster has one.
+    pub fn ipv6_network(&self) -> Option<Ipv6Net> {
+        match self.ipv6?.network {
+            IpNet::V6(n) => Some(n),
+            IpNet::V4(_) => None,
+        }
+    }
+
+    /// The networks of the cluster, IPv4 first.
+    pub fn networks(&self) -> Vec<IpNet> {
+        self.pools().map(|p| p.network).collect()
+    }
+
+    /// Whether `ip` lies inside one of the cluster's networks.
+    pub fn contains_addr(&self, ip: IpAddr) -> bool {
+        self.pools().any(|p| p.network.contains(&ip))
+    }
+
+    /// Whether a lease key may stay under this config, judged by its key subnet alone (all
+    /// that is known of a key whose value is unreadable): of the key family, kept by its
+    /// pool ([`SubnetPool::keeps`]).
+    pub fn keeps_key(&self, subnet: IpNet, reserved: bool) -> bool {
+        Family::of(&subnet) == self.key_family() && self.key_pool().keeps(subnet, reserved)
+    }
+
+    /// Whether a lease may stay under this config: its key as [`Self::keeps_key`], and in
+    /// a dual-stack cluster an IPv6 subnet that its pool keeps; a lease with an IPv6
+    /// subnet in a cluster without IPv6 (or the other way round) no longer fits, so a
+    /// change of families moves every lease, like a change of network.
+    pub fn keeps_lease(&self, subnet: IpNet, ipv6_subnet: Option<Ipv6Net>, reserved: bool) -> bool {
+        if !self.keeps_key(subnet, reserved) {
+            return false;
+        }
+        match (self.is_dual_stack(), ipv6_subnet) {
+            (true, Some(s6)) => self.ipv6.is_some_and(|p| p.keeps(s6, reserved)),
+            (false, None) => true,
+            _ => false,
+        }
+    }
+
+    /// The networks as people write them: "10.244.0.0/16", "10.244.0.0/16,
+    /// fd00:10:244::/56" or "fd00:10:244::/56".
+    pub fn networks_text(&self) -> String {
+        self.networks()
+            .iter()
+            .map(IpNet::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -221,11 +380,17 @@ impl TryFrom<NetworkConfigSpec> for NetworkConfig {
 
 impl From<NetworkConfig> for NetworkConfigSpec {
     fn from(c: NetworkConfig) -> Self {
+        let v4 = c.ipv4;
+        let v6 = c.ipv6;
         NetworkConfigSpec {
-            network: c.network.to_string(),
-            subnet_len: Some(c.subnet_len.into()),
-            subnet_min: Some(c.subnet_min.to_string()),
-            subnet_max: Some(c.subnet_max.to_string()),
+            network: v4.map(|p| p.network.to_string()),
+            subnet_len: v4.map(|p| p.subnet_len.into()),
+            subnet_min: v4.map(|p| p.subnet_min.to_string()),
+            subnet_max: v4.map(|p| p.subnet_max.to_string()),
+            ipv6_network: v6.map(|p| p.network.to_string()),
+            ipv6_subnet_len: v6.map(|p| p.subnet_len.into()),
+            ipv6_subnet_min: v6.map(|p| p.subnet_min.to_string()),
+            ipv6_subnet_max: v6.map(|p| p.subnet_max.to_string()),
             backend: Some(BackendSpec {
                 kind: Some(c.backend.kind.as_str().to_string()),
                 vni: Some(c.backend.vni.into()),
@@ -307,104 +472,193 @@ pub fn check_lease_ttl(ttl: Duration) -> Result<Duration, String> {
     Ok(ttl)
 }
 
-fn parse_net(field: &'static str, text: &str) -> Result<Ipv4Net, ConfigError> {
-    let net: Ipv4Net = text.trim().parse().map_err(|_| {
-        ConfigError::new(
-            field,
-            format!("{text:?} is not an IPv4 CIDR such as 10.244.0.0/16"),
-        )
-    })?;
-    if net.network() != net.addr() {
-        return Err(ConfigError::new(
-            field,
-            format!(
-                "{text} has host bits set; the network address is {}",
-                net.trunc()
-            ),
-        ));
-    }
-    Ok(net)
+/// The field names and rules of one family's pool.
+struct PoolRules {
+    family: Family,
+    network: &'static str,
+    subnet_len: &'static str,
+    subnet_min: &'static str,
+    subnet_max: &'static str,
+    example_net: &'static str,
+    example_subnet: &'static str,
+    /// Longest network prefix: the network must hold at least two subnets with room for
+    /// a gateway and a container each.
+    max_prefix: u8,
+    max_subnet_len: u8,
 }
 
-/// Parses a subnet bound: a CIDR whose length must equal `subnet_len`, or a bare address
-/// taken with `subnet_len`.
-fn parse_bound(field: &'static str, text: &str, subnet_len: u8) -> Result<Ipv4Net, ConfigError> {
-    let net = if let Ok(addr) = text.trim().parse::<Ipv4Addr>() {
-        Ipv4Net::new(addr, subnet_len).expect("subnet_len validated")
-    } else {
-        text.trim().parse::<Ipv4Net>().map_err(|_| {
-            ConfigError::new(
-                field,
-                format!("{text:?} is not an IPv4 subnet such as 10.244.1.0/24"),
-            )
-        })?
+const IPV4_RULES: PoolRules = PoolRules {
+    family: Family::V4,
+    network: "network",
+    subnet_len: "subnet_len",
+    subnet_min: "subnet_min",
+    subnet_max: "subnet_max",
+    example_net: "10.244.0.0/16",
+    example_subnet: "10.244.1.0/24",
+    max_prefix: 28,
+    max_subnet_len: 30,
+};
+
+const IPV6_RULES: PoolRules = PoolRules {
+    family: Family::V6,
+    network: "ipv6_network",
+    subnet_len: "ipv6_subnet_len",
+    subnet_min: "ipv6_subnet_min",
+    subnet_max: "ipv6_subnet_max",
+    example_net: "fd00:10:244::/56",
+    example_subnet: "fd00:10:244:1::/64",
+    max_prefix: 124,
+    max_subnet_len: 126,
+};
+
+/// Whether an IPv6 network is one a cluster may use: global or unique-local unicast, not
+/// link-local (fe80::/10, the same on every link), multicast (ff00::/8), loopback,
+/// unspecified, or IPv4-mapped (::ffff:0:0/96) space.
+fn ipv6_network_problem(net: Ipv6Net) -> Option<&'static str> {
+    let overlaps = |special: &str| {
+        let special: Ipv6Net = special.parse().expect("valid");
+        special.contains(&net.network()) || net.contains(&special.network())
     };
-    if net.prefix_len() != subnet_len {
-        return Err(ConfigError::new(
-            field,
-            format!(
-                "{net} has prefix length /{}, but subnet_len is {subnet_len}",
-                net.prefix_len()
-            ),
-        ));
+    if overlaps("fe80::/10") {
+        Some("overlaps the link-local range fe80::/10")
+    } else if overlaps("ff00::/8") {
+        Some("overlaps the multicast range ff00::/8")
+    } else if overlaps("::ffff:0:0/96") {
+        Some("overlaps the IPv4-mapped range ::ffff:0:0/96")
+    } else if net.contains(&Ipv6Addr::LOCALHOST) || net.contains(&Ipv6Addr::UNSPECIFIED) {
+        Some("contains the loopback or unspecified address")
+    } else {
+        None
     }
-    if net.network() != net.addr() {
-        return Err(ConfigError::new(
-            field,
-            format!(
-                "{net} is not aligned to /{subnet_len} (did you mean {}?)",
-                net.trunc()
-            ),
-        ));
-    }
-    Ok(net)
 }
 
-impl NetworkConfigSpec {
-    /// Validates the spec and fills in defaults.
-    pub fn validate(&self) -> Result<NetworkConfig, ConfigError> {
-        if self.network.trim().is_empty() {
+impl PoolRules {
+    fn parse_net(&self, text: &str) -> Result<IpNet, ConfigError> {
+        let net: IpNet = text.trim().parse().ok().filter(|n| Family::of(n) == self.family).ok_or_else(|| {
+            ConfigError::new(
+                self.network,
+                format!(
+                    "{text:?} is not an {} CIDR such as {}",
+                    self.family, self.example_net
+                ),
+            )
+        })?;
+        if net.network() != net.addr() {
             return Err(ConfigError::new(
-                "network",
-                "is required (e.g. \"10.244.0.0/16\")",
+                self.network,
+                format!(
+                    "{text} has host bits set; the network address is {}",
+                    net.trunc()
+                ),
             ));
         }
-        let network = parse_net("network", &self.network)?;
+        if let IpNet::V6(n) = net {
+            if let Some(problem) = ipv6_network_problem(n) {
+                return Err(ConfigError::new(
+                    self.network,
+                    format!("{net} {problem}; use a unique-local (fd00::/8) or global range"),
+                ));
+            }
+        }
+        Ok(net)
+    }
+
+    /// Parses a subnet bound: a CIDR whose length must equal `subnet_len`, or a bare
+    /// address taken with `subnet_len`.
+    fn parse_bound(&self, field: &'static str, text: &str, subnet_len: u8) -> Result<IpNet, ConfigError> {
+        let net = if let Ok(addr) = text.trim().parse::<IpAddr>() {
+            IpNet::new(addr, subnet_len).map_err(|_| {
+                ConfigError::new(field, format!("{text:?} is not an {} subnet", self.family))
+            })?
+        } else {
+            text.trim().parse::<IpNet>().map_err(|_| {
+                ConfigError::new(
+                    field,
+                    format!(
+                        "{text:?} is not an {} subnet such as {}",
+                        self.family, self.example_subnet
+                    ),
+                )
+            })?
+        };
+        if Family::of(&net) != self.family {
+            return Err(ConfigError::new(
+                field,
+                format!("{net} is not an {} subnet", self.family),
+            ));
+        }
+        if net.prefix_len() != subnet_len {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "{net} has prefix length /{}, but {} is {subnet_len}",
+                    net.prefix_len(),
+                    self.subnet_len
+                ),
+            ));
+        }
+        if net.network() != net.addr() {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "{net} is not aligned to /{subnet_len} (did you mean {}?)",
+                    net.trunc()
+                ),
+            ));
+        }
+        Ok(net)
+    }
+
+    fn validate(
+        &self,
+        network: &str,
+        subnet_len: Option<u64>,
+        subnet_min: Option<&String>,
+        subnet_max: Option<&String>,
+    ) -> Result<SubnetPool, ConfigError> {
+        let network = self.parse_net(network)?;
         let prefix = network.prefix_len();
-        if prefix > 28 {
+        if prefix > self.max_prefix {
             return Err(ConfigError::new(
-                "network",
-                format!("{network} is smaller than /28"),
+                self.network,
+                format!("{network} is smaller than /{}", self.max_prefix),
             ));
         }
-        let subnet_len = match self.subnet_len {
-            None if prefix <= 22 => 24,
-            None => prefix + 2,
-            Some(n) => {
-                if n > 30 {
-                    return Err(ConfigError::new("subnet_len", format!("{n} is over 30")));
+        let subnet_len = match (subnet_len, self.family) {
+            (None, Family::V4) if prefix <= 22 => 24,
+            (None, Family::V4) => prefix + 2,
+            (None, Family::V6) if prefix <= 62 => 64,
+            (None, Family::V6) => prefix + 2,
+            (Some(n), _) => {
+                if n > self.max_subnet_len as u64 {
+                    return Err(ConfigError::new(
+                        self.subnet_len,
+                        format!("{n} is over {}", self.max_subnet_len),
+                    ));
                 }
                 n as u8
             }
         };
         if subnet_len <= prefix {
             return Err(ConfigError::new(
-                "subnet_len",
+                self.subnet_len,
                 format!("{subnet_len} must be longer than the network prefix /{prefix}"),
             ));
         }
-        let size = 1u32 << (32 - subnet_len);
-        let first = u32::from(network.network());
-        let last_subnet = first + ((1u64 << (32 - prefix)) as u32).wrapping_sub(size);
-        let subnet_min = match &self.subnet_min {
-            Some(t) => parse_bound("subnet_min", t, subnet_len)?,
-            None => Ipv4Net::new(Ipv4Addr::from(first + size), subnet_len).expect("valid"),
+        let whole = SubnetRange::new(
+            IpNet::new(network.network(), subnet_len).expect("valid"),
+            IpNet::new(network.broadcast(), subnet_len).expect("valid").trunc(),
+        )
+        .expect("aligned");
+        let subnet_min = match subnet_min {
+            Some(t) => self.parse_bound(self.subnet_min, t, subnet_len)?,
+            None => whole.nth(1).unwrap_or_else(|| whole.nth(0).expect("one subnet")),
         };
-        let subnet_max = match &self.subnet_max {
-            Some(t) => parse_bound("subnet_max", t, subnet_len)?,
-            None => Ipv4Net::new(Ipv4Addr::from(last_subnet), subnet_len).expect("valid"),
+        let subnet_max = match subnet_max {
+            Some(t) => self.parse_bound(self.subnet_max, t, subnet_len)?,
+            None => whole.nth(whole.len() - 1).expect("last subnet"),
         };
-        for (field, bound) in [("subnet_min", subnet_min), ("subnet_max", subnet_max)] {
+        for (field, bound) in [(self.subnet_min, subnet_min), (self.subnet_max, subnet_max)] {
             if !network.contains(&bound) {
                 return Err(ConfigError::new(
                     field,
@@ -412,22 +666,78 @@ impl NetworkConfigSpec {
                 ));
             }
         }
-        if u32::from(subnet_min.network()) > u32::from(subnet_max.network()) {
+        let Some(range) = SubnetRange::new(subnet_min, subnet_max) else {
             return Err(ConfigError::new(
-                "subnet_min",
-                format!("{subnet_min} is after subnet_max {subnet_max}"),
+                self.subnet_min,
+                format!("{subnet_min} is after {} {subnet_max}", self.subnet_max),
             ));
-        }
-        let range = SubnetRange::new(subnet_min, subnet_max).expect("bounds checked");
+        };
         if range.len() < 2 {
             return Err(ConfigError::new(
-                "subnet_len",
+                self.subnet_len,
                 format!(
-                    "fewer than 2 possible subnets between {subnet_min} and {subnet_max}; use a larger network or a longer subnet_len"
+                    "fewer than 2 possible subnets between {subnet_min} and {subnet_max}; use a larger network or a longer {}",
+                    self.subnet_len
                 ),
             ));
         }
+        Ok(SubnetPool {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+        })
+    }
+}
 
+impl NetworkConfigSpec {
+    /// Validates the spec and fills in defaults.
+    pub fn validate(&self) -> Result<NetworkConfig, ConfigError> {
+        let given = |t: &Option<String>| t.as_ref().filter(|t| !t.trim().is_empty()).cloned();
+        let (network, network6) = (given(&self.network), given(&self.ipv6_network));
+        if network.is_none() && network6.is_none() {
+            return Err(ConfigError::new(
+                "network",
+                "is required (e.g. \"10.244.0.0/16\"), unless ipv6_network is given for an IPv6-only cluster",
+            ));
+        }
+        let orphan = |field: &'static str, set: bool, needs: &str| {
+            if set {
+                Err(ConfigError::new(field, format!("is set, but {needs} is not")))
+            } else {
+                Ok(())
+            }
+        };
+        if network.is_none() {
+            orphan("subnet_len", self.subnet_len.is_some(), "network")?;
+            orphan("subnet_min", self.subnet_min.is_some(), "network")?;
+            orphan("subnet_max", self.subnet_max.is_some(), "network")?;
+        }
+        if network6.is_none() {
+            orphan("ipv6_subnet_len", self.ipv6_subnet_len.is_some(), "ipv6_network")?;
+            orphan("ipv6_subnet_min", self.ipv6_subnet_min.is_some(), "ipv6_network")?;
+            orphan("ipv6_subnet_max", self.ipv6_subnet_max.is_some(), "ipv6_network")?;
+        }
+        let ipv4 = network
+            .map(|n| {
+                IPV4_RULES.validate(
+                    &n,
+                    self.subnet_len,
+                    self.subnet_min.as_ref(),
+                    self.subnet_max.as_ref(),
+                )
+            })
+            .transpose()?;
+        let ipv6 = network6
+            .map(|n| {
+                IPV6_RULES.validate(
+                    &n,
+                    self.ipv6_subnet_len,
+                    self.ipv6_subnet_min.as_ref(),
+                    self.ipv6_subnet_max.as_ref(),
+                )
+            })
+            .transpose()?;
         let b = self.backend.clone().unwrap_or_default();
         let kind = match b.kind.as_deref() {
             None => BackendType::Vxlan,
@@ -473,10 +783,8 @@ impl NetworkConfigSpec {
         check_lease_ttl(lease_ttl).map_err(|e| ConfigError::new("lease_ttl", e))?;
 
         Ok(NetworkConfig {
-            network,
-            subnet_len,
-            subnet_min,
-            subnet_max,
+            ipv4,
+            ipv6,
             backend: BackendConfig {
                 kind,
                 vni,
@@ -495,7 +803,7 @@ mod tests {
 
     fn spec(network: &str) -> NetworkConfigSpec {
         NetworkConfigSpec {
-            network: network.into(),
+            network: Some(network.into()),
             ..Default::default()
         }
     }
@@ -506,25 +814,27 @@ mod tests {
 
     #[test]
     fn defaults_for_a_slash_16() {
-        let c = spec("10.244.0.0/16").validate().unwrap();
+        let c = spec("10.244.0.0/16").validate().unwrap().ipv4.unwrap();
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min.to_string(), "10.244.1.0/24");
         assert_eq!(c.subnet_max.to_string(), "10.244.255.0/24");
+        assert_eq!(c.range().len(), 255);
+        let c = spec("10.244.0.0/16").validate().unwrap();
         assert_eq!(c.backend, BackendConfig::default());
         assert_eq!(c.lease_ttl, DEFAULT_LEASE_TTL);
         assert_eq!(c.mtu, None);
-        assert_eq!(c.range().len(), 255);
+        assert_eq!(c.ipv6, None);
     }
 
     #[test]
     fn small_networks_default_to_prefix_plus_two() {
-        let c = spec("10.0.0.0/24").validate().unwrap();
+        let c = spec("10.0.0.0/24").validate().unwrap().ipv4.unwrap();
         assert_eq!(c.subnet_len, 26);
         assert_eq!(c.subnet_min.to_string(), "10.0.0.64/26");
         assert_eq!(c.subnet_max.to_string(), "10.0.0.192/26");
-        let c = spec("10.0.0.0/22").validate().unwrap();
+        let c = spec("10.0.0.0/22").validate().unwrap().ipv4.unwrap();
         assert_eq!(c.subnet_len, 24);
-        let c = spec("10.0.0.0/23").validate().unwrap();
+        let c = spec("10.0.0.0/23").validate().unwrap().ipv4.unwrap();
         assert_eq!(c.subnet_len, 25);
     }
 
@@ -572,7 +882,7 @@ mod tests {
             "a single subnet is not enough"
         );
         s.subnet_max = Some("10.244.11.0/24".into());
-        let c = s.validate().unwrap();
+        let c = s.validate().unwrap().ipv4.unwrap();
         assert_eq!(c.range().len(), 2);
     }
 
@@ -686,24 +996,97 @@ mod tests {
 
     #[test]
     fn fits_checks_range_and_length() {
-        let c = spec("10.244.0.0/16").validate().unwrap();
-        assert!(c.fits("10.244.7.0/24".parse().unwrap()));
-        assert!(!c.fits("10.244.0.0/24".parse().unwrap()));
-        assert!(!c.fits("10.245.7.0/24".parse().unwrap()));
-        assert!(!c.fits("10.244.7.0/25".parse().unwrap()));
+        let c = spec("10.244.0.0/16").validate().unwrap().ipv4.unwrap();
+        assert!(c.fits("10.244.7.0/24".parse::<Ipv4Net>().unwrap()));
+        assert!(!c.fits("10.244.0.0/24".parse::<Ipv4Net>().unwrap()));
+        assert!(!c.fits("10.245.7.0/24".parse::<Ipv4Net>().unwrap()));
+        assert!(!c.fits("10.244.7.0/25".parse::<Ipv4Net>().unwrap()));
     }
 
     #[test]
     fn reservations_may_sit_outside_the_dynamic_range() {
         let mut s = spec("10.244.0.0/16");
         s.subnet_max = Some("10.244.199.0/24".into());
-        let c = s.validate().unwrap();
+        let c = s.validate().unwrap().ipv4.unwrap();
         let outside: Ipv4Net = "10.244.200.0/24".parse().unwrap();
         assert!(!c.fits(outside));
         assert!(c.is_network_subnet(outside));
         assert!(c.keeps(outside, true));
         assert!(!c.keeps(outside, false));
-        assert!(!c.is_network_subnet("10.245.1.0/24".parse().unwrap()));
-        assert!(!c.is_network_subnet("10.244.1.0/25".parse().unwrap()));
+        assert!(!c.is_network_subnet("10.245.1.0/24".parse::<Ipv4Net>().unwrap()));
+        assert!(!c.is_network_subnet("10.244.1.0/25".parse::<Ipv4Net>().unwrap()));
+    }
+
+    fn spec6(network6: &str) -> NetworkConfigSpec {
+        NetworkConfigSpec {
+            ipv6_network: Some(network6.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn dual_stack_and_ipv6_only_configs() {
+        let mut s = spec("10.244.0.0/16");
+        s.ipv6_network = Some("fd00:10:244::/56".into());
+        let c = s.validate().unwrap();
+        assert!(c.is_dual_stack());
+        assert_eq!(c.key_family(), Family::V4);
+        let v6 = c.ipv6.unwrap();
+        assert_eq!(v6.subnet_len, 64);
+        assert_eq!(v6.subnet_min.to_string(), "fd00:10:244:1::/64");
+        assert_eq!(v6.subnet_max.to_string(), "fd00:10:244:ff::/64");
+        assert_eq!(v6.range().len(), 255);
+        let stored = c.to_json();
+        assert!(stored.contains(r#""ipv6_network":"fd00:10:244::/56""#), "{stored}");
+        assert_eq!(NetworkConfig::from_json(&stored).unwrap(), c);
+
+        let c = spec6("fd00:10:244::/56").validate().unwrap();
+        assert_eq!(c.ipv4, None);
+        assert_eq!(c.key_family(), Family::V6);
+        assert_eq!(c.networks_text(), "fd00:10:244::/56");
+        let stored = c.to_json();
+        assert!(!stored.contains(r#""network""#), "{stored}");
+        assert_eq!(NetworkConfig::from_json(&stored).unwrap(), c);
+        let c = spec6("fd00:10:244::/120").validate().unwrap();
+        assert_eq!(c.ipv6.unwrap().subnet_len, 122);
+    }
+
+    #[test]
+    fn rejects_bad_ipv6_networks() {
+        for (net, field, words) in [
+            ("fd00::/125", "ipv6_network", "smaller than /124"),
+            ("fe80::/64", "ipv6_network", "link-local"),
+            ("fe00::/7", "ipv6_network", "link-local"),
+            ("ff02::/16", "ipv6_network", "multicast"),
+            ("::/0", "ipv6_network", "link-local"),
+            ("::ffff:10.0.0.0/104", "ipv6_network", "IPv4-mapped"),
+            ("10.244.0.0/16", "ipv6_network", "not an IPv6 CIDR"),
+            ("fd00:10:244::1/56", "ipv6_network", "host bits"),
+        ] {
+            let e = spec6(net).validate().unwrap_err();
+            assert_eq!(e.field, field, "{net}: {e}");
+            assert!(e.reason.contains(words), "{net}: {e}");
+        }
+        let e = spec("fd00::/56").validate().unwrap_err();
+        assert!(e.reason.contains("not an IPv4 CIDR"), "{e}");
+        let mut s = spec6("fd00:10:244::/56");
+        s.ipv6_subnet_len = Some(48);
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "ipv6_subnet_len");
+        assert!(e.reason.contains("longer than the network prefix /56"), "{e}");
+        s.ipv6_subnet_len = Some(127);
+        assert_eq!(s.validate().unwrap_err().field, "ipv6_subnet_len");
+        s.ipv6_subnet_len = None;
+        s.ipv6_subnet_min = Some("10.244.1.0/24".into());
+        assert_eq!(s.validate().unwrap_err().field, "ipv6_subnet_min");
+        s.ipv6_subnet_min = Some("fd00:10:245::/64".into());
+        assert_eq!(s.validate().unwrap_err().field, "ipv6_subnet_min");
+        let mut s = spec6("fd00:10:244::/56");
+        s.subnet_len = Some(24);
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "subnet_len");
+        assert!(e.reason.contains("network is not"), "{e}");
+        let e = NetworkConfigSpec::default().validate().unwrap_err();
+        assert_eq!(e.field, "network");
     }
 }

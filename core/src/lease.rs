@@ -1,14 +1,19 @@
 //! Subnet leases: what one host holds, as stored under `<prefix>/leases/<a.b.c.d>-<len>`.
 //!
+//! A lease is keyed by its subnet of the cluster's key family (IPv4 when the cluster has
+//! it, else IPv6: `<prefix>/leases/fd00:10:244:7::-64`). In a dual-stack cluster the IPv6
+//! subnet is part of the value ([`LeaseRecord::ipv6_subnet`]), so one host's two subnets
+//! are granted, renewed, reserved and revoked as one key: they can never drift apart.
+//!
 //! The subnet is the key, not part of the value, so a value can never disagree with the
 //! key it is stored under. Expiry is not in the value either: it lives in the etcd lease
 //! the key is attached to, which is renewed by keepalive without rewriting the value (a
 //! rewrite would wake every watcher on every renewal).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::SystemTime;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::config::BackendType;
@@ -29,14 +34,22 @@ pub enum LeaseError {
     NodeName(String),
     #[error("invalid public IP {0}: it must be a routable unicast IPv4 address (not unspecified, loopback, link-local, multicast or broadcast)")]
     PublicIp(Ipv4Addr),
+    #[error("invalid public IPv6 {0}: it must be a routable unicast IPv6 address (not unspecified, loopback, link-local, multicast or IPv4-mapped)")]
+    PublicIpv6(Ipv6Addr),
+    #[error("no public IP: a lease needs a public IPv4 address, a public IPv6 address, or both")]
+    NoPublicIp,
     #[error("invalid public IP {ip}: it lies inside the overlay network {network}")]
-    PublicIpInOverlay { ip: Ipv4Addr, network: Ipv4Net },
+    PublicIpInOverlay { ip: IpAddr, network: IpNet },
+    #[error("invalid lease: its key is the IPv6 subnet {key}, so the value must not name another IPv6 subnet ({value})")]
+    SecondIpv6Subnet { key: Ipv6Net, value: Ipv6Net },
     #[error("invalid VTEP MAC {0}: it must be a unicast MAC address")]
     VtepMac(MacAddr),
     #[error("invalid interface name {0:?}: use 1-15 printable ASCII characters, not '.' or '..', no '/', ':', white space or control characters")]
     Iface(String),
     #[error("invalid underlay {underlay}: it must contain the public IP {ip}")]
-    Underlay { underlay: Ipv4Net, ip: Ipv4Addr },
+    Underlay { underlay: IpNet, ip: IpAddr },
+    #[error("invalid underlay {underlay}: the lease has no public {family} address for it")]
+    UnderlayWithoutIp { underlay: IpNet, family: &'static str },
     #[error("invalid lease value: {0}")]
     Decode(String),
     #[error("invalid {field}: {millis} ms since 1970 is outside 0..={MAX_TIMESTAMP_MS}")]
@@ -56,6 +69,9 @@ pub struct BackendData {
     pub iface: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underlay: Option<Ipv4Net>,
+    /// The on-link IPv6 prefix of the public interface, beside `underlay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_v6: Option<Ipv6Net>,
 }
 
 /// The JSON value of a lease key.
@@ -63,7 +79,15 @@ pub struct BackendData {
 #[serde(deny_unknown_fields)]
 pub struct LeaseRecord {
     pub node: String,
-    pub public_ip: Ipv4Addr,
+    /// The host's public IPv4 address; absent on a host without one (IPv6-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// The host's public IPv6 address, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// In a dual-stack cluster: the host's IPv6 subnet (the key is its IPv4 subnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_subnet: Option<Ipv6Net>,
     pub backend: BackendType,
     #[serde(default)]
     pub backend_data: BackendData,
@@ -75,16 +99,80 @@ pub struct LeaseRecord {
     pub renewed_at: SystemTime,
 }
 
-/// A lease: a subnet and who holds it.
+/// A lease: a subnet (the key) and who holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub subnet: Ipv4Net,
+    /// The key subnet: IPv4 when the cluster has IPv4, else IPv6.
+    pub subnet: IpNet,
     pub record: LeaseRecord,
 }
 
 impl Lease {
     pub fn node(&self) -> &str {
         &self.record.node
+    }
+
+    /// The host's IPv4 subnet, when it has one.
+    pub fn ipv4(&self) -> Option<Ipv4Net> {
+        match self.subnet {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        }
+    }
+
+    /// The host's IPv6 subnet, when it has one (the key, or the value's `ipv6_subnet`).
+    pub fn ipv6(&self) -> Option<Ipv6Net> {
+        match self.subnet {
+            IpNet::V6(n) => Some(n),
+            IpNet::V4(_) => self.record.ipv6_subnet,
+        }
+    }
+
+    /// The host's subnets, IPv4 first.
+    pub fn subnets(&self) -> Vec<IpNet> {
+        self.ipv4()
+            .map(IpNet::V4)
+            .into_iter()
+            .chain(self.ipv6().map(IpNet::V6))
+            .collect()
+    }
+
+    /// The subnets as people read them: "10.244.7.0/24, fd00:10:244:7::/64".
+    pub fn subnets_text(&self) -> String {
+        self.subnets()
+            .iter()
+            .map(IpNet::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The public addresses as people read them: "192.0.2.11, 2001:db8::11".
+    pub fn public_text(&self) -> String {
+        [self.public_addr(false), self.public_addr(true)]
+            .into_iter()
+            .flatten()
+            .map(|ip| ip.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The host's public address of a family.
+    pub fn public_addr(&self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            self.record.public_ipv6.map(IpAddr::V6)
+        } else {
+            self.record.public_ip.map(IpAddr::V4)
+        }
+    }
+
+    /// The record's own checks plus the one that needs the key: under an IPv6 key the
+    /// value names no second IPv6 subnet.
+    pub fn validate(&self) -> Result<(), LeaseError> {
+        self.record.validate()?;
+        if let (IpNet::V6(key), Some(value)) = (self.subnet, self.record.ipv6_subnet) {
+            return Err(LeaseError::SecondIpv6Subnet { key, value });
+        }
+        Ok(())
     }
 }
 
@@ -110,8 +198,16 @@ impl LeaseRecord {
     /// accepts, and what a lease received over gRPC must pass too.
     pub fn validate(&self) -> Result<(), LeaseError> {
         validate_node_name(&self.node)?;
-        validate_public_ip(self.public_ip)?;
-        validate_backend_data(&self.backend_data, self.public_ip)?;
+        if self.public_ip.is_none() && self.public_ipv6.is_none() {
+            return Err(LeaseError::NoPublicIp);
+        }
+        if let Some(ip) = self.public_ip {
+            validate_public_ip(ip)?;
+        }
+        if let Some(ip) = self.public_ipv6 {
+            validate_public_ipv6(ip)?;
+        }
+        validate_backend_data(&self.backend_data, self.public_ip, self.public_ipv6)?;
         for (field, t) in [
             ("created_at", self.created_at),
             ("renewed_at", self.renewed_at),
@@ -125,8 +221,12 @@ impl LeaseRecord {
     }
 }
 
-/// Checks what a host publishes besides its public IP.
-pub fn validate_backend_data(data: &BackendData, public_ip: Ipv4Addr) -> Result<(), LeaseError> {
+/// Checks what a host publishes besides its public IPs.
+pub fn validate_backend_data(
+    data: &BackendData,
+    public_ip: Option<Ipv4Addr>,
+    public_ipv6: Option<Ipv6Addr>,
+) -> Result<(), LeaseError> {
     if let Some(mac) = data.vtep_mac {
         validate_vtep_mac(mac)?;
     }
@@ -134,11 +234,37 @@ pub fn validate_backend_data(data: &BackendData, public_ip: Ipv4Addr) -> Result<
         validate_iface(iface)?;
     }
     if let Some(underlay) = data.underlay {
-        if !underlay.contains(&public_ip) {
-            return Err(LeaseError::Underlay {
-                underlay,
-                ip: public_ip,
-            });
+        match public_ip {
+            None => {
+                return Err(LeaseError::UnderlayWithoutIp {
+                    underlay: underlay.into(),
+                    family: "IPv4",
+                })
+            }
+            Some(ip) if !underlay.contains(&ip) => {
+                return Err(LeaseError::Underlay {
+                    underlay: underlay.into(),
+                    ip: ip.into(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(underlay) = data.underlay_v6 {
+        match public_ipv6 {
+            None => {
+                return Err(LeaseError::UnderlayWithoutIp {
+                    underlay: underlay.into(),
+                    family: "IPv6",
+                })
+            }
+            Some(ip) if !underlay.contains(&ip) => {
+                return Err(LeaseError::Underlay {
+                    underlay: underlay.into(),
+                    ip: ip.into(),
+                })
+            }
+            Some(_) => {}
         }
     }
     Ok(())
@@ -187,6 +313,23 @@ pub fn validate_public_ip(ip: Ipv4Addr) -> Result<(), LeaseError> {
         || ip.is_link_local()
     {
         Err(LeaseError::PublicIp(ip))
+    } else {
+        Ok(())
+    }
+}
+
+/// A public IPv6 address other hosts can send to: unicast, not loopback, unspecified,
+/// link-local (fe80::/10: the same prefix on every link, useless without a zone) or
+/// IPv4-mapped (that is an IPv4 address: give it as the public IPv4).
+pub fn validate_public_ipv6(ip: Ipv6Addr) -> Result<(), LeaseError> {
+    let seg0 = ip.segments()[0];
+    if ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || (seg0 & 0xffc0) == 0xfe80
+        || ip.to_ipv4_mapped().is_some()
+    {
+        Err(LeaseError::PublicIpv6(ip))
     } else {
         Ok(())
     }
@@ -257,12 +400,15 @@ mod tests {
     fn record() -> LeaseRecord {
         LeaseRecord {
             node: "node-1".into(),
-            public_ip: "192.0.2.11".parse().unwrap(),
+            public_ip: Some("192.0.2.11".parse().unwrap()),
+            public_ipv6: None,
+            ipv6_subnet: None,
             backend: BackendType::Vxlan,
             backend_data: BackendData {
                 vtep_mac: Some("0a:58:0a:f4:07:00".parse().unwrap()),
                 iface: Some("eth0".into()),
                 underlay: Some("192.0.2.0/24".parse().unwrap()),
+                underlay_v6: None,
             },
             reserved: false,
             created_at: from_unix_millis(1_700_000_000_123),
@@ -360,7 +506,7 @@ mod tests {
     /// loopback or link-local public IPs, and every one was stored and shown.
     #[test]
     fn lease_fields_refuse_control_characters_and_unroutable_public_ips() {
-        let ip: Ipv4Addr = "192.0.2.11".parse().unwrap();
+        let ip: Option<Ipv4Addr> = Some("192.0.2.11".parse().unwrap());
         let with_iface = |name: &str| BackendData {
             iface: Some(name.into()),
             ..Default::default()
@@ -380,7 +526,7 @@ mod tests {
             "sixteen-bytes-xx",
             "\u{e9}th0",
         ] {
-            let e = validate_backend_data(&with_iface(bad), ip).unwrap_err();
+            let e = validate_backend_data(&with_iface(bad), ip, None).unwrap_err();
             assert!(matches!(e, LeaseError::Iface(_)), "{bad:?}: {e}");
             assert!(
                 !e.to_string().contains('\x1b'),
@@ -396,7 +542,7 @@ mod tests {
             "fifteen-bytes-x",
         ] {
             assert!(
-                validate_backend_data(&with_iface(good), ip).is_ok(),
+                validate_backend_data(&with_iface(good), ip, None).is_ok(),
                 "{good}"
             );
         }
@@ -423,5 +569,48 @@ mod tests {
             let bad = good.replace(from, to);
             assert!(LeaseRecord::decode(bad.as_bytes()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn dual_stack_and_ipv6_only_records() {
+        let mut r = record();
+        r.public_ipv6 = Some("2001:db8::11".parse().unwrap());
+        r.ipv6_subnet = Some("fd00:10:244:7::/64".parse().unwrap());
+        r.backend_data.underlay_v6 = Some("2001:db8::/64".parse().unwrap());
+        let back = LeaseRecord::decode(&r.encode()).unwrap();
+        assert_eq!(back, r);
+        let lease = Lease {
+            subnet: "10.244.7.0/24".parse().unwrap(),
+            record: back,
+        };
+        assert_eq!(lease.subnets_text(), "10.244.7.0/24, fd00:10:244:7::/64");
+        assert!(lease.validate().is_ok());
+        let v6_keyed = Lease {
+            subnet: "fd00:10:244:8::/64".parse().unwrap(),
+            record: r.clone(),
+        };
+        assert!(matches!(
+            v6_keyed.validate(),
+            Err(LeaseError::SecondIpv6Subnet { .. })
+        ));
+        let mut only6 = r.clone();
+        only6.public_ip = None;
+        only6.backend_data.underlay = None;
+        only6.ipv6_subnet = None;
+        let text = String::from_utf8(only6.encode()).unwrap();
+        assert!(!text.contains("public_ip\""), "{text}");
+        assert_eq!(LeaseRecord::decode(text.as_bytes()).unwrap(), only6);
+        let mut none = only6.clone();
+        none.public_ipv6 = None;
+        none.backend_data.underlay_v6 = None;
+        assert_eq!(none.validate(), Err(LeaseError::NoPublicIp));
+        for bad in ["fe80::1", "::1", "::", "ff02::1", "::ffff:192.0.2.1"] {
+            let e = validate_public_ipv6(bad.parse().unwrap()).unwrap_err();
+            assert!(e.to_string().contains("routable unicast IPv6"), "{bad}: {e}");
+        }
+        assert!(validate_public_ipv6("2001:db8::1".parse().unwrap()).is_ok());
+        let mut outside = r.clone();
+        outside.backend_data.underlay_v6 = Some("2001:db8:1::/64".parse().unwrap());
+        assert!(matches!(outside.validate(), Err(LeaseError::Underlay { .. })));
     }
 }

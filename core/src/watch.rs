@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::lease::Lease;
 
@@ -45,7 +45,7 @@ pub enum Replay {
 
 #[derive(Debug, Clone)]
 pub struct LeaseCache {
-    leases: BTreeMap<Ipv4Net, Lease>,
+    leases: BTreeMap<IpNet, Lease>,
     revision: i64,
     history: VecDeque<Arc<LeaseEvent>>,
     capacity: usize,
@@ -77,7 +77,7 @@ impl LeaseCache {
         self.leases.is_empty()
     }
 
-    pub fn get(&self, subnet: &Ipv4Net) -> Option<&Lease> {
+    pub fn get(&self, subnet: &IpNet) -> Option<&Lease> {
         self.leases.get(subnet)
     }
 
@@ -109,7 +109,7 @@ impl LeaseCache {
     }
 
     /// Records a delete. Returns the event, or `None` when the subnet was not known.
-    pub fn remove(&mut self, subnet: &Ipv4Net, revision: i64) -> Option<Arc<LeaseEvent>> {
+    pub fn remove(&mut self, subnet: &IpNet, revision: i64) -> Option<Arc<LeaseEvent>> {
         self.advance(revision);
         let lease = self.leases.remove(subnet)?;
         Some(self.record(LeaseEvent {
@@ -134,7 +134,7 @@ impl LeaseCache {
     /// The history is cleared: a client that was between the old revision and this one
     /// cannot be brought up to date by this diff, so it must get a snapshot.
     pub fn resync(&mut self, leases: Vec<Lease>, revision: i64) -> Vec<Arc<LeaseEvent>> {
-        let mut fresh: BTreeMap<Ipv4Net, Lease> =
+        let mut fresh: BTreeMap<IpNet, Lease> =
             leases.into_iter().map(|l| (l.subnet, l)).collect();
         let mut events = Vec::new();
         for (subnet, old) in &self.leases {
@@ -198,7 +198,9 @@ mod tests {
             subnet: subnet.parse().unwrap(),
             record: LeaseRecord {
                 node: node.into(),
-                public_ip: "192.0.2.1".parse().unwrap(),
+                public_ip: Some("192.0.2.1".parse().unwrap()),
+                public_ipv6: None,
+                ipv6_subnet: None,
                 backend: BackendType::Alloc,
                 backend_data: BackendData::default(),
                 reserved: false,

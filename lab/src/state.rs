@@ -181,7 +181,15 @@ impl LabState {
     /// same parser as every other reader of that file (`overlay_core::subnet_env`).
     pub fn host_subnet(&self, host: &HostState) -> Option<String> {
         let text = std::fs::read_to_string(host.dir.join("run/subnet.env")).ok()?;
-        Some(SubnetEnv::parse(&text).ok()?.subnet.to_string())
+        let env = SubnetEnv::parse(&text).ok()?;
+        Some(
+            env.subnet
+                .map(|s| s.to_string())
+                .into_iter()
+                .chain(env.ipv6_subnet.map(|s| s.to_string()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
     }
 
     pub fn agent_ready(&self, host: &HostState) -> bool {

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use ipnet::IpNet;
 use overlay_core::backoff::Backoff;
 use overlay_core::config::NetworkConfig;
 use overlay_core::lease::{format_rfc3339, BackendData};
@@ -120,7 +121,7 @@ impl Agent {
         {
             let mut s = status.write().expect("status");
             s.node = opts.node.clone();
-            s.public_ip = Some(host.public_ip.to_string());
+            s.public_ip = Some(host.public_text());
             s.firewall.implementation = Some(effects.firewall.name().to_string());
         }
         let metrics = Arc::new(AgentMetrics::new());
@@ -165,24 +166,33 @@ impl Agent {
     }
 
     async fn run_inner(&self) -> Result<(), AgentError> {
-        let host = &self.host;
-        info!(node = %self.opts.node, public_ip = %host.public_ip, iface = ?host.iface, mtu = host.mtu, "underlay found");
+        info!(node = %self.opts.node, public_ip = %self.host.public_text(), iface = ?self.host.iface, mtu = self.host.mtu, "underlay found");
         let mut state = AgentState::load(&self.opts.state_dir);
         if state.node.as_deref().is_some_and(|n| n != self.opts.node) {
             info!(old = ?state.node, "node name changed; not reusing the old subnet");
             state.subnet = None;
         }
         let previous = state.subnet.or_else(|| {
-            crate::files::read_subnet_env(&self.opts.run_dir.join(SUBNET_ENV)).map(|e| e.subnet)
+            let env = crate::files::read_subnet_env(&self.opts.run_dir.join(SUBNET_ENV))?;
+            env.subnet
+                .map(IpNet::V4)
+                .or(env.ipv6_subnet.map(IpNet::V6))
         });
 
         readiness::status("fetching the network config");
         let config = self.fetch_config().await;
-        info!(network = %config.network, backend = %config.backend.kind, "network config received");
+        info!(network = %config.networks_text(), backend = %config.backend.kind, "network config received");
+        let host = &self
+            .host
+            .clone()
+            .for_families(config.ipv4.is_some(), config.ipv6.is_some());
+        self.set_status(|s| s.public_ip = Some(host.public_text()));
         // A subnet.env of another network (the config changed while the agent was down) is
         // wrong for every reader: gone until this agent is ready again.
         let env_path = self.opts.run_dir.join(SUBNET_ENV);
-        if crate::files::read_subnet_env(&env_path).is_some_and(|e| e.network != config.network) {
+        if crate::files::read_subnet_env(&env_path).is_some_and(|e| {
+            e.network != config.ipv4_network() || e.ipv6_network != config.ipv6_network()
+        }) {
             info!(path = %env_path.display(), "removing the subnet.env of the old network");
             overlay_common::durable::remove(&env_path)?;
         }
@@ -206,11 +216,17 @@ impl Agent {
         let request = LeaseRequest {
             node: self.opts.node.clone(),
             public_ip: host.public_ip,
+            public_ipv6: host.public_ipv6,
             backend: config.backend.kind,
             data: data.clone(),
             preferred: previous,
+            preferred6: state.ipv6_subnet.or_else(|| {
+                crate::files::read_subnet_env(&self.opts.run_dir.join(SUBNET_ENV))
+                    .and_then(|e| e.ipv6_subnet)
+            }),
             iface: host.iface.clone(),
             underlay: host.underlay,
+            underlay_v6: host.underlay_v6,
         };
         let mut held = self.acquire_lease(&request).await;
         readiness::status(&format!(
@@ -276,8 +292,10 @@ impl Agent {
                         // hold back readiness (one odd peer must not keep a host down).
                         retry_at = (failed > 0).then(|| Instant::now() + Duration::from_secs(1));
                         let env = SubnetEnv {
-                            network: config.network,
-                            subnet: held.lease.subnet,
+                            network: config.ipv4_network(),
+                            subnet: held.lease.ipv4(),
+                            ipv6_network: config.ipv6_network(),
+                            ipv6_subnet: held.lease.ipv6(),
                             mtu: backend.mtu(),
                             ip_masq: self.opts.ip_masq,
                         };
@@ -330,6 +348,7 @@ impl Agent {
                             warn!(subnet = %held.lease.subnet, reason = %why, "lease lost; acquiring again");
                             let request = LeaseRequest {
                                 preferred: Some(held.lease.subnet),
+                                preferred6: held.lease.record.ipv6_subnet,
                                 ..request.clone()
                             };
                             held = self.acquire_lease(&request).await;
@@ -359,7 +378,8 @@ impl Agent {
         let fresh = AgentState {
             node: Some(self.opts.node.clone()),
             subnet: Some(held.lease.subnet),
-            public_ip: Some(self.host.public_ip),
+            ipv6_subnet: held.lease.record.ipv6_subnet,
+            public_ip: held.lease.record.public_ip,
             vtep_mac: data.vtep_mac.or(state.vtep_mac),
         };
         if &fresh != state {
@@ -428,11 +448,14 @@ impl Agent {
     async fn config_changed(&self, running: &NetworkConfig) -> Option<String> {
         let fresh = self.control.config().await.ok()?;
         let mut changes = Vec::new();
-        if fresh.network != running.network || fresh.subnet_len != running.subnet_len {
-            changes.push(format!(
-                "network {}/{} -> {}/{}",
-                running.network, running.subnet_len, fresh.network, fresh.subnet_len
-            ));
+        let shape = |c: &NetworkConfig| {
+            c.pools()
+                .map(|p| format!("{}/{}", p.network, p.subnet_len))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if shape(&fresh) != shape(running) {
+            changes.push(format!("network {} -> {}", shape(running), shape(&fresh)));
         }
         if fresh.backend != running.backend {
             changes.push(format!(

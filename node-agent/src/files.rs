@@ -9,7 +9,7 @@ use std::io::Read;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv6Net};
 pub use overlay_common::durable::FileError;
 use overlay_common::durable::WriteOptions;
 pub use overlay_core::subnet_env::{SubnetEnv, MAX_SUBNET_ENV_BYTES};
@@ -68,8 +68,12 @@ pub struct AgentState {
     /// The node name the subnet was leased for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The key subnet (IPv4, or IPv6 in an IPv6-only cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subnet: Option<Ipv4Net>,
+    pub subnet: Option<IpNet>,
+    /// Dual stack: the IPv6 subnet beside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_subnet: Option<Ipv6Net>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_ip: Option<Ipv4Addr>,
     /// The VTEP MAC, kept stable across restarts (Flannel's issues #1795/#1828).
@@ -104,8 +108,10 @@ mod tests {
     #[test]
     fn subnet_env_renders_the_gateway_and_parses_back() {
         let env = SubnetEnv {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.7.0/24".parse().unwrap(),
+            network: "10.244.0.0/16".parse().ok(),
+            subnet: "10.244.7.0/24".parse().ok(),
+            ipv6_network: None,
+            ipv6_subnet: None,
             mtu: 1450,
             ip_masq: false,
         };
@@ -256,6 +262,7 @@ mod tests {
         let s = AgentState {
             node: Some("n1".into()),
             subnet: Some("10.244.3.0/24".parse().unwrap()),
+            ipv6_subnet: None,
             public_ip: Some("192.0.2.1".parse().unwrap()),
             vtep_mac: Some("0a:00:00:00:00:01".parse().unwrap()),
         };

@@ -1,7 +1,7 @@
 //! overlay-agent binary: flags (each with an OVERLAY_* environment variable), logging,
 //! signals, and the health endpoint around [`overlay_agent::agent::Agent`].
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,9 +39,14 @@ struct Args {
     /// This node's name (default: the common name of --tls-cert, else the hostname).
     #[arg(long, env = "OVERLAY_NODE_NAME")]
     node_name: Option<String>,
-    /// The underlay IP other hosts reach this one at.
+    /// The underlay IPv4 address other hosts reach this one at (default: the first IPv4
+    /// address of --iface).
     #[arg(long, env = "OVERLAY_PUBLIC_IP")]
     public_ip: Option<Ipv4Addr>,
+    /// The underlay IPv6 address other hosts reach this one at (default: the first
+    /// global IPv6 address of --iface, in a cluster with IPv6).
+    #[arg(long, env = "OVERLAY_PUBLIC_IPV6", value_parser = parse_public_ipv6)]
+    public_ipv6: Option<Ipv6Addr>,
     /// The underlay interface (default: the interface of the default route).
     #[arg(long, env = "OVERLAY_IFACE")]
     iface: Option<String>,
@@ -160,7 +165,8 @@ async fn run() -> anyhow::Result<()> {
             }
         });
     }
-    let host = overlay_agent::hostnet::detect(args.public_ip, args.iface.as_deref())?;
+    let host =
+        overlay_agent::hostnet::detect(args.public_ip, args.public_ipv6, args.iface.as_deref())?;
     let chosen = firewall::select(args.firewall, &path).context("--firewall")?;
     info!(firewall = chosen.firewall.name(), reason = %chosen.reason, "firewall chosen");
     for (name, result) in firewall::remove_others(chosen.firewall.as_ref(), &path) {
@@ -194,4 +200,21 @@ async fn run() -> anyhow::Result<()> {
         ))
         .await?;
     Ok(())
+}
+
+/// `--public-ipv6`: an IPv6 address that peers can send to (an IPv4 address given here
+/// is refused by name: it belongs in --public-ip).
+fn parse_public_ipv6(text: &str) -> Result<Ipv6Addr, String> {
+    let ip: std::net::IpAddr = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not an IPv6 address"))?;
+    match ip {
+        std::net::IpAddr::V4(v4) => Err(format!(
+            "{v4} is an IPv4 address; give it as --public-ip, and an IPv6 address here"
+        )),
+        std::net::IpAddr::V6(v6) => overlay_core::lease::validate_public_ipv6(v6)
+            .map(|()| v6)
+            .map_err(|e| e.to_string()),
+    }
 }

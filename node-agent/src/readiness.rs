@@ -50,7 +50,7 @@ impl Readiness {
         }
         let path = self.subnet_env_path();
         write_atomic(&path, env.render().as_bytes())?;
-        info!(subnet = %env.subnet, path = %path.display(), "subnet.env written; ready");
+        info!(subnet = ?env.subnet, ipv6_subnet = ?env.ipv6_subnet, path = %path.display(), "subnet.env written; ready");
         self.install_cni_conf()?;
         self.published = Some(env.clone());
         notify(sd_notify::NotifyState::Ready);

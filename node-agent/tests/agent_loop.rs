@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use overlay_agent::agent::{Agent, AgentError, AgentOptions, SharedStatus};
 use overlay_agent::backend::HostEffects;
 use overlay_agent::control_plane::fake::FakeControlPlane;
@@ -35,10 +35,13 @@ fn config(vni: u32) -> NetworkConfig {
 
 fn host() -> HostInfo {
     HostInfo {
-        public_ip: "192.0.2.11".parse().unwrap(),
+        public_ip: Some("192.0.2.11".parse().unwrap()),
+        public_ipv6: None,
         iface: Some("eth0".into()),
         underlay: Some("192.0.2.0/24".parse().unwrap()),
+        underlay_v6: None,
         mtu: 1500,
+        given: (true, false),
     }
 }
 
@@ -48,7 +51,9 @@ fn peer(subnet: &str, node: &str, ip: &str) -> Lease {
         subnet: subnet.parse().unwrap(),
         record: LeaseRecord {
             node: node.into(),
-            public_ip: ip.parse().unwrap(),
+            public_ip: Some(ip.parse().unwrap()),
+            public_ipv6: None,
+            ipv6_subnet: None,
             backend: BackendType::Vxlan,
             backend_data: BackendData {
                 vtep_mac: Some(MacAddr::derive(node)),
@@ -125,7 +130,7 @@ impl Host {
         std::fs::read_to_string(self.dir.path().join("run/subnet.env")).ok()
     }
 
-    fn routes(&self) -> BTreeSet<Ipv4Net> {
+    fn routes(&self) -> BTreeSet<IpNet> {
         self.datapath.kernel().routes.keys().copied().collect()
     }
 }
@@ -154,7 +159,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn net(s: &str) -> Ipv4Net {
+fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 
@@ -170,7 +175,7 @@ async fn first_lease_programs_peers_then_publishes_subnet_env_and_conflist() {
     let env = h.subnet_env().expect("subnet.env");
     let gateway = format!(
         "OVERLAY_SUBNET={}/24",
-        overlay_core::subnet::gateway(own.subnet).addr()
+        overlay_core::subnet::gateway(own.ipv4().unwrap()).addr()
     );
     assert!(env.contains(&gateway), "{env}");
     assert!(env.contains("OVERLAY_MTU=1450"), "{env}");
@@ -193,7 +198,7 @@ async fn first_lease_programs_peers_then_publishes_subnet_env_and_conflist() {
     assert_eq!(
         h.firewall.ensured.lock().unwrap().last(),
         Some(&FirewallRules {
-            network: net("10.244.0.0/16"),
+            networks: vec![net("10.244.0.0/16")],
             masquerade: true
         })
     );

@@ -97,7 +97,7 @@ fn sh(program: &str, line: &str) -> String {
 
 fn rules(masquerade: bool) -> FirewallRules {
     FirewallRules {
-        network: "10.244.0.0/16".parse().unwrap(),
+        networks: vec!["10.244.0.0/16".parse().unwrap()],
         masquerade,
     }
 }

@@ -12,12 +12,12 @@
 //! and as an independent reading of what the module programmed.
 
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use overlay_agent::datapath::{LinkChange, Netlink, NetlinkError, VxlanSpec, ROUTE_PROTOCOL};
 use overlay_core::config::{BackendSpec, BackendType, NetworkConfig, NetworkConfigSpec};
 use overlay_core::datapath::{diff, plan, vtep_name, HostNet, Op, RouteKind};
@@ -101,11 +101,11 @@ fn mac(last: u16) -> MacAddr {
     MacAddr::local_unicast([0x0a, 0x58, 0, 0, (last >> 8) as u8, last as u8])
 }
 
-fn net(s: &str) -> Ipv4Net {
+fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 
-fn addr(s: &str) -> Ipv4Addr {
+fn addr(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -123,7 +123,7 @@ fn vtep_spec(vni: u32, underlay_ifindex: u32) -> VxlanSpec {
 
 fn config(backend: &str, subnet_len: u64) -> NetworkConfig {
     NetworkConfigSpec {
-        network: "10.244.0.0/16".into(),
+        network: Some("10.244.0.0/16".into()),
         subnet_len: Some(subnet_len),
         backend: Some(BackendSpec {
             kind: Some(backend.into()),
@@ -136,12 +136,20 @@ fn config(backend: &str, subnet_len: u64) -> NetworkConfig {
     .unwrap()
 }
 
-fn lease(subnet: Ipv4Net, public_ip: Ipv4Addr, backend: BackendType, vtep: MacAddr) -> Lease {
+fn lease(subnet: IpNet, public_ip: IpAddr, backend: BackendType, vtep: MacAddr) -> Lease {
     Lease {
         subnet,
         record: LeaseRecord {
             node: format!("node-{}", subnet.addr()),
-            public_ip,
+            public_ip: match public_ip {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            },
+            public_ipv6: match public_ip {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(_) => None,
+            },
+            ipv6_subnet: None,
             backend,
             backend_data: BackendData {
                 vtep_mac: Some(vtep),
@@ -156,9 +164,11 @@ fn lease(subnet: Ipv4Net, public_ip: Ipv4Addr, backend: BackendType, vtep: MacAd
 
 fn host() -> HostNet {
     HostNet {
-        public_ip: addr(HOST_IP),
+        public_ip: HOST_IP.parse().ok(),
+        public_ipv6: None,
         iface: UNDERLAY.into(),
-        underlay: net("192.0.2.0/24"),
+        underlay: "192.0.2.0/24".parse().ok(),
+        underlay_v6: None,
     }
 }
 
@@ -347,7 +357,7 @@ fn vxlan_plan_is_applied_observed_back_and_reapplied_with_zero_writes() {
         let (own, leases) = cluster(BackendType::Vxlan, 3);
         let desired = plan(&config("vxlan", 24), &own, &leases, &host());
         assert!(desired.skipped.is_empty(), "{:?}", desired.skipped);
-        let observed = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
+        let observed = nl.observe(&["ovl.1"], UNDERLAY).await.unwrap();
         assert!(observed.is_empty(), "{observed:?}");
         let ops = diff(&desired, &observed);
         assert_eq!(ops.len(), 9);
@@ -355,7 +365,7 @@ fn vxlan_plan_is_applied_observed_back_and_reapplied_with_zero_writes() {
         assert!(report.is_ok(), "{:?}", report.failed);
         assert_eq!(report.applied, 9);
 
-        let observed = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
+        let observed = nl.observe(&["ovl.1"], UNDERLAY).await.unwrap();
         assert_eq!(observed, desired.kernel_entries());
         assert!(observed.routes.values().all(|r| r.kind == RouteKind::Vxlan));
         assert!(diff(&desired, &observed).is_empty());
@@ -384,14 +394,14 @@ fn vxlan_plan_is_applied_observed_back_and_reapplied_with_zero_writes() {
         let writes = nl.writes();
         let again = diff(
             &desired,
-            &nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap(),
+            &nl.observe(&["ovl.1"], UNDERLAY).await.unwrap(),
         );
         assert!(nl.apply(&again).await.is_ok());
         assert_eq!(nl.writes(), writes);
         let report = nl.apply(&ops).await;
         assert!(report.is_ok(), "{:?}", report.failed);
         assert_eq!(
-            nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap(),
+            nl.observe(&["ovl.1"], UNDERLAY).await.unwrap(),
             desired.kernel_entries()
         );
 
@@ -405,12 +415,12 @@ fn vxlan_plan_is_applied_observed_back_and_reapplied_with_zero_writes() {
         let desired = plan(&config("vxlan", 24), &own, &fewer, &host());
         let ops = diff(
             &desired,
-            &nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap(),
+            &nl.observe(&["ovl.1"], UNDERLAY).await.unwrap(),
         );
         assert_eq!(ops.len(), 3, "{ops:?}");
         assert!(ops.iter().all(Op::is_delete));
         assert!(nl.apply(&ops).await.is_ok());
-        let observed = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
+        let observed = nl.observe(&["ovl.1"], UNDERLAY).await.unwrap();
         assert_eq!(observed, desired.kernel_entries());
         assert!(!ip("route show proto 79").contains("10.244.3.0"));
         assert!(!ip("neigh show dev ovl.1").contains("10.244.3.0"));
@@ -422,16 +432,16 @@ fn vxlan_plan_is_applied_observed_back_and_reapplied_with_zero_writes() {
             .iter_mut()
             .find(|l| l.subnet == net("10.244.2.0/24"))
             .unwrap();
-        peer.record.public_ip = addr("192.0.2.42");
+        peer.record.public_ip = "192.0.2.42".parse().ok();
         let desired = plan(&config("vxlan", 24), &own, &moved, &host());
         let ops = diff(
             &desired,
-            &nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap(),
+            &nl.observe(&["ovl.1"], UNDERLAY).await.unwrap(),
         );
         assert!(matches!(ops.as_slice(), [Op::AddFdb(e)] if e.dst == addr("192.0.2.42")));
         assert!(nl.apply(&ops).await.is_ok());
         assert_eq!(
-            nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap(),
+            nl.observe(&["ovl.1"], UNDERLAY).await.unwrap(),
             desired.kernel_entries()
         );
     });
@@ -452,10 +462,10 @@ fn host_gw_and_direct_routes_go_via_the_peers_public_ip() {
         let desired = plan(&config("host-gw", 24), &own, &leases, &host());
         assert_eq!(desired.skipped.len(), 1);
         let report = nl
-            .apply(&diff(&desired, &nl.observe(None, UNDERLAY).await.unwrap()))
+            .apply(&diff(&desired, &nl.observe(&[], UNDERLAY).await.unwrap()))
             .await;
         assert!(report.is_ok(), "{:?}", report.failed);
-        let observed = nl.observe(None, UNDERLAY).await.unwrap();
+        let observed = nl.observe(&[], UNDERLAY).await.unwrap();
         assert_eq!(observed, desired.kernel_entries());
         assert!(observed
             .routes
@@ -472,7 +482,7 @@ fn host_gw_and_direct_routes_go_via_the_peers_public_ip() {
         cfg.backend.direct_routing = true;
         let (own, leases) = cluster(BackendType::Vxlan, 3);
         let direct = plan(&cfg, &own, &leases, &host());
-        let observed = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
+        let observed = nl.observe(&["ovl.1"], UNDERLAY).await.unwrap();
         assert!(observed
             .routes
             .values()
@@ -589,14 +599,14 @@ fn a_thousand_peers_are_applied_in_one_pipelined_call() {
         // /26 subnets give 1024 of them in 10.244.0.0/16; the peers' public IPs only need
         // to be distinct FDB destinations, not reachable.
         let cfg = config("vxlan", 26);
-        let subnets: Vec<Ipv4Net> = cfg.range().iter().take(1001).collect();
+        let subnets: Vec<IpNet> = cfg.key_pool().range().iter().take(1001).collect();
         let own = lease(subnets[0], addr(HOST_IP), BackendType::Vxlan, mac(1));
         let mut leases = vec![own.clone()];
         for (i, subnet) in subnets.iter().enumerate().skip(1) {
             let public = Ipv4Addr::new(172, 16, (i / 200) as u8, (i % 200 + 1) as u8);
             leases.push(lease(
                 *subnet,
-                public,
+                IpAddr::V4(public),
                 BackendType::Vxlan,
                 mac(1000 + i as u16),
             ));
@@ -605,7 +615,7 @@ fn a_thousand_peers_are_applied_in_one_pipelined_call() {
         assert_eq!(desired.routes.len(), 1000);
         let ops = diff(
             &desired,
-            &nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap(),
+            &nl.observe(&["ovl.1"], UNDERLAY).await.unwrap(),
         );
         assert_eq!(ops.len(), 3000);
         let writes = nl.writes();
@@ -613,7 +623,7 @@ fn a_thousand_peers_are_applied_in_one_pipelined_call() {
         assert!(report.is_ok(), "{:?}", report.failed.first());
         assert_eq!(report.applied, 3000);
         assert_eq!(nl.writes() - writes, 3000);
-        let observed = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
+        let observed = nl.observe(&["ovl.1"], UNDERLAY).await.unwrap();
         assert_eq!(observed.routes.len(), 1000);
         assert_eq!(observed.neighbours.len(), 1000);
         assert_eq!(observed.fdb.len(), 1000);
@@ -652,7 +662,7 @@ fn foreign_permanent_entries_on_the_vtep_are_observed() {
                 "fdb add 0a:58:00:00:09:09 dev ovl.1 dst 192.0.2.99 self permanent",
             );
             ip("neigh add 10.244.99.0 lladdr 0a:58:00:00:09:09 dev ovl.1 nud permanent");
-            let seen = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
+            let seen = nl.observe(&["ovl.1"], UNDERLAY).await.unwrap();
             assert!(
                 seen.fdb.iter().any(|e| e.dst == addr("192.0.2.99")),
                 "{seen:?}"
@@ -662,7 +672,7 @@ fn foreign_permanent_entries_on_the_vtep_are_observed() {
             let ops = diff(&Default::default(), &seen);
             assert_eq!(ops.len(), 2, "{ops:?}");
             assert!(nl.apply(&ops).await.is_ok());
-            let after = nl.observe(Some("ovl.1"), UNDERLAY).await.unwrap();
+            let after = nl.observe(&["ovl.1"], UNDERLAY).await.unwrap();
             assert!(
                 after.fdb.is_empty() && after.neighbours.is_empty(),
                 "{after:?}"

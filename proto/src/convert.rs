@@ -41,11 +41,16 @@ pub fn backend_from_proto(raw: i32) -> Result<BackendType, InvalidMessage> {
 }
 
 pub fn config_to_proto(c: &NetworkConfig) -> v1::NetworkConfig {
+    let (v4, v6) = (c.ipv4, c.ipv6);
     v1::NetworkConfig {
-        network: c.network.to_string(),
-        subnet_len: c.subnet_len.into(),
-        subnet_min: c.subnet_min.to_string(),
-        subnet_max: c.subnet_max.to_string(),
+        network: v4.map(|p| p.network.to_string()).unwrap_or_default(),
+        subnet_len: v4.map(|p| p.subnet_len.into()).unwrap_or_default(),
+        subnet_min: v4.map(|p| p.subnet_min.to_string()).unwrap_or_default(),
+        subnet_max: v4.map(|p| p.subnet_max.to_string()).unwrap_or_default(),
+        ipv6_network: v6.map(|p| p.network.to_string()),
+        ipv6_subnet_len: v6.map(|p| p.subnet_len.into()),
+        ipv6_subnet_min: v6.map(|p| p.subnet_min.to_string()),
+        ipv6_subnet_max: v6.map(|p| p.subnet_max.to_string()),
         backend: backend_to_proto(c.backend.kind).into(),
         vni: c.backend.vni,
         port: c.backend.port.into(),
@@ -66,7 +71,10 @@ pub fn lease_to_proto(l: &Lease, expires_at_ms: Option<i64>) -> v1::Lease {
     v1::Lease {
         subnet: l.subnet.to_string(),
         node: r.node.clone(),
-        public_ip: r.public_ip.to_string(),
+        public_ip: r.public_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        public_ipv6: r.public_ipv6.map(|ip| ip.to_string()),
+        ipv6_subnet: r.ipv6_subnet.map(|s| s.to_string()),
+        underlay_v6: r.backend_data.underlay_v6.map(|u| u.to_string()),
         backend: backend_to_proto(r.backend).into(),
         vtep_mac: r.backend_data.vtep_mac.map(|m| m.to_string()),
         iface: r.backend_data.iface.clone(),
@@ -78,17 +86,59 @@ pub fn lease_to_proto(l: &Lease, expires_at_ms: Option<i64>) -> v1::Lease {
     }
 }
 
+/// Parses an optional message field with `parse`, naming the field and what it should be.
+fn optional<T: std::str::FromStr>(
+    field: &str,
+    what: &str,
+    text: Option<&str>,
+) -> Result<Option<T>, InvalidMessage> {
+    text.map(|t| {
+        t.parse()
+            .map_err(|_| InvalidMessage(format!("{field}: {t:?} is not {what}")))
+    })
+    .transpose()
+}
+
+/// A CIDR without host bits, or an error naming the field.
+fn aligned<N: Copy + std::fmt::Display + PartialEq>(
+    field: &str,
+    net: N,
+    addr: impl Fn(N) -> std::net::IpAddr,
+    network: impl Fn(N) -> std::net::IpAddr,
+    trunc: impl Fn(N) -> N,
+) -> Result<N, InvalidMessage> {
+    if addr(net) != network(net) {
+        return Err(InvalidMessage(format!(
+            "{field}: {net} has host bits set (did you mean {}?)",
+            trunc(net)
+        )));
+    }
+    Ok(net)
+}
+
 pub fn lease_from_proto(l: &v1::Lease) -> Result<Lease, InvalidMessage> {
-    let subnet = l
+    let subnet: ipnet::IpNet = l
         .subnet
         .parse()
-        .map_err(|_| InvalidMessage(format!("subnet: {:?} is not an IPv4 CIDR", l.subnet)))?;
-    let public_ip = l.public_ip.parse().map_err(|_| {
-        InvalidMessage(format!(
-            "public_ip: {:?} is not an IPv4 address",
-            l.public_ip
-        ))
-    })?;
+        .map_err(|_| InvalidMessage(format!("subnet: {:?} is not a CIDR", l.subnet)))?;
+    let subnet = aligned("subnet", subnet, |n| n.addr(), |n| n.network(), |n| n.trunc())?;
+    let public_ip = optional(
+        "public_ip",
+        "an IPv4 address",
+        Some(l.public_ip.as_str()).filter(|t| !t.is_empty()),
+    )?;
+    let public_ipv6 = optional("public_ipv6", "an IPv6 address", l.public_ipv6.as_deref())?;
+    let ipv6_subnet: Option<ipnet::Ipv6Net> =
+        optional("ipv6_subnet", "an IPv6 CIDR", l.ipv6_subnet.as_deref())?;
+    if let Some(s6) = ipv6_subnet {
+        aligned(
+            "ipv6_subnet",
+            s6,
+            |n| n.addr().into(),
+            |n| n.network().into(),
+            |n| n.trunc(),
+        )?;
+    }
     let vtep_mac = match &l.vtep_mac {
         Some(m) => Some(
             m.parse()
@@ -96,13 +146,8 @@ pub fn lease_from_proto(l: &v1::Lease) -> Result<Lease, InvalidMessage> {
         ),
         None => None,
     };
-    let underlay = match &l.underlay {
-        Some(u) => Some(
-            u.parse()
-                .map_err(|_| InvalidMessage(format!("underlay: {u:?} is not an IPv4 CIDR")))?,
-        ),
-        None => None,
-    };
+    let underlay = optional("underlay", "an IPv4 CIDR", l.underlay.as_deref())?;
+    let underlay_v6 = optional("underlay_v6", "an IPv6 CIDR", l.underlay_v6.as_deref())?;
     let time = |field: &str, ms: i64| {
         checked_from_unix_millis(ms).ok_or_else(|| {
             InvalidMessage(format!(
@@ -113,28 +158,24 @@ pub fn lease_from_proto(l: &v1::Lease) -> Result<Lease, InvalidMessage> {
     let record = LeaseRecord {
         node: l.node.clone(),
         public_ip,
+        public_ipv6,
+        ipv6_subnet,
         backend: backend_from_proto(l.backend)?,
         backend_data: BackendData {
             vtep_mac,
             iface: l.iface.clone(),
             underlay,
+            underlay_v6,
         },
         reserved: l.reserved,
         created_at: time("created_at_ms", l.created_at_ms)?,
         renewed_at: time("renewed_at_ms", l.renewed_at_ms)?,
     };
     // The same checks as a value read from etcd: a peer's message is no more trusted.
-    record
+    let lease = Lease { subnet, record };
+    lease
         .validate()
         .map_err(|e| InvalidMessage(format!("lease {subnet}: {e}")))?;
-    let lease = Lease { subnet, record };
-    if lease.subnet.network() != lease.subnet.addr() {
-        return Err(InvalidMessage(format!(
-            "subnet: {} has host bits set (did you mean {}?)",
-            lease.subnet,
-            lease.subnet.trunc()
-        )));
-    }
     Ok(lease)
 }
 
@@ -200,7 +241,9 @@ mod tests {
             subnet: "10.244.7.0/24".parse().unwrap(),
             record: LeaseRecord {
                 node: "n1".into(),
-                public_ip: "192.0.2.11".parse().unwrap(),
+                public_ip: Some("192.0.2.11".parse().unwrap()),
+                public_ipv6: Some("2001:db8::11".parse().unwrap()),
+                ipv6_subnet: Some("fd00:10:244:7::/64".parse().unwrap()),
                 backend: BackendType::Vxlan,
                 backend_data: BackendData {
                     vtep_mac: Some("0a:00:00:00:00:01".parse().unwrap()),
@@ -220,8 +263,16 @@ mod tests {
 
         // Each field is held to what a value in etcd must be.
         type Case = (&'static str, fn(&mut v1::Lease));
-        let cases: [Case; 8] = [
-            ("not an IPv4 CIDR", |l| l.subnet = "10.244.7.0".into()),
+        let cases: [Case; 13] = [
+            ("not a CIDR", |l| l.subnet = "10.244.7.0".into()),
+            ("host bits", |l| l.ipv6_subnet = Some("fd00:10:244:7::1/64".into())),
+            ("not an IPv6 CIDR", |l| l.ipv6_subnet = Some("10.244.7.0/24".into())),
+            ("public_ipv6", |l| l.public_ipv6 = Some("192.0.2.1".into())),
+            ("public IPv6", |l| l.public_ipv6 = Some("fe80::1".into())),
+            ("no public IP", |l| {
+                l.public_ip.clear();
+                l.public_ipv6 = None;
+            }),
             ("host bits", |l| l.subnet = "10.244.7.5/24".into()),
             ("node name", |l| l.node = "a/b".into()),
             ("node name", |l| l.node = "n".repeat(254)),

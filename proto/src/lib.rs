@@ -3,6 +3,9 @@
 //! Conversions live here, once, so handlers and clients only call `into()`/`try_from()`.
 
 pub mod v1 {
+    // A watch response is a snapshot or one event; boxing the event would change every
+    // generated constructor for a few hundred bytes per message.
+    #![allow(clippy::large_enum_variant)]
     tonic::include_proto!("overlay.v1");
 }
 

@@ -340,6 +340,8 @@ async fn simulated_agent(
                 preferred_subnet: None,
                 iface: None,
                 underlay: None,
+                ..Default::default()
+
             };
             match client.acquire_lease(request).await {
                 Ok(r) => break r.into_inner(),
@@ -534,7 +536,9 @@ async fn put_changes(
         let now = now_millis();
         let record = LeaseRecord {
             node: format!("{node}{i}"),
-            public_ip: Ipv4Addr::new(192, 0, 2, 254),
+            public_ip: Some(Ipv4Addr::new(192, 0, 2, 254)),
+            public_ipv6: None,
+            ipv6_subnet: None,
             backend: BackendType::Alloc,
             backend_data: BackendData::default(),
             reserved: true,

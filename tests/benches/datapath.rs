@@ -359,7 +359,9 @@ fn peer_record(i: usize) -> LeaseRecord {
     let now = now_millis();
     LeaseRecord {
         node: format!("bench-peer-{i}"),
-        public_ip,
+        public_ip: Some(public_ip),
+        public_ipv6: None,
+        ipv6_subnet: None,
         backend: BackendType::Vxlan,
         backend_data: BackendData {
             vtep_mac: Some(MacAddr::local_unicast([
@@ -380,7 +382,7 @@ fn peer_record(i: usize) -> LeaseRecord {
 
 fn peer_lease(i: usize) -> Lease {
     Lease {
-        subnet: bench_subnet(i),
+        subnet: ipnet::IpNet::V4(bench_subnet(i)),
         record: peer_record(i),
     }
 }
@@ -466,7 +468,7 @@ fn program_with_netlink(
             let (config, own, peers, host) = &inputs;
             let nl = Netlink::connect().expect("netlink socket");
             let start = Instant::now();
-            let observed = nl.observe(Some(&vtep), &host.iface).await.expect("observe");
+            let observed = nl.observe(&[vtep.as_str()], &host.iface).await.expect("observe");
             let desired = plan(config, own, peers, host);
             let ops = diff(&desired, &observed);
             let applying = Instant::now();
@@ -493,7 +495,7 @@ fn verify_entries(ns: &str, vtep: &str, desired: &DesiredState, who: &str, fdb_b
     let mut observed = in_runtime(ns, move |rt| {
         rt.block_on(async move {
             let nl = Netlink::connect().expect("netlink socket");
-            nl.observe(Some(&vtep_owned), "eth0")
+            nl.observe(&[vtep_owned.as_str()], "eth0")
                 .await
                 .expect("observe")
         })
@@ -579,9 +581,11 @@ fn programming(s: &Settings, scratch: &Scratch) -> Programming {
     let own = peer_lease(1);
     let peers: Vec<Lease> = (2..s.peers + 2).map(peer_lease).collect();
     let host = HostNet {
-        public_ip: HOST_IP,
+        public_ip: Some(HOST_IP),
+        public_ipv6: None,
+        underlay_v6: None,
         iface: "eth0".into(),
-        underlay: "192.0.2.0/24".parse().expect("CIDR"),
+        underlay: Some("192.0.2.0/24".parse().expect("CIDR")),
     };
     let desired = plan(&config, &own, &peers, &host);
     assert!(
@@ -697,7 +701,7 @@ fn with_etcd<T: Send + 'static>(
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn lease_key(subnet: Ipv4Net) -> String {
+fn lease_key(subnet: ipnet::IpNet) -> String {
     format!("{LEASE_PREFIX}{}", subnet_key(subnet))
 }
 
@@ -719,7 +723,7 @@ fn put_leases(lab: &Lab, leases: Vec<Lease>) {
     })
 }
 
-fn delete_leases(lab: &Lab, subnets: Vec<Ipv4Net>) {
+fn delete_leases(lab: &Lab, subnets: Vec<ipnet::IpNet>) {
     with_etcd(lab, move |mut client| {
         Box::pin(async move {
             for chunk in subnets.chunks(TXN_OPS) {
@@ -863,7 +867,7 @@ fn restart(s: &Settings, scratch: &Scratch) -> (Restart, Lab) {
     let indexes = free_subnets(&lab, 1, s.peers + s.changes);
     let (peer_indexes, change_indexes) = indexes.split_at(s.peers);
     let leases: Vec<Lease> = peer_indexes.iter().map(|i| peer_lease(*i)).collect();
-    let subnets: Vec<Ipv4Net> = leases.iter().map(|l| l.subnet).collect();
+    let subnets: Vec<ipnet::IpNet> = leases.iter().map(|l| l.subnet).collect();
 
     progress(&format!("injecting {} peer leases into etcd", s.peers));
     let start = Instant::now();

@@ -655,6 +655,8 @@ impl Bed {
             subnet: subnet.to_string(),
             node: node.to_string(),
             public_ip: "192.0.2.254".to_string(),
+            ..Default::default()
+
         };
         let channels = self.channels.clone();
         self.rt

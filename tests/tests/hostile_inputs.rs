@@ -109,6 +109,8 @@ fn hostile_lease_fields_are_refused_by_the_controller() {
                 subnet: "10.244.250.0/24".into(),
                 node: "hostile".into(),
                 public_ip: public_ip.into(),
+                ..Default::default()
+
             },
         ))
     };

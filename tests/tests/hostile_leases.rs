@@ -71,6 +71,7 @@ fn acquire_request(node: &str, public_ip: &str, mac: &str) -> v1::AcquireLeaseRe
         preferred_subnet: None,
         iface: None,
         underlay: None,
+        ..Default::default()
     }
 }
 
@@ -138,7 +139,9 @@ async fn a_node_cannot_take_another_nodes_vtep_mac() {
 fn reservation(node: &str, public_ip: &str, mac: Option<&str>) -> String {
     let record = LeaseRecord {
         node: node.into(),
-        public_ip: public_ip.parse().unwrap(),
+        public_ip: Some(public_ip.parse().unwrap()),
+        public_ipv6: None,
+        ipv6_subnet: None,
         backend: BackendType::Vxlan,
         backend_data: BackendData {
             vtep_mac: mac.map(|m| m.parse().unwrap()),

@@ -30,11 +30,24 @@ pub enum ConfigCommand {
 }
 
 #[derive(Debug, Clone, Default, Args)]
-#[command(group(ArgGroup::new("source").required(true).args(["network", "file"])))]
+#[command(group(ArgGroup::new("source").required(true).multiple(true).args(["network", "ipv6_network", "file"])))]
 pub struct SetArgs {
-    /// The overlay network, an IPv4 CIDR (e.g. 10.244.0.0/16)
+    /// The overlay's IPv4 network (e.g. 10.244.0.0/16); with --ipv6-network a dual-stack
+    /// cluster
     #[arg(long, value_name = "CIDR")]
     pub network: Option<String>,
+    /// The overlay's IPv6 network (e.g. fd00:10:244::/56); alone, an IPv6-only cluster
+    #[arg(long, value_name = "CIDR")]
+    pub ipv6_network: Option<String>,
+    /// Prefix length of each host's IPv6 subnet (default 64, or the network's prefix + 2)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=126))]
+    pub ipv6_subnet_len: Option<u64>,
+    /// First IPv6 subnet handed out (default: the second subnet of the IPv6 network)
+    #[arg(long, value_name = "CIDR")]
+    pub ipv6_subnet_min: Option<String>,
+    /// Last IPv6 subnet handed out (default: the last subnet of the IPv6 network)
+    #[arg(long, value_name = "CIDR")]
+    pub ipv6_subnet_max: Option<String>,
     /// Prefix length of each host's subnet (default 24, or the network's prefix + 2)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=30))]
     pub subnet_len: Option<u64>,
@@ -67,7 +80,8 @@ pub struct SetArgs {
         long,
         value_name = "FILE",
         conflicts_with_all = [
-            "network", "subnet_len", "subnet_min", "subnet_max", "backend", "vni", "port",
+            "network", "subnet_len", "subnet_min", "subnet_max", "ipv6_network",
+            "ipv6_subnet_len", "ipv6_subnet_min", "ipv6_subnet_max", "backend", "vni", "port",
             "direct_routing", "mtu", "lease_ttl"
         ]
     )]
@@ -153,10 +167,14 @@ pub fn spec_from_flags(args: &SetArgs) -> NetworkConfigSpec {
         direct_routing: args.direct_routing.then_some(true),
     };
     NetworkConfigSpec {
-        network: args.network.clone().unwrap_or_default(),
+        network: args.network.clone(),
         subnet_len: args.subnet_len,
         subnet_min: args.subnet_min.clone(),
         subnet_max: args.subnet_max.clone(),
+        ipv6_network: args.ipv6_network.clone(),
+        ipv6_subnet_len: args.ipv6_subnet_len,
+        ipv6_subnet_min: args.ipv6_subnet_min.clone(),
+        ipv6_subnet_max: args.ipv6_subnet_max.clone(),
         backend: (backend != BackendSpec::default()).then_some(backend),
         mtu: args.mtu,
         lease_ttl: args.lease_ttl.clone().map(TtlSpec::Text),
@@ -198,6 +216,10 @@ pub fn flag_error(e: &ConfigError) -> String {
         "subnet_len" => "--subnet-len",
         "subnet_min" => "--subnet-min",
         "subnet_max" => "--subnet-max",
+        "ipv6_network" => "--ipv6-network",
+        "ipv6_subnet_len" => "--ipv6-subnet-len",
+        "ipv6_subnet_min" => "--ipv6-subnet-min",
+        "ipv6_subnet_max" => "--ipv6-subnet-max",
         "backend.type" => "--backend",
         "backend.vni" => "--vni",
         "backend.port" => "--port",
@@ -217,10 +239,21 @@ pub fn render_config(c: &v1::NetworkConfig, format: Format) -> anyhow::Result<St
                 Err(_) => format!("unknown ({})", c.backend),
             };
             let mut t = Table::plain();
-            t.row(["network", &c.network]);
-            t.row(["subnet_len".to_string(), c.subnet_len.to_string()]);
-            t.row(["subnet_min", &c.subnet_min]);
-            t.row(["subnet_max", &c.subnet_max]);
+            if !c.network.is_empty() {
+                t.row(["network", &c.network]);
+                t.row(["subnet_len".to_string(), c.subnet_len.to_string()]);
+                t.row(["subnet_min", &c.subnet_min]);
+                t.row(["subnet_max", &c.subnet_max]);
+            }
+            if let Some(n6) = &c.ipv6_network {
+                t.row(["ipv6_network", n6]);
+                t.row([
+                    "ipv6_subnet_len".to_string(),
+                    c.ipv6_subnet_len.unwrap_or_default().to_string(),
+                ]);
+                t.row(["ipv6_subnet_min", c.ipv6_subnet_min.as_deref().unwrap_or("")]);
+                t.row(["ipv6_subnet_max", c.ipv6_subnet_max.as_deref().unwrap_or("")]);
+            }
             t.row(["backend", &backend]);
             t.row(["vni".to_string(), c.vni.to_string()]);
             t.row(["port".to_string(), c.port.to_string()]);
@@ -283,7 +316,7 @@ mod tests {
         assert_eq!(
             spec,
             NetworkConfigSpec {
-                network: "10.244.0.0/16".into(),
+                network: Some("10.244.0.0/16".into()),
                 ..Default::default()
             }
         );
@@ -318,7 +351,7 @@ mod tests {
         assert_eq!(
             spec,
             NetworkConfigSpec {
-                network: "10.244.0.0/16".into(),
+                network: Some("10.244.0.0/16".into()),
                 subnet_len: Some(25),
                 subnet_min: Some("10.244.1.0/25".into()),
                 subnet_max: Some("10.244.9.0".into()),
@@ -330,10 +363,11 @@ mod tests {
                 }),
                 mtu: Some(1400),
                 lease_ttl: Some(TtlSpec::Text("1h30m".into())),
+                ..Default::default()
             }
         );
         let config = spec.validate().unwrap();
-        assert_eq!(config.subnet_max.to_string(), "10.244.9.0/25");
+        assert_eq!(config.ipv4.unwrap().subnet_max.to_string(), "10.244.9.0/25");
         assert_eq!(config.lease_ttl, Duration::from_secs(5400));
         // What is sent is the spec as JSON, which the controller parses the same way.
         let json = request_json(&args).unwrap();
@@ -409,7 +443,7 @@ mod tests {
 
     fn proto_config() -> v1::NetworkConfig {
         let config = NetworkConfigSpec {
-            network: "10.244.0.0/16".into(),
+            network: Some("10.244.0.0/16".into()),
             ..Default::default()
         }
         .validate()

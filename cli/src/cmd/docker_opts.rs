@@ -28,8 +28,11 @@ pub struct DockerOptsArgs {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DockerOpts {
-    /// dockerd --bip: the bridge's address with the subnet's prefix.
-    pub bip: String,
+    /// dockerd --bip: the bridge's address with the subnet's prefix (none in an
+    /// IPv6-only cluster).
+    pub bip: Option<String>,
+    /// dockerd --fixed-cidr-v6: the host's IPv6 subnet (with --ipv6), when it has one.
+    pub fixed_cidr_v6: Option<String>,
     pub mtu: u32,
     /// `Some(false)` when the agent masquerades, so dockerd must not.
     pub ip_masq: Option<bool>,
@@ -40,15 +43,25 @@ impl DockerOpts {
     pub fn from_subnet_env(text: &str) -> Result<DockerOpts, String> {
         let env = SubnetEnv::parse(text)?;
         Ok(DockerOpts {
-            bip: gateway(env.subnet).to_string(),
+            bip: env.subnet.map(|s| gateway(s).to_string()),
+            fixed_cidr_v6: env.ipv6_subnet.map(|s| s.to_string()),
             mtu: env.mtu,
             ip_masq: env.ip_masq.then_some(false),
         })
     }
 
-    /// `--bip=10.244.7.1/24 --mtu=1450 [--ip-masq=false]`.
+    /// `--bip=10.244.7.1/24 [--ipv6 --fixed-cidr-v6=fd00:10:244:7::/64] --mtu=1450
+    /// [--ip-masq=false]`.
     pub fn flags(&self) -> String {
-        let mut s = format!("--bip={} --mtu={}", self.bip, self.mtu);
+        let mut parts = Vec::new();
+        if let Some(bip) = &self.bip {
+            parts.push(format!("--bip={bip}"));
+        }
+        if let Some(v6) = &self.fixed_cidr_v6 {
+            parts.push(format!("--ipv6 --fixed-cidr-v6={v6}"));
+        }
+        parts.push(format!("--mtu={}", self.mtu));
+        let mut s = parts.join(" ");
         if let Some(m) = self.ip_masq {
             s += &format!(" --ip-masq={m}");
         }

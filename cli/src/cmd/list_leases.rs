@@ -58,9 +58,9 @@ pub fn render_leases(mut leases: Vec<ListedLease>, format: Format, now: SystemTi
                 let r = &lease.record;
                 let expires = if r.reserved { None } else { *expires };
                 t.row([
-                    lease.subnet.to_string(),
+                    lease.subnets_text(),
                     r.node.clone(),
-                    r.public_ip.to_string(),
+                    lease.public_text(),
                     r.backend.to_string(),
                     r.backend_data
                         .vtep_mac

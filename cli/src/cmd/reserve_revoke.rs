@@ -3,12 +3,12 @@
 //! Arguments are parsed by clap value parsers, so a bad subnet, node name or address is a
 //! usage error naming its flag, reported before any connection.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::anyhow;
 use clap::Subcommand;
-use ipnet::Ipv4Net;
-use overlay_core::lease::{validate_node_name, validate_public_ip};
+use ipnet::{IpNet, Ipv6Net};
+use overlay_core::lease::{validate_node_name, validate_public_ip, validate_public_ipv6};
 use overlay_proto::v1;
 
 use crate::client::{self, ControllerUrls};
@@ -17,22 +17,30 @@ use crate::output::{self, lease_json, Format};
 #[derive(Debug, Subcommand)]
 pub enum LeaseCommand {
     /// Reserve a subnet for a node: the node gets it whenever it asks, and it never expires
+    #[command(group(clap::ArgGroup::new("address").required(true).multiple(true).args(["public_ip", "public_ipv6"])))]
     Reserve {
-        /// The subnet to reserve, e.g. 10.244.7.0/24
+        /// The subnet to reserve, e.g. 10.244.7.0/24 (in an IPv6-only cluster an IPv6
+        /// subnet, e.g. fd00:10:244:7::/64)
         #[arg(long, value_name = "CIDR", value_parser = parse_subnet)]
-        subnet: Ipv4Net,
+        subnet: IpNet,
+        /// Dual stack: the IPv6 subnet reserved with it, e.g. fd00:10:244:7::/64
+        #[arg(long, value_name = "CIDR", value_parser = parse_ipv6_subnet)]
+        ipv6_subnet: Option<Ipv6Net>,
         /// The node the subnet is for
         #[arg(long, value_name = "NAME", value_parser = parse_node)]
         node: String,
         /// The node's public (underlay) IPv4 address
         #[arg(long, value_name = "IP", value_parser = parse_public_ip)]
-        public_ip: Ipv4Addr,
+        public_ip: Option<Ipv4Addr>,
+        /// The node's public (underlay) IPv6 address
+        #[arg(long, value_name = "IP", value_parser = parse_public_ipv6)]
+        public_ipv6: Option<Ipv6Addr>,
     },
     /// Delete a lease or reservation at once
     Revoke {
-        /// The subnet of the lease, e.g. 10.244.7.0/24
+        /// The key subnet of the lease, e.g. 10.244.7.0/24
         #[arg(value_name = "SUBNET", value_parser = parse_subnet)]
-        subnet: Ipv4Net,
+        subnet: IpNet,
     },
 }
 
@@ -45,14 +53,19 @@ pub async fn run(
     match command {
         LeaseCommand::Reserve {
             subnet,
+            ipv6_subnet,
             node,
             public_ip,
+            public_ipv6,
         } => {
             let response = ctl
                 .call(ctl.admin().reserve_subnet(v1::ReserveSubnetRequest {
                     subnet: subnet.to_string(),
                     node,
-                    public_ip: public_ip.to_string(),
+                    public_ip: public_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                    ipv6_subnet: ipv6_subnet.map(|s| s.to_string()),
+                    public_ipv6: public_ipv6.map(|ip| ip.to_string()),
+
                 }))
                 .await?;
             let lease = response
@@ -63,9 +76,9 @@ pub async fn run(
             match format {
                 Format::Table => output::print(&format!(
                     "reserved {} for node {} ({})\n",
-                    lease.subnet,
+                    lease.subnets_text(),
                     output::escape(&lease.record.node),
-                    lease.record.public_ip
+                    lease.public_text()
                 ))?,
                 Format::Json => output::print(&output::json_pretty(&lease_json(&lease, None)))?,
             }
@@ -86,11 +99,11 @@ pub async fn run(
     Ok(())
 }
 
-pub fn parse_subnet(text: &str) -> Result<Ipv4Net, String> {
-    let net: Ipv4Net = text
+pub fn parse_subnet(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = text
         .trim()
         .parse()
-        .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
+        .map_err(|_| format!("{text:?} is not a CIDR"))?;
     if net.addr() != net.network() {
         return Err(format!(
             "{text:?} has host bits set (did you mean {}?)",
@@ -98,6 +111,29 @@ pub fn parse_subnet(text: &str) -> Result<Ipv4Net, String> {
         ));
     }
     Ok(net)
+}
+
+pub fn parse_ipv6_subnet(text: &str) -> Result<Ipv6Net, String> {
+    match parse_subnet(text)? {
+        IpNet::V6(n) => Ok(n),
+        IpNet::V4(n) => Err(format!(
+            "{n} is an IPv4 subnet; --ipv6-subnet takes an IPv6 subnet such as fd00:10:244:7::/64"
+        )),
+    }
+}
+
+pub fn parse_public_ipv6(text: &str) -> Result<Ipv6Addr, String> {
+    let ip: IpAddr = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not an IPv6 address"))?;
+    let IpAddr::V6(ip) = ip else {
+        return Err(format!(
+            "{ip} is an IPv4 address; give it as --public-ip, and an IPv6 address here"
+        ));
+    };
+    validate_public_ipv6(ip).map_err(|e| e.to_string())?;
+    Ok(ip)
 }
 
 pub fn parse_node(text: &str) -> Result<String, String> {
@@ -126,13 +162,21 @@ mod tests {
         );
         assert_eq!(
             parse_subnet("10.1.2.300/24").unwrap_err(),
-            r#""10.1.2.300/24" is not an IPv4 CIDR"#
+            r#""10.1.2.300/24" is not a CIDR"#
         );
         assert_eq!(
             parse_subnet("10.244.7.0").unwrap_err(),
-            r#""10.244.7.0" is not an IPv4 CIDR"#
+            r#""10.244.7.0" is not a CIDR"#
         );
-        assert!(parse_subnet("fd00::/64").is_err());
+        assert_eq!(parse_subnet("fd00::/64").unwrap().to_string(), "fd00::/64");
+        assert!(parse_ipv6_subnet("10.244.7.0/24")
+            .unwrap_err()
+            .contains("is an IPv4 subnet"));
+        assert!(parse_public_ipv6("192.0.2.1")
+            .unwrap_err()
+            .contains("give it as --public-ip"));
+        assert!(parse_public_ipv6("fe80::1").is_err());
+        assert!(parse_public_ipv6("2001:db8::1").is_ok());
         assert!(parse_subnet("10.244.7.1/24")
             .unwrap_err()
             .contains("did you mean 10.244.7.0/24?"));

@@ -5,7 +5,7 @@
 
 use anyhow::{anyhow, Context};
 use clap::Args;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use overlay_core::datapath::{plan, HostNet};
 use overlay_proto::v1;
 use serde::Serialize;
@@ -72,19 +72,27 @@ pub async fn run(
     let data = &own.record.backend_data;
     let host = HostNet {
         public_ip: own.record.public_ip,
+        public_ipv6: own.record.public_ipv6,
         iface: data
             .iface
             .clone()
             .unwrap_or_else(|| "<public iface>".into()),
-        underlay: data
-            .underlay
-            .unwrap_or_else(|| Ipv4Net::new(own.record.public_ip, 32).expect("/32")),
+        underlay: data.underlay.or_else(|| {
+            own.record
+                .public_ip
+                .map(|ip| Ipv4Net::new(ip, 32).expect("/32"))
+        }),
+        underlay_v6: data.underlay_v6.or_else(|| {
+            own.record
+                .public_ipv6
+                .map(|ip| ipnet::Ipv6Net::new(ip, 128).expect("/128"))
+        }),
     };
     let desired = plan(&config, own, &leases, &host);
-    let node_of = |subnet: Ipv4Net| {
+    let node_of = |subnet: IpNet| {
         leases
             .iter()
-            .find(|l| l.subnet == subnet)
+            .find(|l| l.subnets().contains(&subnet))
             .map(|l| l.node().to_string())
             .unwrap_or_default()
     };
@@ -99,8 +107,14 @@ pub async fn run(
         .routes
         .values()
         .map(|r| {
-            let peer = leases.iter().find(|l| l.subnet == r.dst);
+            let peer = leases.iter().find(|l| l.subnets().contains(&r.dst));
             let vtep = (r.kind.as_str() == "vxlan").then_some(peer).flatten();
+            let mac = vtep.and_then(|p| p.record.backend_data.vtep_mac);
+            let fdb_dst = desired
+                .fdb
+                .iter()
+                .find(|f| f.dev == r.dev && Some(f.mac) == mac)
+                .map(|f| f.dst.to_string());
             RouteJson {
                 subnet: r.dst.to_string(),
                 via: r.via.to_string(),
@@ -111,7 +125,7 @@ pub async fn run(
                 vtep_mac: vtep
                     .and_then(|p| p.record.backend_data.vtep_mac)
                     .map(|m| m.to_string()),
-                fdb_dst: vtep.map(|p| p.record.public_ip.to_string()),
+                fdb_dst,
             }
         })
         .collect();

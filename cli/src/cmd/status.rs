@@ -113,15 +113,15 @@ fn build(
     let config = overlay_proto::config_from_proto(&config)
         .map_err(|e| anyhow!("invalid config from the controller: {e}"))?;
     let listed = crate::cmd::list_leases::from_proto(&leases.leases)?;
-    let range = config.range();
+    let range = config.key_pool().range();
     let in_range = listed
         .iter()
         .filter(|(l, _)| range.contains(l.subnet))
-        .count() as u64;
-    status.network = Some(config.network.to_string());
+        .count() as u128;
+    status.network = Some(config.networks_text());
     status.backend = Some(config.backend.kind.to_string());
     status.leases_used = listed.len();
-    status.subnets_free = Some(range.len().saturating_sub(in_range));
+    status.subnets_free = Some(range.len().saturating_sub(in_range).min(u64::MAX as u128) as u64);
     status.ignored = leases
         .ignored
         .iter()

@@ -164,9 +164,9 @@ impl WatchPrinter {
                 let r = &event.lease.record;
                 format!(
                     "{kind:<7}  {:<18}  {:<16}  {}\n",
-                    event.lease.subnet.to_string(),
+                    event.lease.subnets_text(),
                     output::escape(&r.node),
-                    r.public_ip
+                    event.lease.public_text()
                 )
             }
         }
@@ -257,7 +257,7 @@ mod tests {
         assert_eq!(lines.len(), 1);
         assert!(
             lines[0].starts_with(
-                r#"{"type":"added","revision":5,"lease":{"subnet":"10.244.9.0/24","node":"n9""#
+                r#"{"type":"added","revision":5,"lease":{"subnet":"10.244.9.0/24","ipv6_subnet":null,"node":"n9""#
             ),
             "{}",
             lines[0]

@@ -36,7 +36,9 @@ pub(super) enum Plan {
     },
     /// Create `subnet`, claimed for this acquire.
     Create {
-        subnet: Ipv4Net,
+        subnet: IpNet,
+        /// Dual stack: the IPv6 subnet, claimed too.
+        subnet6: Option<Ipv6Net>,
         node_index: Option<KeyValue>,
         mac_index: Option<KeyValue>,
         config_revision: i64,
@@ -50,7 +52,7 @@ pub(super) enum Plan {
 
 /// The outcome of one attempt from the view.
 pub(super) enum Fast {
-    Done(Acquired, LeaseId),
+    Done(Box<Acquired>, LeaseId),
     /// Lost the subnet to another controller: pick again.
     Again,
     /// Read etcd.
@@ -90,21 +92,23 @@ impl LeaseManager {
     /// preferred subnet if free, or a random free subnet.
     pub async fn acquire(&self, req: &AcquireRequest) -> Result<Acquired, ControlError> {
         validate_node_name(&req.node)?;
-        validate_public_ip(req.public_ip)?;
-        validate_backend_data(&req.data, req.public_ip)?;
+        if req.public_ip.is_none() && req.public_ipv6.is_none() {
+            return Err(LeaseError::NoPublicIp.into());
+        }
+        if let Some(ip) = req.public_ip {
+            validate_public_ip(ip)?;
+        }
+        if let Some(ip) = req.public_ipv6 {
+            validate_public_ipv6(ip)?;
+        }
+        validate_backend_data(&req.data, req.public_ip, req.public_ipv6)?;
         let started = Instant::now();
         let _turn = self.turn().await?;
         let config = match self.view_config() {
             Some(config) => config,
             None => self.config().await?,
         };
-        if config.network.contains(&req.public_ip) {
-            return Err(LeaseError::PublicIpInOverlay {
-                ip: req.public_ip,
-                network: config.network,
-            }
-            .into());
-        }
+        check_public_ips(&config, req.public_ip, req.public_ipv6)?;
         if req.backend != config.backend.kind {
             return Err(ControlError::InvalidArgument(format!(
                 "backend {} does not match the cluster's backend {}",
@@ -245,6 +249,7 @@ impl LeaseManager {
                 }
                 Plan::Create {
                     subnet,
+                    subnet6,
                     node_index,
                     mac_index,
                     config_revision,
@@ -252,13 +257,14 @@ impl LeaseManager {
                     let claim = ClaimGuard {
                         manager: self,
                         subnet,
+                        subnet6,
                         done: false,
                     };
                     let plan = (claim, node_index, mac_index, config_revision);
                     match self.create_from_view(req, &config, plan, granted).await {
                         Ok(Fast::Done(acquired, id)) => {
                             self.stats.from_view.fetch_add(1, Ordering::Relaxed);
-                            return Ok((acquired, id));
+                            return Ok((*acquired, id));
                         }
                         Ok(Fast::Again) => lost += 1,
                         Ok(Fast::Slow) => break,
@@ -306,12 +312,11 @@ impl LeaseManager {
                     .then_some(e)
             });
         if let Some(keep) = keep {
-            let subnet = keep.subnet.expect("lease keys have a subnet");
             let others = mine.iter().any(|d| d.key != keep.key && !is_reserved(d));
             // A second lease to release, a lease that no longer fits, a MAC to refuse:
             // decided from a listing.
             if others
-                || !config.keeps(subnet, is_reserved(keep))
+                || !keeps_entry(config, keep)
                 || mac_holder.is_some_and(|h| h.key != keep.key)
             {
                 return Plan::Slow;
@@ -325,13 +330,28 @@ impl LeaseManager {
         if mac_holder.is_some() {
             return Plan::Slow;
         }
-        let range = config.range();
+        let range = config.key_pool().range();
         let mut claims = self.claims.lock().expect("claims lock");
         let now = Instant::now();
         claims.retain(|s, c| keep_claim(*c, *s, state.revision, view) && !foreign_expired(*c, now));
-        let taken = |s: Ipv4Net| view.is_taken(s) || claims.contains_key(&s);
+        let taken = |s: IpNet| view.is_taken(s) || claims.contains_key(&s);
         let preferred = req.preferred.filter(|p| range.contains(*p) && !taken(*p));
-        let Some(subnet) = preferred.or_else(|| range.pick_free_by(taken, &mut rand::rng())) else {
+        let picked = preferred.or_else(|| range.pick_free_by(taken, &mut rand::rng()));
+        // Dual stack: an IPv6 subnet too, free by its index key and this controller's claims.
+        let picked6 = match config.ipv6.filter(|_| config.is_dual_stack()) {
+            None => Some(None),
+            Some(pool6) => {
+                let range6 = pool6.range();
+                let preferred6 = req
+                    .preferred6
+                    .map(IpNet::V6)
+                    .filter(|p| range6.contains(*p) && !taken(*p));
+                preferred6
+                    .or_else(|| range6.pick_free_by(taken, &mut rand::rng()))
+                    .map(|s| Some(as_v6(s)))
+            }
+        };
+        let (Some(subnet), Some(subnet6)) = (picked, picked6) else {
             return if claims.values().any(|c| *c == Claim::InFlight) {
                 Plan::Wait
             } else {
@@ -339,8 +359,12 @@ impl LeaseManager {
             };
         };
         claims.insert(subnet, Claim::InFlight);
+        if let Some(s6) = subnet6 {
+            claims.insert(IpNet::V6(s6), Claim::InFlight);
+        }
         Plan::Create {
             subnet,
+            subnet6,
             node_index,
             mac_index,
             config_revision: view.config_mod_revision(),
@@ -348,13 +372,15 @@ impl LeaseManager {
     }
 
     /// Ends the claim of an acquire on `subnet`: created at a revision, or given up.
-    pub(super) fn end_claim(&self, subnet: Ipv4Net, outcome: Option<Claim>) {
+    pub(super) fn end_claim(&self, subnet: IpNet, subnet6: Option<Ipv6Net>, outcome: Option<Claim>) {
         {
             let mut claims = self.claims.lock().expect("claims lock");
-            match outcome {
-                Some(c) => claims.insert(subnet, c),
-                None => claims.remove(&subnet),
-            };
+            for s in std::iter::once(subnet).chain(subnet6.map(IpNet::V6)) {
+                match outcome {
+                    Some(c) => claims.insert(s, c),
+                    None => claims.remove(&s),
+                };
+            }
         }
         self.claim_ended.notify_waiters();
     }
@@ -364,21 +390,22 @@ impl LeaseManager {
 /// its caller went away mid-way).
 pub(super) struct ClaimGuard<'a> {
     manager: &'a LeaseManager,
-    subnet: Ipv4Net,
+    subnet: IpNet,
+    subnet6: Option<Ipv6Net>,
     done: bool,
 }
 
 impl ClaimGuard<'_> {
     pub(super) fn end(mut self, outcome: Option<Claim>) {
         self.done = true;
-        self.manager.end_claim(self.subnet, outcome);
+        self.manager.end_claim(self.subnet, self.subnet6, outcome);
     }
 }
 
 impl Drop for ClaimGuard<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.manager.end_claim(self.subnet, None);
+            self.manager.end_claim(self.subnet, self.subnet6, None);
         }
     }
 }
@@ -399,14 +426,19 @@ impl LeaseManager {
         ),
         granted: &mut Option<LeaseId>,
     ) -> Result<Fast, ControlError> {
-        let subnet = claim.subnet;
+        let (subnet, subnet6) = (claim.subnet, claim.subnet6);
         let lease_id = self.grant_once(config, granted).await?;
-        let record = new_record(req);
+        let record = new_record(req, subnet6);
         let key = self.keys.lease(subnet);
         let node_index_key = self.keys.node_index(&req.node);
         let mut txn = Txn::default();
         txn.absent(&key);
         txn.put(&key, record.encode(), lease_id);
+        let index6 = subnet6.map(|s6| self.keys.ipv6_index(s6));
+        if let Some(k) = &index6 {
+            txn.absent(k);
+            txn.put(k, subnet_key(subnet).into_bytes(), lease_id);
+        }
         txn.unchanged(&node_index_key, node_index.as_ref());
         txn.put(&node_index_key, subnet_key(subnet).into_bytes(), lease_id);
         if let Some(m) = req.data.vtep_mac {
@@ -422,11 +454,11 @@ impl LeaseManager {
                 self.note_expiry(lease_id, config.lease_ttl);
                 info!(node = %req.node, %subnet, "leased a new subnet");
                 Ok(Fast::Done(
-                    Acquired {
+                    Box::new(Acquired {
                         lease: Lease { subnet, record },
                         config: config.clone(),
                         ttl: Some(config.lease_ttl),
-                    },
+                    }),
                     lease_id,
                 ))
             }
@@ -434,7 +466,11 @@ impl LeaseManager {
                 // Who moved? If the subnet's key exists, another controller took it: pick
                 // another. Otherwise the node, the MAC or the config changed: a listing
                 // decides.
-                if self.store.get(&key).await?.is_some() {
+                let index6_taken = match &index6 {
+                    Some(k) => self.store.get(k).await?.is_some(),
+                    None => false,
+                };
+                if index6_taken || self.store.get(&key).await?.is_some() {
                     self.stats.lost_races.fetch_add(1, Ordering::Relaxed);
                     claim.end(Some(Claim::Foreign(Instant::now())));
                     Ok(Fast::Again)
@@ -459,7 +495,8 @@ impl LeaseManager {
         config: &NetworkConfig,
         granted: &mut Option<LeaseId>,
     ) -> Result<(Acquired, LeaseId), ControlError> {
-        let range = config.range();
+        let range = config.key_pool().range();
+        let range6 = config.ipv6.filter(|_| config.is_dual_stack()).map(|p| p.range());
         let mac = req.data.vtep_mac;
         let node_index_key = self.keys.node_index(&req.node);
         let mac_index_key = mac.map(|m| self.keys.mac_index(m));
@@ -475,7 +512,7 @@ impl LeaseManager {
             let served = listing.interpret(config);
             if let Some(keep) = self.own_lease(&listing, &req.node, node_index.as_ref()) {
                 let subnet = keep.subnet.expect("lease keys have a subnet");
-                if !config.keeps(subnet, is_reserved(keep)) {
+                if !keeps_entry(config, keep) {
                     info!(node = %req.node, %subnet, "lease no longer fits the config; replacing it");
                     self.delete_entry(keep).await?;
                     continue;
@@ -499,18 +536,36 @@ impl LeaseManager {
             let preferred = req
                 .preferred
                 .filter(|p| range.contains(*p) && !taken.contains(p));
-            let Some(subnet) = preferred.or_else(|| range.pick_free(&taken, &mut rand::rng()))
-            else {
+            let picked6 = match range6 {
+                None => Some(None),
+                Some(range6) => {
+                    let taken6 = self.taken_ipv6(&listing).await?;
+                    let preferred6 = req
+                        .preferred6
+                        .map(IpNet::V6)
+                        .filter(|p| range6.contains(*p) && !taken6.contains(p));
+                    preferred6
+                        .or_else(|| range6.pick_free(&taken6, &mut rand::rng()))
+                        .map(|s| Some(as_v6(s)))
+                }
+            };
+            let picked = preferred.or_else(|| range.pick_free(&taken, &mut rand::rng()));
+            let (Some(subnet), Some(subnet6)) = (picked, picked6) else {
                 let mut full_at = self.full_at.lock().expect("full lock");
                 *full_at = Some(full_at.map_or(listed_at, |t| t.max(listed_at)));
                 return Err(exhausted(config));
             };
             let lease_id = self.grant_once(config, granted).await?;
-            let record = new_record(req);
+            let record = new_record(req, subnet6);
             let key = self.keys.lease(subnet);
             let mut txn = Txn::default();
             txn.absent(&key);
             txn.put(&key, record.encode(), lease_id);
+            if let Some(s6) = subnet6 {
+                let k = self.keys.ipv6_index(s6);
+                txn.absent(&k);
+                txn.put(&k, subnet_key(subnet).into_bytes(), lease_id);
+            }
             txn.unchanged(&node_index_key, node_index.as_ref());
             txn.put(&node_index_key, subnet_key(subnet).into_bytes(), lease_id);
             if let Some(k) = &mac_index_key {
@@ -564,6 +619,8 @@ impl LeaseManager {
         let mut record = old.cloned().unwrap_or_else(|| LeaseRecord {
             node: req.node.clone(),
             public_ip: req.public_ip,
+            public_ipv6: req.public_ipv6,
+            ipv6_subnet: None,
             backend: req.backend,
             backend_data: req.data.clone(),
             reserved,
@@ -571,6 +628,7 @@ impl LeaseManager {
             renewed_at: now,
         });
         record.public_ip = req.public_ip;
+        record.public_ipv6 = req.public_ipv6;
         record.backend = req.backend;
         record.backend_data = req.data.clone();
         let changed = Some(&record) != old;
@@ -597,6 +655,15 @@ impl LeaseManager {
         if !names(node_index, subnet, lease_id) {
             txn.unchanged(&node_key, node_index);
             txn.put(&node_key, subnet_key(subnet).into_bytes(), lease_id);
+        }
+        // The IPv6 subnet's index key, written when missing (a lease from before it).
+        if let Some(s6) = record.ipv6_subnet.filter(|_| subnet.addr().is_ipv4()) {
+            let key = self.keys.ipv6_index(s6);
+            let index = self.get_index(&key).await?;
+            if !names(index.as_ref(), subnet, lease_id) {
+                txn.unchanged(&key, index.as_ref());
+                txn.put(&key, subnet_key(subnet).into_bytes(), lease_id);
+            }
         }
         let mac = req.data.vtep_mac;
         if let Some(m) = mac {
@@ -644,14 +711,77 @@ impl LeaseManager {
 }
 
 pub(super) fn exhausted(config: &NetworkConfig) -> ControlError {
+    let pools: Vec<_> = config.pools().collect();
     ControlError::Exhausted {
-        total: config.range().len(),
-        range: format!("{}-{}", config.subnet_min, config.subnet_max),
+        total: pools
+            .iter()
+            .map(|p| p.range().len().min(u64::MAX as u128) as u64)
+            .min()
+            .unwrap_or(0),
+        range: pools
+            .iter()
+            .map(|p| format!("{}-{}", p.subnet_min, p.subnet_max))
+            .collect::<Vec<_>>()
+            .join(" and "),
     }
 }
 
+impl LeaseManager {
+    /// The IPv6 subnets of a dual-stack cluster that are taken: named by a readable lease
+    /// of the listing, or by an index key (which also covers unreadable values).
+    pub(super) async fn taken_ipv6(&self, listing: &Listing) -> Result<HashSet<IpNet>, ControlError> {
+        let mut taken: HashSet<IpNet> = listing
+            .entries
+            .iter()
+            .filter_map(|e| e.lease()?.record.ipv6_subnet.map(IpNet::V6))
+            .collect();
+        let prefix = self.keys.ipv6_index_prefix();
+        let (indexes, _) = self.store.list(&prefix).await?;
+        taken.extend(indexes.iter().filter_map(|kv| {
+            overlay_core::subnet::parse_subnet_key(kv.key.strip_prefix(&prefix)?)
+        }));
+        Ok(taken)
+    }
+}
+
+/// The IPv6 half of a subnet picked from an IPv6 range.
+pub(super) fn as_v6(s: IpNet) -> Ipv6Net {
+    match s {
+        IpNet::V6(n) => n,
+        IpNet::V4(_) => unreachable!("picked from an IPv6 range"),
+    }
+}
+
+/// Whether a stored key may stay under `config`: by its lease when readable (both
+/// families), by its key subnet otherwise.
+pub(super) fn keeps_entry(config: &NetworkConfig, e: &Entry) -> bool {
+    match e.lease() {
+        Some(l) => config.keeps_lease(l.subnet, l.record.ipv6_subnet, l.record.reserved),
+        None => e
+            .subnet
+            .is_some_and(|s| config.keeps_key(s, is_reserved(e))),
+    }
+}
+
+/// Refuses a public address inside one of the cluster's networks.
+pub(super) fn check_public_ips(
+    config: &NetworkConfig,
+    public_ip: Option<Ipv4Addr>,
+    public_ipv6: Option<Ipv6Addr>,
+) -> Result<(), ControlError> {
+    for ip in [public_ip.map(IpAddr::V4), public_ipv6.map(IpAddr::V6)]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(network) = config.networks().into_iter().find(|n| n.contains(&ip)) {
+            return Err(LeaseError::PublicIpInOverlay { ip, network }.into());
+        }
+    }
+    Ok(())
+}
+
 /// Whether a claim still matters once the view is complete up to `revision`.
-pub(super) fn keep_claim(c: Claim, subnet: Ipv4Net, revision: i64, view: &LeaseView) -> bool {
+pub(super) fn keep_claim(c: Claim, subnet: IpNet, revision: i64, view: &LeaseView) -> bool {
     match c {
         Claim::InFlight => true,
         Claim::Created(at) => at > revision,
@@ -664,11 +794,13 @@ pub(super) fn foreign_expired(c: Claim, now: Instant) -> bool {
 }
 
 /// The value of a new dynamic lease for `req`.
-pub(super) fn new_record(req: &AcquireRequest) -> LeaseRecord {
+pub(super) fn new_record(req: &AcquireRequest, ipv6_subnet: Option<Ipv6Net>) -> LeaseRecord {
     let now = now_millis();
     LeaseRecord {
         node: req.node.clone(),
         public_ip: req.public_ip,
+        public_ipv6: req.public_ipv6,
+        ipv6_subnet,
         backend: req.backend,
         backend_data: req.data.clone(),
         reserved: false,

@@ -39,7 +39,7 @@ impl Keys {
         format!("{}/index/", self.prefix)
     }
 
-    pub fn lease(&self, subnet: Ipv4Net) -> String {
+    pub fn lease(&self, subnet: IpNet) -> String {
         format!("{}/leases/{}", self.prefix, subnet_key(subnet))
     }
 
@@ -53,9 +53,21 @@ impl Keys {
         format!("{}/index/mac/{mac}", self.prefix)
     }
 
+    /// The index key naming the lease that holds IPv6 subnet `subnet` in a dual-stack
+    /// cluster (whose lease keys are IPv4 subnets): what makes an IPv6 subnet as
+    /// exclusive as the key subnet.
+    pub fn ipv6_index(&self, subnet: Ipv6Net) -> String {
+        format!("{}/index/subnet6/{}", self.prefix, subnet_key(subnet))
+    }
+
+    /// Every IPv6 subnet index key is under this.
+    pub fn ipv6_index_prefix(&self) -> String {
+        format!("{}/index/subnet6/", self.prefix)
+    }
+
     /// The subnet of a lease key, if it is one: canonical, `a.b.c.d-len` exactly as the
     /// subnet prints.
-    pub fn subnet_of(&self, key: &str) -> Option<Ipv4Net> {
+    pub fn subnet_of(&self, key: &str) -> Option<IpNet> {
         key.strip_prefix(&self.leases()).and_then(parse_subnet_key)
     }
 

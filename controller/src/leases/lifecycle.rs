@@ -3,7 +3,7 @@
 use super::*;
 
 impl LeaseManager {
-    pub(super) async fn get_entry(&self, subnet: Ipv4Net) -> Result<Option<Entry>, ControlError> {
+    pub(super) async fn get_entry(&self, subnet: IpNet) -> Result<Option<Entry>, ControlError> {
         Ok(self
             .store
             .get(&self.keys.lease(subnet))
@@ -27,6 +27,7 @@ impl LeaseManager {
                     .vtep_mac
                     .map(|m| self.keys.mac_index(m)),
             );
+            index_keys.extend(lease.record.ipv6_subnet.map(|s6| self.keys.ipv6_index(s6)));
             for key in index_keys {
                 let index = self.get_index(&key).await?;
                 if index
@@ -86,7 +87,7 @@ impl LeaseManager {
     pub async fn renew(
         &self,
         node: &str,
-        subnet: Ipv4Net,
+        subnet: IpNet,
     ) -> Result<Option<Duration>, ControlError> {
         let e = self.get_entry(subnet).await?.ok_or_else(|| {
             ControlError::NotFound(format!("no lease for {subnet}: it expired or was revoked"))
@@ -111,7 +112,7 @@ impl LeaseManager {
     /// Gives a lease up. Releasing a lease that is already gone succeeds; a reservation
     /// stays (it belongs to the operator, not the agent). An unreadable lease can be
     /// released by the node its index key names.
-    pub async fn release(&self, node: &str, subnet: Ipv4Net) -> Result<(), ControlError> {
+    pub async fn release(&self, node: &str, subnet: IpNet) -> Result<(), ControlError> {
         let Some(e) = self.get_entry(subnet).await? else {
             return Ok(());
         };
@@ -229,17 +230,25 @@ impl LeaseManager {
             .collect();
         let misfits: Vec<(&Entry, &Lease)> = stored
             .iter()
-            .filter(|(_, l)| !config.keeps(l.subnet, l.record.reserved))
+            .filter(|(_, l)| !config.keeps_lease(l.subnet, l.record.ipv6_subnet, l.record.reserved))
             .copied()
             .collect();
         if !misfits.is_empty() && !force {
             let names: Vec<String> = misfits
                 .iter()
                 .take(5)
-                .map(|(_, l)| format!("{} ({})", l.subnet, l.record.node))
+                .map(|(_, l)| format!("{} ({})", l.subnets_text(), l.record.node))
                 .collect();
+            let families = if stored.first().is_some_and(|(_, l)| {
+                config.keeps_key(l.subnet, l.record.reserved)
+                    && l.record.ipv6_subnet.is_some() != config.is_dual_stack()
+            }) {
+                " (the new config changes the address families)"
+            } else {
+                ""
+            };
             return Err(ControlError::FailedPrecondition(format!(
-                "{} existing lease(s) would not fit the new config: {}{}; pass --force to revoke them",
+                "{} existing lease(s) would not fit the new config{families}: {}{}; pass --force to revoke them",
                 misfits.len(),
                 names.join(", "),
                 if misfits.len() > 5 { ", ..." } else { "" }
@@ -283,31 +292,71 @@ impl LeaseManager {
         Ok((config, revoked))
     }
 
-    /// Reserves `subnet` for `node`: a lease without expiry. The node's dynamic lease
-    /// elsewhere, if any, is deleted in the same transaction (one lease per node); its agent
-    /// then finds its lease gone and acquires the reservation.
-    pub async fn reserve(
-        &self,
-        subnet: Ipv4Net,
-        node: &str,
-        public_ip: Ipv4Addr,
-    ) -> Result<Lease, ControlError> {
+    /// Reserves `subnet` (and in a dual-stack cluster `subnet6`) for `node`: a lease
+    /// without expiry. The node's dynamic lease elsewhere, if any, is deleted in the same
+    /// transaction (one lease per node); its agent then finds its lease gone and acquires
+    /// the reservation.
+    pub async fn reserve(&self, req: &Reservation) -> Result<Lease, ControlError> {
+        let Reservation {
+            subnet,
+            subnet6,
+            ref node,
+            public_ip,
+            public_ipv6,
+        } = *req;
+        let node = node.as_str();
         validate_node_name(node)?;
-        validate_public_ip(public_ip)?;
+        if public_ip.is_none() && public_ipv6.is_none() {
+            return Err(LeaseError::NoPublicIp.into());
+        }
+        if let Some(ip) = public_ip {
+            validate_public_ip(ip)?;
+        }
+        if let Some(ip) = public_ipv6 {
+            validate_public_ipv6(ip)?;
+        }
         let config = self.config().await?;
-        if !config.is_network_subnet(subnet) {
+        let pool = config.key_pool();
+        if overlay_core::config::Family::of(&subnet) != pool.family() {
             return Err(ControlError::InvalidArgument(format!(
-                "subnet {subnet} is not one of the network's subnets (a /{} inside {})",
-                config.subnet_len, config.network
+                "subnet {subnet} is an {} subnet, but the cluster's leases are keyed by {} subnets ({}); give an {} subnet",
+                overlay_core::config::Family::of(&subnet),
+                pool.family(),
+                pool.network,
+                pool.family()
             )));
         }
-        if config.network.contains(&public_ip) {
-            return Err(LeaseError::PublicIpInOverlay {
-                ip: public_ip,
-                network: config.network,
-            }
-            .into());
+        if !pool.is_network_subnet(subnet) {
+            return Err(ControlError::InvalidArgument(format!(
+                "subnet {subnet} is not one of the network's subnets (a /{} inside {})",
+                pool.subnet_len, pool.network
+            )));
         }
+        match (config.is_dual_stack(), subnet6) {
+            (true, None) => {
+                return Err(ControlError::InvalidArgument(format!(
+                    "the cluster is dual-stack: reserve an IPv6 subnet of {} with the IPv4 subnet (--ipv6-subnet)",
+                    config.ipv6_network().expect("dual stack")
+                )))
+            }
+            (false, Some(s6)) => {
+                return Err(ControlError::InvalidArgument(format!(
+                    "the cluster is not dual-stack ({}): an IPv6 subnet ({s6}) cannot be reserved beside the key subnet",
+                    config.networks_text()
+                )))
+            }
+            (true, Some(s6)) => {
+                let pool6 = config.ipv6.expect("dual stack");
+                if !pool6.is_network_subnet(s6) {
+                    return Err(ControlError::InvalidArgument(format!(
+                        "IPv6 subnet {s6} is not one of the network's subnets (a /{} inside {})",
+                        pool6.subnet_len, pool6.network
+                    )));
+                }
+            }
+            (false, None) => {}
+        }
+        check_public_ips(&config, public_ip, public_ipv6)?;
         let key = self.keys.lease(subnet);
         let node_key = self.keys.node_index(node);
         'attempts: for _ in 0..MAX_ATTEMPTS {
@@ -350,7 +399,17 @@ impl LeaseManager {
                         let mut record = l.record.clone();
                         record.reserved = true;
                         record.public_ip = public_ip;
+                        record.public_ipv6 = public_ipv6;
+                        record.ipv6_subnet = subnet6;
                         record.renewed_at = now;
+                        if let Some(old6) = l.record.ipv6_subnet.filter(|o| Some(*o) != subnet6) {
+                            let k = self.keys.ipv6_index(old6);
+                            let index = self.get_index(&k).await?;
+                            if names(index.as_ref(), subnet, e.lease_id) {
+                                txn.unchanged(&k, index.as_ref());
+                                txn.delete(&k);
+                            }
+                        }
                         if let Some(m) = record.backend_data.vtep_mac {
                             let mac_key = self.keys.mac_index(m);
                             let index = self.get_index(&mac_key).await?;
@@ -365,6 +424,8 @@ impl LeaseManager {
                     LeaseRecord {
                         node: node.to_string(),
                         public_ip,
+                        public_ipv6,
+                        ipv6_subnet: subnet6,
                         backend: config.backend.kind,
                         backend_data: BackendData::default(),
                         reserved: true,
@@ -383,16 +444,44 @@ impl LeaseManager {
                 if d.lease_id != 0 {
                     revoke.push(d.lease_id);
                 }
-                if let Some(m) = lease.record.backend_data.vtep_mac {
-                    let mac_key = self.keys.mac_index(m);
-                    let index = self.get_index(&mac_key).await?;
-                    if names(index.as_ref(), d_subnet, d.lease_id)
-                        && !txn.writes.contains_key(&mac_key)
-                    {
-                        txn.unchanged(&mac_key, index.as_ref());
-                        txn.delete(&mac_key);
+                let index_keys = [
+                    lease.record.backend_data.vtep_mac.map(|m| self.keys.mac_index(m)),
+                    lease.record.ipv6_subnet.map(|s6| self.keys.ipv6_index(s6)),
+                ];
+                for k in index_keys.into_iter().flatten() {
+                    let index = self.get_index(&k).await?;
+                    if names(index.as_ref(), d_subnet, d.lease_id) && !txn.writes.contains_key(&k) {
+                        txn.unchanged(&k, index.as_ref());
+                        txn.delete(&k);
                     }
                 }
+            }
+            // The reserved IPv6 subnet: free, or this node's already (its index key is
+            // then moved to the reservation).
+            if let Some(s6) = subnet6 {
+                let k = self.keys.ipv6_index(s6);
+                let index = self.get_index(&k).await?;
+                let holder = listing.entries.iter().find(|o| {
+                    o.lease().is_some_and(|l| l.record.ipv6_subnet == Some(s6))
+                });
+                match holder.and_then(|o| o.lease()) {
+                    Some(l) if l.record.node != node => {
+                        return Err(ControlError::FailedPrecondition(format!(
+                            "IPv6 subnet {s6} is leased to node {} (with {}); revoke it first",
+                            l.record.node, l.subnet
+                        )));
+                    }
+                    Some(_) => {}
+                    None if index.is_some() => {
+                        return Err(ControlError::FailedPrecondition(format!(
+                            "IPv6 subnet {s6} is held by {} (an unreadable lease); revoke it first",
+                            String::from_utf8_lossy(&index.as_ref().expect("some").value)
+                        )));
+                    }
+                    None => {}
+                }
+                txn.unchanged(&k, index.as_ref());
+                txn.put(&k, subnet_key(subnet).into_bytes(), 0);
             }
             txn.put(&key, record.encode(), 0);
             txn.unchanged(&node_key, node_index.as_ref());
@@ -413,7 +502,7 @@ impl LeaseManager {
 
     /// Deletes a lease or reservation at once, also one whose stored value is unreadable.
     /// Returns the lease as it was, `None` for an unreadable one.
-    pub async fn revoke(&self, subnet: Ipv4Net) -> Result<Option<Lease>, ControlError> {
+    pub async fn revoke(&self, subnet: IpNet) -> Result<Option<Lease>, ControlError> {
         for _ in 0..MAX_ATTEMPTS {
             let e = self
                 .get_entry(subnet)

@@ -69,16 +69,16 @@
 //!   etcd lease may be the live lease of whoever changed it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::{self, StreamExt};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv6Net};
 use overlay_core::config::NetworkConfig;
 use overlay_core::lease::{
-    now_millis, validate_backend_data, validate_node_name, validate_public_ip, BackendData, Lease,
+    now_millis, validate_backend_data, validate_node_name, validate_public_ip, validate_public_ipv6, BackendData, Lease,
     LeaseError, LeaseRecord,
 };
 use overlay_core::subnet::{parse_subnet_key, subnet_key};
@@ -109,14 +109,43 @@ pub use keys::Keys;
 use txn::*;
 
 /// What an agent asks for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AcquireRequest {
     pub node: String,
-    pub public_ip: Ipv4Addr,
+    pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
     pub backend: BackendType,
-    /// What the host publishes: VTEP MAC, public interface, underlay prefix.
+    /// What the host publishes: VTEP MAC, public interface, underlay prefixes.
     pub data: BackendData,
-    pub preferred: Option<Ipv4Net>,
+    pub preferred: Option<IpNet>,
+    /// Dual stack: the IPv6 subnet the node held before.
+    pub preferred6: Option<Ipv6Net>,
+}
+
+/// What an operator reserves (`overlayctl lease reserve`).
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    /// The key subnet: IPv4, or IPv6 in an IPv6-only cluster.
+    pub subnet: IpNet,
+    /// Dual stack: the IPv6 subnet reserved with it (required there, refused elsewhere).
+    pub subnet6: Option<Ipv6Net>,
+    pub node: String,
+    pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
+}
+
+impl Reservation {
+    /// A reservation of an IPv4 (or IPv6-only) key subnet for a host with a public IPv4
+    /// address, the whole reservation of a single-stack IPv4 cluster.
+    pub fn v4(subnet: impl Into<IpNet>, node: &str, public_ip: Ipv4Addr) -> Reservation {
+        Reservation {
+            subnet: subnet.into(),
+            subnet6: None,
+            node: node.to_string(),
+            public_ip: Some(public_ip),
+            public_ipv6: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -149,7 +178,7 @@ pub struct LeaseManager {
     last_config: std::sync::RwLock<Option<NetworkConfig>>,
     /// The keys as the watch fan-out follows them; allocation reads it (module notes).
     view: Arc<RwLock<ViewState>>,
-    claims: Mutex<HashMap<Ipv4Net, Claim>>,
+    claims: Mutex<HashMap<IpNet, Claim>>,
     /// Woken whenever an in-flight claim ends.
     claim_ended: Notify,
     /// Turns for acquires, and how long one waits for its turn.

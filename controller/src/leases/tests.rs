@@ -13,10 +13,12 @@ async fn manager(config: &str) -> LeaseManager {
 fn req(node: &str) -> AcquireRequest {
     AcquireRequest {
         node: node.into(),
-        public_ip: "192.0.2.1".parse().unwrap(),
+        public_ip: Some("192.0.2.1".parse().unwrap()),
         backend: BackendType::Alloc,
         data: BackendData::default(),
         preferred: None,
+        ..Default::default()
+
     }
 }
 
@@ -56,7 +58,7 @@ async fn the_same_node_gets_its_lease_back_and_others_get_different_ones() {
         "unchanged lease is handed back as it was"
     );
     let mut moved = req("a");
-    moved.public_ip = "192.0.2.99".parse().unwrap();
+    moved.public_ip = Some("192.0.2.99".parse().unwrap());
     let updated = m.acquire(&moved).await.unwrap();
     assert_eq!(updated.lease.subnet, a.lease.subnet);
     assert_eq!(updated.lease.record.public_ip, moved.public_ip);
@@ -117,8 +119,8 @@ async fn reservations_outside_the_dynamic_range_are_honoured() {
         r#"{"network":"10.244.0.0/16","subnet_min":"10.244.1.0/24","subnet_max":"10.244.2.0/24","backend":{"type":"alloc"}}"#,
     )
     .await;
-    let fixed: Ipv4Net = "10.244.250.0/24".parse().unwrap();
-    m.reserve(fixed, "pinned", "192.0.2.9".parse().unwrap())
+    let fixed: IpNet = "10.244.250.0/24".parse().unwrap();
+    m.reserve(&Reservation::v4(fixed, "pinned", "192.0.2.9".parse().unwrap()))
         .await
         .unwrap();
     let a = m.acquire(&req("a")).await.unwrap();
@@ -127,7 +129,7 @@ async fn reservations_outside_the_dynamic_range_are_honoured() {
     assert_ne!(a.lease.subnet, fixed);
     assert_ne!(b.lease.subnet, fixed);
     let mut pinned = req("pinned");
-    pinned.public_ip = "192.0.2.9".parse().unwrap();
+    pinned.public_ip = Some("192.0.2.9".parse().unwrap());
     assert_eq!(m.acquire(&pinned).await.unwrap().lease.subnet, fixed);
     // A new range that leaves the dynamic leases in place keeps the reservation too.
     let (_, revoked) = m
@@ -218,7 +220,7 @@ async fn a_delete_that_loses_its_compare_leaves_the_key_and_its_etcd_lease() {
     let a = m.acquire(&req("a")).await.unwrap().lease;
     let stale = m.get_entry(a.subnet).await.unwrap().expect("the lease");
     let moved = AcquireRequest {
-        public_ip: "192.0.2.99".parse().unwrap(),
+        public_ip: Some("192.0.2.99".parse().unwrap()),
         ..req("a")
     };
     assert_eq!(m.acquire(&moved).await.unwrap().lease.subnet, a.subnet);
@@ -263,6 +265,8 @@ async fn a_lease_from_before_index_keys_gets_them_without_being_rewritten() {
         let record = LeaseRecord {
             node: node.into(),
             public_ip: r.public_ip,
+            public_ipv6: None,
+            ipv6_subnet: None,
             backend: r.backend,
             backend_data: r.data.clone(),
             reserved: false,
@@ -274,7 +278,7 @@ async fn a_lease_from_before_index_keys_gets_them_without_being_rewritten() {
             .config()
             .await
             .unwrap()
-            .range()
+            .key_pool().range()
             .pick_free(&legacy.iter().copied().collect(), &mut rand::rng())
             .unwrap();
         let key = m.keys().lease(subnet);
@@ -315,9 +319,9 @@ async fn a_lease_from_before_index_keys_gets_them_without_being_rewritten() {
 #[tokio::test]
 async fn reservations_are_honoured_and_survive_release() {
     let m = manager(CONFIG).await;
-    let s: Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    let s: IpNet = "10.244.200.0/24".parse().unwrap();
     let r = m
-        .reserve(s, "pinned", "192.0.2.5".parse().unwrap())
+        .reserve(&Reservation::v4(s, "pinned", "192.0.2.5".parse().unwrap()))
         .await
         .unwrap();
     assert!(r.record.reserved);
@@ -332,23 +336,19 @@ async fn reservations_are_honoured_and_survive_release() {
     // Taken by another node: refused, naming the holder.
     let other = m.acquire(&req("other")).await.unwrap();
     let e = m
-        .reserve(other.lease.subnet, "x", "192.0.2.6".parse().unwrap())
+        .reserve(&Reservation::v4(other.lease.subnet, "x", "192.0.2.6".parse().unwrap()))
         .await
         .unwrap_err();
     assert!(e.to_string().contains("other"), "{e}");
     // Outside the network: refused.
     let e = m
-        .reserve(
-            "10.245.0.0/24".parse().unwrap(),
-            "x",
-            "192.0.2.6".parse().unwrap(),
-        )
+        .reserve(&Reservation::v4("10.245.0.0/24".parse::<IpNet>().unwrap(), "x", "192.0.2.6".parse().unwrap()))
         .await
         .unwrap_err();
     assert!(matches!(e, ControlError::InvalidArgument(_)), "{e}");
     // Reserving a node's current lease pins it in place.
     let pinned = m
-        .reserve(other.lease.subnet, "other", "192.0.2.1".parse().unwrap())
+        .reserve(&Reservation::v4(other.lease.subnet, "other", "192.0.2.1".parse().unwrap()))
         .await
         .unwrap();
     assert!(pinned.record.reserved);
@@ -362,12 +362,12 @@ async fn reservations_are_honoured_and_survive_release() {
 async fn a_reservation_wins_over_an_older_lease_of_the_same_node() {
     let m = manager(CONFIG).await;
     let old = m.acquire(&req("n")).await.unwrap().lease.subnet;
-    let s: Ipv4Net = "10.244.201.0/24".parse().unwrap();
-    m.reserve(s, "n", "192.0.2.1".parse().unwrap())
+    let s: IpNet = "10.244.201.0/24".parse().unwrap();
+    m.reserve(&Reservation::v4(s, "n", "192.0.2.1".parse().unwrap()))
         .await
         .unwrap();
     assert_eq!(m.acquire(&req("n")).await.unwrap().lease.subnet, s);
-    let subnets: Vec<Ipv4Net> = m
+    let subnets: Vec<IpNet> = m
         .list()
         .await
         .unwrap()
@@ -391,14 +391,14 @@ async fn bad_requests_are_refused_before_anything_is_written() {
         ),
         (
             AcquireRequest {
-                public_ip: "0.0.0.0".parse().unwrap(),
+                public_ip: Some("0.0.0.0".parse().unwrap()),
                 ..req("x")
             },
             "public IP",
         ),
         (
             AcquireRequest {
-                public_ip: "10.244.3.3".parse().unwrap(),
+                public_ip: Some("10.244.3.3".parse().unwrap()),
                 ..req("x")
             },
             "inside the overlay",
@@ -449,7 +449,7 @@ async fn config_changes_that_strand_leases_need_force() {
         "{e}"
     );
     assert_eq!(
-        m.config().await.unwrap().network.to_string(),
+        m.config().await.unwrap().networks_text(),
         "10.244.0.0/16"
     );
     let e = m
@@ -461,7 +461,7 @@ async fn config_changes_that_strand_leases_need_force() {
         .unwrap_err();
     assert!(e.to_string().contains("backend.type"), "{e}");
     let (config, revoked) = m.set_config(moved, true).await.unwrap();
-    assert_eq!(config.network.to_string(), "10.245.0.0/16");
+    assert_eq!(config.networks_text(), "10.245.0.0/16");
     assert_eq!(revoked.len(), 1);
     let b = m.acquire(&req("a")).await.unwrap();
     assert!(b.lease.subnet.to_string().starts_with("10.245."));
@@ -597,7 +597,7 @@ async fn all_caught_up(store: &dyn Store, managers: &[Arc<LeaseManager>]) {
 
 /// Acquires for `nodes` all at once, spread over `managers`: the subnets granted and
 /// how many were told the range is exhausted (any other error fails the test).
-async fn all_at_once(managers: &[Arc<LeaseManager>], nodes: &[String]) -> (Vec<Ipv4Net>, usize) {
+async fn all_at_once(managers: &[Arc<LeaseManager>], nodes: &[String]) -> (Vec<IpNet>, usize) {
     let tasks: Vec<_> = nodes
         .iter()
         .enumerate()
@@ -654,7 +654,7 @@ async fn concurrent_allocators_get_every_free_subnet_of_a_nearly_full_range() {
     );
     assert_eq!(exhausted, 35);
     let (listed, _) = setup.list().await.unwrap();
-    let subnets: HashSet<Ipv4Net> = listed.iter().map(|l| l.lease.subnet).collect();
+    let subnets: HashSet<IpNet> = listed.iter().map(|l| l.lease.subnet).collect();
     assert_eq!((listed.len(), subnets.len()), (15, 15), "no subnet twice");
 
     // Three leases go; a second burst gets exactly those three.
@@ -673,7 +673,7 @@ async fn concurrent_allocators_get_every_free_subnet_of_a_nearly_full_range() {
     let (got, exhausted) = all_at_once(&managers, &again).await;
     assert_eq!((got.len(), exhausted), (3, 27), "{got:?}");
     let (listed, _) = setup.list().await.unwrap();
-    let subnets: HashSet<Ipv4Net> = listed.iter().map(|l| l.lease.subnet).collect();
+    let subnets: HashSet<IpNet> = listed.iter().map(|l| l.lease.subnet).collect();
     assert_eq!((listed.len(), subnets.len()), (15, 15));
     let from_view: u64 = managers
         .iter()

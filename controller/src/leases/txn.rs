@@ -17,7 +17,7 @@ impl Listing {
     }
 
     /// Subnets whose key exists, readable or not: never handed out again while it does.
-    pub(super) fn taken(&self) -> HashSet<Ipv4Net> {
+    pub(super) fn taken(&self) -> HashSet<IpNet> {
         self.entries.iter().filter_map(|e| e.subnet).collect()
     }
 
@@ -99,6 +99,6 @@ impl Txn {
 }
 
 /// Whether an index key names `subnet` and lives as long as the lease (`lease`).
-pub(super) fn names(index: Option<&KeyValue>, subnet: Ipv4Net, lease: LeaseId) -> bool {
+pub(super) fn names(index: Option<&KeyValue>, subnet: IpNet, lease: LeaseId) -> bool {
     index.is_some_and(|kv| kv.value == subnet_key(subnet).as_bytes() && kv.lease == lease)
 }

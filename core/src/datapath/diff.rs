@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -87,7 +87,7 @@ pub fn diff(desired: &DesiredState, observed: &KernelEntries) -> Vec<Op> {
     }
 
     // Neighbours: keyed by (dev, ip); a different MAC is replaced by the add.
-    let wanted_neigh: BTreeMap<(&str, Ipv4Addr), &Neighbour> = desired
+    let wanted_neigh: BTreeMap<(&str, IpAddr), &Neighbour> = desired
         .neighbours
         .iter()
         .map(|n| ((n.dev.as_str(), n.ip), n))
@@ -99,7 +99,7 @@ pub fn diff(desired: &DesiredState, observed: &KernelEntries) -> Vec<Op> {
     }
 
     // FDB: keyed by (dev, mac); the kernel may hold several destinations for one MAC.
-    let wanted_fdb: BTreeMap<(&str, MacAddr), Ipv4Addr> = desired
+    let wanted_fdb: BTreeMap<(&str, MacAddr), IpAddr> = desired
         .fdb
         .iter()
         .map(|e| ((e.dev.as_str(), e.mac), e.dst))

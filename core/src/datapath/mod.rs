@@ -37,16 +37,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::mac::MacAddr;
 
-/// The name of the VXLAN device for a VNI.
+/// The name of the VXLAN device for a VNI over the IPv4 underlay.
 pub fn vtep_name(vni: u32) -> String {
     format!("ovl.{vni}")
+}
+
+/// The name of the VXLAN device for a VNI over the IPv6 underlay.
+pub fn vtep6_name(vni: u32) -> String {
+    format!("ovl6.{vni}")
 }
 
 /// Why a route exists; shown to people, not part of the route's kernel identity.
@@ -83,15 +88,15 @@ impl fmt::Display for RouteKind {
 /// (`dst`, `via`, `dev`, `onlink`) and ignore `kind`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Route {
-    pub dst: Ipv4Net,
-    pub via: Ipv4Addr,
+    pub dst: IpNet,
+    pub via: IpAddr,
     pub dev: String,
     pub onlink: bool,
     pub kind: RouteKind,
 }
 
 impl Route {
-    fn identity(&self) -> (Ipv4Net, Ipv4Addr, &str, bool) {
+    fn identity(&self) -> (IpNet, IpAddr, &str, bool) {
         (self.dst, self.via, &self.dev, self.onlink)
     }
 }
@@ -132,11 +137,11 @@ impl fmt::Display for Route {
     }
 }
 
-/// A permanent ARP entry: `ip` is reachable at `mac` on `dev`.
+/// A permanent ARP (IPv4) or NDP (IPv6) entry: `ip` is reachable at `mac` on `dev`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Neighbour {
     pub dev: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub mac: MacAddr,
 }
 
@@ -151,7 +156,7 @@ impl fmt::Display for Neighbour {
 pub struct FdbEntry {
     pub dev: String,
     pub mac: MacAddr,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
 }
 
 impl fmt::Display for FdbEntry {
@@ -165,11 +170,12 @@ impl fmt::Display for FdbEntry {
 pub struct DesiredState {
     /// Keyed by destination; serialized as a list.
     #[serde(with = "routes_as_list")]
-    pub routes: BTreeMap<Ipv4Net, Route>,
+    pub routes: BTreeMap<IpNet, Route>,
     pub neighbours: BTreeSet<Neighbour>,
     pub fdb: BTreeSet<FdbEntry>,
-    /// Peers that get no entries, with the reason (for logs, metrics and `/status`).
-    pub skipped: Vec<(Ipv4Net, String)>,
+    /// Peer subnets that get no entries, with the reason (for logs, metrics and
+    /// `/status`). A dual-stack peer may have one family skipped and the other routed.
+    pub skipped: Vec<(IpNet, String)>,
 }
 
 impl DesiredState {
@@ -194,7 +200,7 @@ impl DesiredState {
 pub struct KernelEntries {
     /// Keyed by destination; serialized as a list.
     #[serde(with = "routes_as_list")]
-    pub routes: BTreeMap<Ipv4Net, Route>,
+    pub routes: BTreeMap<IpNet, Route>,
     pub neighbours: BTreeSet<Neighbour>,
     pub fdb: BTreeSet<FdbEntry>,
 }
@@ -216,16 +222,47 @@ impl From<&DesiredState> for KernelEntries {
     }
 }
 
-/// The host's own side of the underlay.
+/// The host's own side of the underlay: an IPv4 side, an IPv6 side, or both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostNet {
-    /// The address peers reach this host at (VXLAN local address, host-gw next hop).
-    pub public_ip: Ipv4Addr,
-    /// The interface holding `public_ip`.
+    /// The IPv4 address peers reach this host at (VXLAN local address, host-gw next hop).
+    pub public_ip: Option<Ipv4Addr>,
+    /// The IPv6 address peers reach this host at.
+    #[serde(default)]
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// The interface holding the public addresses.
     pub iface: String,
-    /// The on-link prefix of `iface`: peers inside it are directly reachable (host-gw and
-    /// direct routing need that, since their next hop is the peer itself).
-    pub underlay: Ipv4Net,
+    /// The on-link IPv4 prefix of `iface`: peers inside it are directly reachable
+    /// (host-gw and direct routing need that, since their next hop is the peer itself).
+    pub underlay: Option<Ipv4Net>,
+    /// The on-link IPv6 prefix of `iface`.
+    #[serde(default)]
+    pub underlay_v6: Option<Ipv6Net>,
+}
+
+impl HostNet {
+    /// The public address of a family.
+    pub fn public_addr(&self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            self.public_ipv6.map(IpAddr::V6)
+        } else {
+            self.public_ip.map(IpAddr::V4)
+        }
+    }
+
+    /// The on-link prefix of a family.
+    pub fn underlay_of(&self, v6: bool) -> Option<IpNet> {
+        if v6 {
+            self.underlay_v6.map(IpNet::V6)
+        } else {
+            self.underlay.map(IpNet::V4)
+        }
+    }
+
+    /// Whether `ip` is one of this host's public addresses.
+    pub fn is_own(&self, ip: IpAddr) -> bool {
+        self.public_addr(false) == Some(ip) || self.public_addr(true) == Some(ip)
+    }
 }
 
 mod routes_as_list {
@@ -233,7 +270,7 @@ mod routes_as_list {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(
-        routes: &BTreeMap<Ipv4Net, Route>,
+        routes: &BTreeMap<IpNet, Route>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
         s.collect_seq(routes.values())
@@ -241,7 +278,7 @@ mod routes_as_list {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
-    ) -> Result<BTreeMap<Ipv4Net, Route>, D::Error> {
+    ) -> Result<BTreeMap<IpNet, Route>, D::Error> {
         let list = Vec::<Route>::deserialize(d)?;
         Ok(list.into_iter().map(|r| (r.dst, r)).collect())
     }

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 fn config(backend: &str, direct_routing: bool) -> NetworkConfig {
     NetworkConfigSpec {
-        network: "10.244.0.0/16".into(),
+        network: Some("10.244.0.0/16".into()),
         backend: Some(crate::config::BackendSpec {
             kind: Some(backend.into()),
             vni: Some(7),
@@ -25,7 +25,9 @@ fn lease(subnet: &str, ip: &str, backend: BackendType, mac: Option<&str>) -> Lea
         subnet: subnet.parse().unwrap(),
         record: LeaseRecord {
             node: format!("node-{ip}"),
-            public_ip: ip.parse().unwrap(),
+            public_ip: Some(ip.parse().unwrap()),
+            public_ipv6: None,
+            ipv6_subnet: None,
             backend,
             backend_data: BackendData {
                 vtep_mac: mac.map(|m| m.parse().unwrap()),
@@ -40,9 +42,11 @@ fn lease(subnet: &str, ip: &str, backend: BackendType, mac: Option<&str>) -> Lea
 
 fn host() -> HostNet {
     HostNet {
-        public_ip: "192.0.2.11".parse().unwrap(),
+        public_ip: Some("192.0.2.11".parse().unwrap()),
+        public_ipv6: None,
         iface: "eth0".into(),
-        underlay: "192.0.2.0/24".parse().unwrap(),
+        underlay: Some("192.0.2.0/24".parse().unwrap()),
+        underlay_v6: None,
     }
 }
 
@@ -55,11 +59,11 @@ fn own(backend: BackendType) -> Lease {
     )
 }
 
-fn net(s: &str) -> Ipv4Net {
+fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -305,7 +309,7 @@ fn plan_skips_self_and_guards_against_bad_leases() {
         s.routes.keys().copied().collect::<Vec<_>>(),
         vec![net("10.244.5.0/24")]
     );
-    let skipped: Vec<Ipv4Net> = s.skipped.iter().map(|(n, _)| *n).collect();
+    let skipped: Vec<IpNet> = s.skipped.iter().map(|(n, _)| *n).collect();
     assert_eq!(
         skipped,
         vec![

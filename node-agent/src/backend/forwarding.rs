@@ -11,11 +11,11 @@
 use std::sync::Arc;
 
 use futures::stream::{BoxStream, StreamExt};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use overlay_core::config::NetworkConfig;
 use overlay_core::datapath::{diff, plan, HostNet, KernelEntries};
 use overlay_core::lease::Lease;
-use overlay_core::subnet::gateway;
+use overlay_core::subnet::{gateway, gateway6};
 use overlay_core::MacAddr;
 use tracing::{info, warn};
 
@@ -36,8 +36,8 @@ pub struct Forwarding {
     pub firewall: Arc<dyn Firewall>,
     pub sysctl: Arc<dyn Sysctl>,
     /// The VTEP name, for backends that have one (its entries are observed too).
-    pub vtep: Option<String>,
-    last_skipped: Vec<(Ipv4Net, String)>,
+    pub vteps: Vec<String>,
+    last_skipped: Vec<(IpNet, String)>,
 }
 
 impl Forwarding {
@@ -49,10 +49,15 @@ impl Forwarding {
         mtu: u32,
     ) -> Result<Self, BackendError> {
         let err = |message: String| BackendError { backend, message };
-        let (Some(iface), Some(underlay)) = (ctx.host.iface.clone(), ctx.host.underlay) else {
+        let Some(iface) = ctx
+            .host
+            .iface
+            .clone()
+            .filter(|_| ctx.host.underlay.is_some() || ctx.host.underlay_v6.is_some())
+        else {
             return Err(err(format!(
-                "the public IP {} is not on any interface of this host; pass --iface or a --public-ip the host has",
-                ctx.host.public_ip
+                "the public IP {} is not on any interface of this host; pass --iface or a --public-ip/--public-ipv6 the host has",
+                ctx.host.public_text()
             )));
         };
         Ok(Forwarding {
@@ -60,8 +65,10 @@ impl Forwarding {
             config: ctx.config.clone(),
             host: HostNet {
                 public_ip: ctx.host.public_ip,
+                public_ipv6: ctx.host.public_ipv6,
                 iface,
-                underlay,
+                underlay: ctx.host.underlay,
+                underlay_v6: ctx.host.underlay_v6,
             },
             bridge: ctx.bridge.clone(),
             bridge_mac: MacAddr::derive(&format!("overlay-bridge/{}", ctx.node)),
@@ -70,7 +77,7 @@ impl Forwarding {
             datapath: ctx.effects.datapath.clone(),
             firewall: ctx.effects.firewall.clone(),
             sysctl: ctx.effects.sysctl.clone(),
-            vtep: None,
+            vteps: Vec::new(),
             last_skipped: Vec::new(),
         })
     }
@@ -90,8 +97,14 @@ impl Forwarding {
                 .ensure_bridge(bridge, self.bridge_mac, self.mtu)
                 .await
                 .map_err(|e| self.err(&format!("bridge {bridge}"), e))?;
+            let gateways: Vec<IpNet> = own
+                .ipv4()
+                .map(|s| IpNet::V4(gateway(s)))
+                .into_iter()
+                .chain(own.ipv6().map(|s| IpNet::V6(gateway6(s))))
+                .collect();
             self.datapath
-                .ensure_addresses(bridge, &[gateway(own.subnet)])
+                .ensure_addresses(bridge, &gateways)
                 .await
                 .map_err(|e| self.err(&format!("address of bridge {bridge}"), e))?;
         }
@@ -99,16 +112,17 @@ impl Forwarding {
             .set("net/ipv4/ip_forward", "1")
             .map_err(|e| self.err("enabling IP forwarding", e))?;
         let rules = FirewallRules {
-            network: self.config.network,
+            networks: self.config.networks(),
             masquerade: self.ip_masq,
         };
         let firewall = self.firewall.clone();
+        let masquerade = rules.masquerade;
         let wrote = tokio::task::spawn_blocking(move || firewall.ensure(&rules))
             .await
             .map_err(|e| self.err("firewall task", e))?
             .map_err(|e| self.err("firewall rules", e))?;
         if wrote {
-            info!(firewall = self.firewall.name(), network = %rules.network, ip_masq = rules.masquerade, "firewall rules written");
+            info!(firewall = self.firewall.name(), networks = %self.config.networks_text(), ip_masq = masquerade, "firewall rules written");
         }
         Ok(wrote)
     }
@@ -125,7 +139,10 @@ impl Forwarding {
         let desired = plan(&self.config, own, peers, &self.host);
         let observed: KernelEntries = self
             .datapath
-            .observe(self.vtep.as_deref(), &self.host.iface)
+            .observe(
+                &self.vteps.iter().map(String::as_str).collect::<Vec<_>>(),
+                &self.host.iface,
+            )
             .await
             .map_err(|e| self.err("reading the kernel's entries", e))?;
         let ops = diff(&desired, &observed);
@@ -165,7 +182,7 @@ impl Forwarding {
         let mine: Vec<String> = self
             .bridge
             .iter()
-            .chain(self.vtep.iter())
+            .chain(self.vteps.iter())
             .cloned()
             .collect();
         match self.datapath.subscribe_link_changes() {

@@ -209,7 +209,12 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<CniResult, CniError> {
     let attachment = attachment(env)?;
     let netns_path = env.require_netns()?;
     let subnet_env = read_subnet_env(&conf.subnet_file)?;
-    let subnet = subnet_env.subnet;
+    let subnet = subnet_env.subnet.ok_or_else(|| {
+        CniError::new(
+            ErrorCode::InvalidEnvironment,
+            "the host has no IPv4 subnet (an IPv6-only cluster)".to_string(),
+        )
+    })?;
     let mtu = conf.mtu.unwrap_or(subnet_env.mtu);
     let (netns, container) = open_container(netns_path)?;
     let host = Netlink::connect().map_err(kernel)?;
@@ -434,7 +439,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     }
     let held = container.addresses(ifname).await.map_err(kernel)?;
     for (address, _) in &expected {
-        if !held.contains(address) {
+        if !held.contains(&IpNet::V4(*address)) {
             return Err(check_failed(format!(
                 "{ifname} lacks address {address} (it has {held:?})"
             )));

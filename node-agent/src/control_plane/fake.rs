@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv6Net};
 use overlay_core::config::NetworkConfig;
 use overlay_core::lease::{now_millis, Lease, LeaseRecord};
 use overlay_core::watch::{LeaseCache, LeaseEvent, Replay};
@@ -85,7 +85,7 @@ impl FakeControlPlane {
         self.lock().cache.revision()
     }
 
-    pub fn leases(&self) -> BTreeMap<Ipv4Net, Lease> {
+    pub fn leases(&self) -> BTreeMap<IpNet, Lease> {
         self.lock()
             .cache
             .leases()
@@ -112,7 +112,7 @@ impl FakeControlPlane {
     }
 
     /// Removes a lease (revoked or expired), as one event.
-    pub fn remove(&self, subnet: Ipv4Net) {
+    pub fn remove(&self, subnet: IpNet) {
         let mut inner = self.lock();
         let rev = inner.cache.revision() + 1;
         if let Some(e) = inner.cache.remove(&subnet, rev) {
@@ -153,8 +153,8 @@ impl ControlPlane for FakeControlPlane {
             .leases()
             .find(|l| l.node() == r.node)
             .map(|l| l.subnet);
-        let taken: Vec<Ipv4Net> = inner.cache.leases().map(|l| l.subnet).collect();
-        let range = inner.config.range();
+        let taken: Vec<IpNet> = inner.cache.leases().map(|l| l.subnet).collect();
+        let range = inner.config.key_pool().range();
         let subnet = match existing {
             Some(s) => s,
             None => match r.preferred.filter(|p| !taken.contains(p)) {
@@ -165,11 +165,33 @@ impl ControlPlane for FakeControlPlane {
                     .ok_or_else(|| ControlPlaneError::Refused("subnet range exhausted".into()))?,
             },
         };
+        // Dual stack: the node's IPv6 subnet, or the first free one.
+        let ipv6_subnet = match inner.config.ipv6.filter(|_| inner.config.is_dual_stack()) {
+            None => None,
+            Some(pool) => {
+                let mine = inner
+                    .cache
+                    .leases()
+                    .find(|l| l.node() == r.node)
+                    .and_then(|l| l.record.ipv6_subnet);
+                let taken6: Vec<Ipv6Net> =
+                    inner.cache.leases().filter_map(|l| l.record.ipv6_subnet).collect();
+                let free = pool.range().iter().find_map(|s| match s {
+                    IpNet::V6(s6) if !taken6.contains(&s6) => Some(s6),
+                    _ => None,
+                });
+                Some(mine.or(free).ok_or_else(|| {
+                    ControlPlaneError::Refused("IPv6 subnet range exhausted".into())
+                })?)
+            }
+        };
         let lease = Lease {
             subnet,
             record: LeaseRecord {
                 node: r.node.clone(),
                 public_ip: r.public_ip,
+                public_ipv6: r.public_ipv6,
+                ipv6_subnet,
                 backend: r.backend,
                 backend_data: r.data.clone(),
                 reserved: false,
@@ -184,7 +206,7 @@ impl ControlPlane for FakeControlPlane {
         Ok(Granted { lease, ttl })
     }
 
-    async fn renew(&self, node: &str, subnet: Ipv4Net) -> Result<Duration, ControlPlaneError> {
+    async fn renew(&self, node: &str, subnet: IpNet) -> Result<Duration, ControlPlaneError> {
         let mut inner = self.check()?;
         inner.calls.renew += 1;
         match inner.cache.get(&subnet) {

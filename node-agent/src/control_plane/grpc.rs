@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::StreamExt;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use overlay_core::config::NetworkConfig;
 use overlay_proto::v1::{self, watch_leases_response::Kind};
 use overlay_proto::{backend_to_proto, config_from_proto, event_from_proto, lease_from_proto};
@@ -109,12 +109,16 @@ impl ControlPlane for GrpcControlPlane {
     async fn acquire(&self, r: &LeaseRequest) -> Result<Granted, ControlPlaneError> {
         let request = v1::AcquireLeaseRequest {
             node: r.node.clone(),
-            public_ip: r.public_ip.to_string(),
+            public_ip: r.public_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            public_ipv6: r.public_ipv6.map(|ip| ip.to_string()),
+            underlay_v6: r.underlay_v6.map(|u| u.to_string()),
+            preferred_ipv6_subnet: r.preferred6.map(|p| p.to_string()),
             backend: backend_to_proto(r.backend).into(),
             vtep_mac: r.data.vtep_mac.map(|m| m.to_string()),
             preferred_subnet: r.preferred.map(|p| p.to_string()),
             iface: r.iface.clone(),
             underlay: r.underlay.map(|u| u.to_string()),
+
         };
         let resp = self
             .client()
@@ -130,7 +134,7 @@ impl ControlPlane for GrpcControlPlane {
         })
     }
 
-    async fn renew(&self, node: &str, subnet: Ipv4Net) -> Result<Duration, ControlPlaneError> {
+    async fn renew(&self, node: &str, subnet: IpNet) -> Result<Duration, ControlPlaneError> {
         let resp = self
             .client()
             .await?

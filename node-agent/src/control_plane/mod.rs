@@ -10,12 +10,12 @@
 //! controllers) stay inside the implementation; the loop sees only what it must act on:
 //! retry later ([`ControlPlaneError::Unavailable`]), or the lease is gone.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use overlay_core::config::NetworkConfig;
 use overlay_core::lease::{BackendData, Lease};
 use overlay_core::watch::LeaseEvent;
@@ -29,13 +29,17 @@ pub mod grpc;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseRequest {
     pub node: String,
-    pub public_ip: Ipv4Addr,
+    pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
     pub backend: BackendType,
     pub data: BackendData,
     /// The subnet to get back if it is still free (the one held before a restart).
-    pub preferred: Option<Ipv4Net>,
+    pub preferred: Option<IpNet>,
+    /// Dual stack: the IPv6 subnet to get back if it is still free.
+    pub preferred6: Option<Ipv6Net>,
     pub iface: Option<String>,
     pub underlay: Option<Ipv4Net>,
+    pub underlay_v6: Option<Ipv6Net>,
 }
 
 /// A lease the control plane granted, with the TTL to renew within (zero: a reservation,
@@ -97,7 +101,7 @@ pub trait ControlPlane: Send + Sync {
     async fn acquire(&self, request: &LeaseRequest) -> Result<Granted, ControlPlaneError>;
 
     /// Keeps `subnet` leased to `node`; the TTL it now has.
-    async fn renew(&self, node: &str, subnet: Ipv4Net) -> Result<Duration, ControlPlaneError>;
+    async fn renew(&self, node: &str, subnet: IpNet) -> Result<Duration, ControlPlaneError>;
 
     /// Every lease of the cluster: a snapshot (or, when the controller can replay, only
     /// the events after `after_revision`), then changes as they happen. The stream ends

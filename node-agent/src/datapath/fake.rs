@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use overlay_core::datapath::{FdbEntry, KernelEntries, Neighbour, Op, Route};
 use overlay_core::MacAddr;
 use tokio::sync::broadcast;
@@ -34,7 +34,7 @@ pub struct FakeLink {
     pub mtu: u32,
     pub mac: MacAddr,
     pub up: bool,
-    pub addrs: Vec<Ipv4Net>,
+    pub addrs: Vec<IpNet>,
     pub vxlan: Option<VxlanInfo>,
 }
 
@@ -43,7 +43,7 @@ pub struct FakeLink {
 pub struct FakeKernel {
     pub links: BTreeMap<String, FakeLink>,
     /// Routes with the agent's route protocol, by destination.
-    pub routes: BTreeMap<Ipv4Net, Route>,
+    pub routes: BTreeMap<IpNet, Route>,
     /// Permanent neighbours, on any device.
     pub neighbours: BTreeSet<Neighbour>,
     /// Permanent NTF_SELF FDB entries, on any device.
@@ -53,7 +53,7 @@ pub struct FakeKernel {
 
 impl FakeKernel {
     /// Adds a device (up, MTU 1500, a MAC derived from its index) and returns its index.
-    pub fn add_link(&mut self, name: &str, kind: Option<&str>, addrs: &[Ipv4Net]) -> u32 {
+    pub fn add_link(&mut self, name: &str, kind: Option<&str>, addrs: &[IpNet]) -> u32 {
         self.last_index += 1;
         let index = self.last_index;
         self.links.insert(
@@ -133,7 +133,7 @@ impl FakeDatapath {
     }
 
     /// A kernel with one underlay interface holding `addr` (e.g. 192.0.2.11/24).
-    pub fn with_underlay(iface: &str, addr: Ipv4Net) -> Self {
+    pub fn with_underlay(iface: &str, addr: IpNet) -> Self {
         let fake = Self::new();
         fake.edit_kernel(|k| k.add_link(iface, None, &[addr]));
         fake
@@ -317,7 +317,7 @@ impl Datapath for FakeDatapath {
         Ok(self.info(name))
     }
 
-    async fn addresses(&self, link: &str) -> Result<Vec<Ipv4Net>, NetlinkError> {
+    async fn addresses(&self, link: &str) -> Result<Vec<IpNet>, NetlinkError> {
         let k = self.kernel.lock().unwrap();
         k.links
             .get(link)
@@ -380,7 +380,7 @@ impl Datapath for FakeDatapath {
         Ok(index)
     }
 
-    async fn ensure_addresses(&self, link: &str, addrs: &[Ipv4Net]) -> Result<(), NetlinkError> {
+    async fn ensure_addresses(&self, link: &str, addrs: &[IpNet]) -> Result<(), NetlinkError> {
         let op = format!("ensure addresses of {link}");
         let held = self
             .addresses(link)
@@ -419,25 +419,24 @@ impl Datapath for FakeDatapath {
 
     async fn observe(
         &self,
-        vtep: Option<&str>,
+        vteps: &[&str],
         underlay_iface: &str,
     ) -> Result<KernelEntries, NetlinkError> {
         let k = self.kernel.lock().unwrap();
         let mut state = KernelEntries::default();
         for r in k.routes.values() {
             let mut r = r.clone();
-            r.kind = infer_route_kind(&r.dev, vtep, underlay_iface);
+            r.kind = infer_route_kind(&r.dev, vteps, underlay_iface);
             state.insert_route(r);
         }
-        if let Some(vtep) = vtep {
-            state.neighbours = k
-                .neighbours
-                .iter()
-                .filter(|n| n.dev == vtep)
-                .cloned()
-                .collect();
-            state.fdb = k.fdb.iter().filter(|e| e.dev == vtep).cloned().collect();
-        }
+        let ours = |dev: &str| vteps.contains(&dev) && k.links.contains_key(dev);
+        state.neighbours = k
+            .neighbours
+            .iter()
+            .filter(|n| ours(&n.dev))
+            .cloned()
+            .collect();
+        state.fdb = k.fdb.iter().filter(|e| ours(&e.dev)).cloned().collect();
         Ok(state)
     }
 
@@ -466,7 +465,7 @@ mod tests {
 
     fn config() -> NetworkConfig {
         NetworkConfigSpec {
-            network: "10.244.0.0/16".into(),
+            network: Some("10.244.0.0/16".into()),
             ..Default::default()
         }
         .validate()
@@ -478,7 +477,9 @@ mod tests {
             subnet: format!("10.244.{i}.0/24").parse().unwrap(),
             record: LeaseRecord {
                 node: format!("node-{i}"),
-                public_ip: format!("192.0.2.{}", 10 + i).parse().unwrap(),
+                public_ip: Some(format!("192.0.2.{}", 10 + i).parse().unwrap()),
+                public_ipv6: None,
+                ipv6_subnet: None,
                 backend: BackendType::Vxlan,
                 backend_data: BackendData {
                     vtep_mac: Some(MacAddr::local_unicast([0, 0, 0, 0, 0, i])),
@@ -493,9 +494,11 @@ mod tests {
 
     fn host() -> HostNet {
         HostNet {
-            public_ip: "192.0.2.11".parse().unwrap(),
+            public_ip: Some("192.0.2.11".parse().unwrap()),
+            public_ipv6: None,
+            underlay_v6: None,
             iface: "eth0".into(),
-            underlay: "192.0.2.0/24".parse().unwrap(),
+            underlay: Some("192.0.2.0/24".parse().unwrap()),
         }
     }
 
@@ -521,11 +524,11 @@ mod tests {
         let fake = fake_with_vtep().await;
         let peers: Vec<Lease> = (1..=4).map(lease).collect();
         let desired = plan(&config(), &peers[0], &peers, &host());
-        let observed = fake.observe(Some("ovl.1"), "eth0").await.unwrap();
+        let observed = fake.observe(&["ovl.1"], "eth0").await.unwrap();
         let report = fake.apply(&diff(&desired, &observed)).await;
         assert!(report.is_ok(), "{:?}", report.failed);
         assert_eq!(report.applied, 9);
-        let observed = fake.observe(Some("ovl.1"), "eth0").await.unwrap();
+        let observed = fake.observe(&["ovl.1"], "eth0").await.unwrap();
         assert_eq!(observed, desired.kernel_entries());
         assert!(observed.routes.values().all(|r| r.kind == RouteKind::Vxlan));
         let before = fake.writes();
@@ -546,12 +549,12 @@ mod tests {
         });
         let ops = diff(
             &desired,
-            &fake.observe(Some("ovl.1"), "eth0").await.unwrap(),
+            &fake.observe(&["ovl.1"], "eth0").await.unwrap(),
         );
         assert_eq!(ops.len(), 3, "{ops:?}");
         assert!(fake.apply(&ops).await.is_ok());
         assert_eq!(
-            fake.observe(Some("ovl.1"), "eth0").await.unwrap(),
+            fake.observe(&["ovl.1"], "eth0").await.unwrap(),
             desired.kernel_entries()
         );
     }
@@ -562,7 +565,7 @@ mod tests {
         let peers: Vec<Lease> = (1..=3).map(lease).collect();
         let desired = plan(&config(), &peers[0], &peers, &host());
         fake.fail_ops(
-            |op| matches!(op, Op::AddNeighbour(n) if n.ip.octets()[2] == 2),
+            |op| matches!(op, Op::AddNeighbour(n) if n.ip.to_string().starts_with("10.244.2.")),
             libc::ENOBUFS,
         );
         let report = fake.apply(&diff(&desired, &KernelEntries::default())).await;
@@ -585,7 +588,7 @@ mod tests {
         fake.clear_failures();
         let ops = diff(
             &desired,
-            &fake.observe(Some("ovl.1"), "eth0").await.unwrap(),
+            &fake.observe(&["ovl.1"], "eth0").await.unwrap(),
         );
         assert_eq!(ops.len(), 2);
         assert!(fake.apply(&ops).await.is_ok());
@@ -628,7 +631,7 @@ mod tests {
             })
         );
         assert!(fake
-            .observe(Some("ovl.1"), "eth0")
+            .observe(&["ovl.1"], "eth0")
             .await
             .unwrap()
             .is_empty());

@@ -15,12 +15,12 @@ pub mod fake;
 pub mod netlink;
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use async_trait::async_trait;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{BoxStream, StreamExt};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use overlay_core::datapath::{KernelEntries, Op, Phase, RouteKind};
 use overlay_core::MacAddr;
 
@@ -52,7 +52,7 @@ pub struct LinkInfo {
 pub struct VxlanInfo {
     pub vni: u32,
     pub port: u16,
-    pub local: Option<Ipv4Addr>,
+    pub local: Option<IpAddr>,
     pub underlay_ifindex: Option<u32>,
     pub learning: bool,
 }
@@ -64,8 +64,9 @@ pub struct VxlanSpec {
     pub vni: u32,
     /// UDP destination port.
     pub port: u16,
-    /// Source address of the encapsulated packets: the host's public IP.
-    pub local: Ipv4Addr,
+    /// Source address of the encapsulated packets: the host's public IP of the VTEP's
+    /// underlay family.
+    pub local: IpAddr,
     /// The public interface the tunnel runs over.
     pub underlay_ifindex: u32,
     pub mac: MacAddr,
@@ -142,7 +143,7 @@ pub trait Datapath: Send + Sync {
     async fn link_info(&self, name: &str) -> Result<Option<LinkInfo>, NetlinkError>;
 
     /// The IPv4 addresses of a link, with their on-link prefix length.
-    async fn addresses(&self, link: &str) -> Result<Vec<Ipv4Net>, NetlinkError>;
+    async fn addresses(&self, link: &str) -> Result<Vec<IpNet>, NetlinkError>;
 
     /// Creates the bridge, or fixes its MAC, MTU and up state in place. Returns its index.
     async fn ensure_bridge(&self, name: &str, mac: MacAddr, mtu: u32) -> Result<u32, NetlinkError>;
@@ -152,16 +153,16 @@ pub trait Datapath: Send + Sync {
     async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<u32, NetlinkError>;
 
     /// Makes `addrs` the only IPv4 addresses of `link` (the agent owns the link).
-    async fn ensure_addresses(&self, link: &str, addrs: &[Ipv4Net]) -> Result<(), NetlinkError>;
+    async fn ensure_addresses(&self, link: &str, addrs: &[IpNet]) -> Result<(), NetlinkError>;
 
     /// Deletes a link; a missing link is fine.
     async fn delete_link(&self, name: &str) -> Result<(), NetlinkError>;
 
-    /// The routes with [`ROUTE_PROTOCOL`] in the main table, and the permanent neighbour
-    /// and FDB entries on the VTEP (none when `vtep` is `None` or missing).
+    /// The routes with [`ROUTE_PROTOCOL`] in the main table (both families), and the
+    /// permanent neighbour and FDB entries on the VTEPs `vteps` (those that exist).
     async fn observe(
         &self,
-        vtep: Option<&str>,
+        vteps: &[&str],
         underlay_iface: &str,
     ) -> Result<KernelEntries, NetlinkError>;
 
@@ -179,11 +180,13 @@ pub trait Datapath: Send + Sync {
 /// The kind a route seen in the kernel was made for. The kernel does not record it, but
 /// the device tells: routes on the VTEP are encapsulated; routes on the underlay are direct
 /// routes when there is a VTEP (vxlan with direct routing) and host-gw routes otherwise.
-pub fn infer_route_kind(dev: &str, vtep: Option<&str>, underlay_iface: &str) -> RouteKind {
-    match vtep {
-        Some(v) if v == dev => RouteKind::Vxlan,
-        Some(_) if dev == underlay_iface => RouteKind::Direct,
-        _ => RouteKind::HostGw,
+pub fn infer_route_kind(dev: &str, vteps: &[&str], underlay_iface: &str) -> RouteKind {
+    if vteps.contains(&dev) {
+        RouteKind::Vxlan
+    } else if !vteps.is_empty() && dev == underlay_iface {
+        RouteKind::Direct
+    } else {
+        RouteKind::HostGw
     }
 }
 
@@ -196,7 +199,7 @@ where
 {
     let mut report = ApplyReport::default();
     // (dev, gateway IP) -> the failed operation a route through it depends on.
-    let mut broken: HashMap<(&str, Ipv4Addr), String> = HashMap::new();
+    let mut broken: HashMap<(&str, IpAddr), String> = HashMap::new();
     for phase in [Phase::Delete, Phase::Entries, Phase::Routes] {
         let mut runnable = Vec::new();
         for op in ops.iter().filter(|op| op.phase() == phase) {
@@ -317,13 +320,17 @@ mod tests {
     #[test]
     fn route_kinds_are_inferred_from_the_device() {
         assert_eq!(
-            infer_route_kind("ovl.1", Some("ovl.1"), "eth0"),
+            infer_route_kind("ovl.1", &["ovl.1"], "eth0"),
             RouteKind::Vxlan
         );
         assert_eq!(
-            infer_route_kind("eth0", Some("ovl.1"), "eth0"),
+            infer_route_kind("eth0", &["ovl.1"], "eth0"),
             RouteKind::Direct
         );
-        assert_eq!(infer_route_kind("eth0", None, "eth0"), RouteKind::HostGw);
+        assert_eq!(infer_route_kind("eth0", &[], "eth0"), RouteKind::HostGw);
+        assert_eq!(
+            infer_route_kind("ovl6.1", &["ovl.1", "ovl6.1"], "eth0"),
+            RouteKind::Vxlan
+        );
     }
 }

@@ -28,7 +28,7 @@ impl Firewall for FakeFirewall {
         let mut ensured = self.ensured.lock().expect("firewall");
         let drifted = std::mem::take(&mut *self.drift_pending.lock().expect("firewall"));
         let changed = drifted || ensured.last() != Some(rules);
-        ensured.push(*rules);
+        ensured.push(rules.clone());
         Ok(changed)
     }
 

@@ -316,7 +316,7 @@ mod tests {
 
     fn rules() -> FirewallRules {
         FirewallRules {
-            network: "10.244.0.0/16".parse().unwrap(),
+            networks: vec!["10.244.0.0/16".parse().unwrap()],
             masquerade: true,
         }
     }

@@ -53,7 +53,7 @@
 use std::ffi::OsString;
 use std::sync::Arc;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 pub mod detect;
 #[cfg(any(test, feature = "testing"))]
@@ -71,10 +71,11 @@ pub use none::NoFirewall;
 pub use tool::{find_program, Tool};
 
 /// The rules the forwarding backends want on the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirewallRules {
-    /// The cluster network: forwarded both ways, and not masqueraded inside itself.
-    pub network: Ipv4Net,
+    /// The cluster networks, one per address family: forwarded both ways, and not
+    /// masqueraded inside themselves.
+    pub networks: Vec<IpNet>,
     /// Masquerade traffic from the cluster network to anywhere else (`--ip-masq`).
     pub masquerade: bool,
 }
@@ -108,9 +109,9 @@ pub fn multicast(net: &IpNet) -> IpNet {
 }
 
 impl FirewallRules {
-    /// The cluster networks, one per address family (IPv4 only for now).
+    /// The cluster networks, one per address family.
     pub fn networks(&self) -> Vec<IpNet> {
-        vec![IpNet::V4(self.network)]
+        self.networks.clone()
     }
 
     /// Forwarding: accept from and to the cluster network.
@@ -351,7 +352,7 @@ mod tests {
     #[test]
     fn the_same_rules_for_every_implementation() {
         let rules = FirewallRules {
-            network: "10.244.0.0/16".parse().unwrap(),
+            networks: vec!["10.244.0.0/16".parse().unwrap()],
             masquerade: true,
         };
         let n: IpNet = "10.244.0.0/16".parse().unwrap();

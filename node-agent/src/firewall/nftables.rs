@@ -324,7 +324,7 @@ mod tests {
 
     fn rules(masquerade: bool) -> FirewallRules {
         FirewallRules {
-            network: "10.244.0.0/16".parse().unwrap(),
+            networks: vec!["10.244.0.0/16".parse().unwrap()],
             masquerade,
         }
     }

@@ -282,6 +282,8 @@ impl Bench<'_> {
             subnet: subnet.into(),
             node: node.into(),
             public_ip: public_ip.into(),
+            ..Default::default()
+
         }))
     }
 
@@ -509,6 +511,8 @@ pub fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
         subnet: "10.96.200.0/24".into(),
         node: "pinned".into(),
         public_ip: "198.51.100.20".into(),
+        ..Default::default()
+
     }))
     .expect("a reservation");
     let cni_ns = is_root().then(|| format!("ovlt-{}-cni", std::process::id()));

@@ -115,7 +115,9 @@ fn churn_subnet(k: usize) -> ipnet::Ipv4Net {
 fn churn_record(k: usize) -> Vec<u8> {
     overlay_core::lease::LeaseRecord {
         node: format!("churn-{k}"),
-        public_ip: doc_ip(k).parse().unwrap(),
+        public_ip: Some(doc_ip(k).parse().unwrap()),
+        public_ipv6: None,
+        ipv6_subnet: None,
         backend: overlay_core::BackendType::Alloc,
         backend_data: Default::default(),
         reserved: true,
@@ -150,6 +152,8 @@ pub fn watch_clients_that_fall_behind_or_resume_after_compaction_end_exact() {
             subnet: format!("10.96.{}.0/24", i + 1),
             node: format!("seed-{i}"),
             public_ip: doc_ip(i),
+            ..Default::default()
+
         }))
         .expect("seed reservation");
     }
@@ -235,6 +239,8 @@ pub fn watch_clients_that_fall_behind_or_resume_after_compaction_end_exact() {
             subnet: churn_subnet(k + 10_000).to_string(),
             node: format!("late-{k}"),
             public_ip: doc_ip(k),
+            ..Default::default()
+
         }))
         .expect("reserve");
         changes += 2;
@@ -314,6 +320,8 @@ pub fn watch_clients_that_fall_behind_or_resume_after_compaction_end_exact() {
         subnet: probe.clone(),
         node: "probe".into(),
         public_ip: doc_ip(0),
+        ..Default::default()
+
     }))
     .expect("reserve the probe");
     let deadline = Instant::now() + PATIENCE;

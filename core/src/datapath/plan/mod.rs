@@ -14,7 +14,9 @@
 mod host_gw;
 mod vxlan;
 
-use ipnet::Ipv4Net;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use super::{DesiredState, HostNet, Route, RouteKind};
 use crate::config::{BackendType, NetworkConfig};
@@ -25,9 +27,16 @@ pub use vxlan::VxlanPlanner;
 
 /// How one backend turns accepted peers into kernel entries.
 pub trait PeerPlanner {
-    /// Adds the entries for `peers` (sorted by subnet, each one a peer this host may
-    /// route to) to `state`, or records in `state.skipped` why a peer gets none.
-    fn plan_peers(&self, peers: &[&Lease], host: &HostNet, state: &mut DesiredState);
+    /// Adds the entries for `peers` to `state`, or records in `state.skipped` why a peer
+    /// subnet gets none. Each peer comes with the subnets this host may route to (one per
+    /// family the cluster has, sorted by key subnet).
+    fn plan_peers(&self, peers: &[PeerSubnets<'_>], host: &HostNet, state: &mut DesiredState);
+}
+
+/// An accepted peer and its subnets that this host may route to, IPv4 first.
+pub struct PeerSubnets<'a> {
+    pub lease: &'a Lease,
+    pub subnets: Vec<IpNet>,
 }
 
 /// The registry: the planner of a backend; `None` for a backend that programs nothing.
@@ -41,8 +50,9 @@ pub fn planner(config: &NetworkConfig) -> Option<Box<dyn PeerPlanner>> {
 
 /// Computes the entries this host should have for its peers.
 ///
-/// `peers` may include the host's own lease (it is ignored). Peers that get no entries are
-/// listed in [`DesiredState::skipped`] with the reason; nothing is logged here.
+/// `peers` may include the host's own lease (it is ignored). Peers, or single subnets of
+/// a dual-stack peer, that get no entries are listed in [`DesiredState::skipped`] with the
+/// reason; nothing is logged here.
 pub fn plan(config: &NetworkConfig, own: &Lease, peers: &[Lease], host: &HostNet) -> DesiredState {
     let mut state = DesiredState::default();
     let Some(planner) = planner(config) else {
@@ -52,51 +62,85 @@ pub fn plan(config: &NetworkConfig, own: &Lease, peers: &[Lease], host: &HostNet
     let mut sorted: Vec<&Lease> = peers.iter().collect();
     sorted.sort_by_key(|l| l.subnet);
     sorted.dedup_by_key(|l| l.subnet);
+    let own_subnets = own.subnets();
     let mut accepted = Vec::with_capacity(sorted.len());
     for peer in sorted {
         if peer.subnet == own.subnet {
             continue;
         }
         let rec = &peer.record;
+        let own_ip = [rec.public_ip.map(IpAddr::V4), rec.public_ipv6.map(IpAddr::V6)]
+            .into_iter()
+            .flatten()
+            .find(|ip| host.is_own(*ip));
         let reason = if rec.backend != kind {
             Some(format!(
                 "uses backend {}, but the cluster uses {kind}",
                 rec.backend
             ))
-        } else if !config.network.contains(&peer.subnet) {
-            Some(format!("outside the cluster network {}", config.network))
-        } else if overlaps(peer.subnet, own.subnet) {
-            Some(format!("overlaps this host's subnet {}", own.subnet))
-        } else if rec.public_ip == host.public_ip {
-            Some(format!("has this host's public IP {}", host.public_ip))
         } else {
-            None
+            own_ip.map(|ip| format!("has this host's public IP {ip}"))
         };
-        match reason {
-            Some(reason) => state.skipped.push((peer.subnet, reason)),
-            None => accepted.push(peer),
+        if let Some(reason) = reason {
+            state.skipped.push((peer.subnet, reason));
+            continue;
+        }
+        let mut subnets = Vec::with_capacity(2);
+        for pool in config.pools() {
+            let v6 = matches!(pool.network, IpNet::V6(_));
+            let subnet = if v6 {
+                peer.ipv6().map(IpNet::V6)
+            } else {
+                peer.ipv4().map(IpNet::V4)
+            };
+            let Some(subnet) = subnet else {
+                state.skipped.push((
+                    peer.subnet,
+                    format!("has no {} subnet", pool.family()),
+                ));
+                continue;
+            };
+            let reason = if !pool.network.contains(&subnet) {
+                Some(format!("outside the cluster network {}", pool.network))
+            } else {
+                own_subnets
+                    .iter()
+                    .find(|o| overlaps(subnet, **o))
+                    .map(|mine| format!("overlaps this host's subnet {mine}"))
+            };
+            match reason {
+                Some(reason) => state.skipped.push((subnet, reason)),
+                None => subnets.push(subnet),
+            }
+        }
+        if !subnets.is_empty() {
+            accepted.push(PeerSubnets {
+                lease: peer,
+                subnets,
+            });
         }
     }
     planner.plan_peers(&accepted, host, &mut state);
     // Reported in subnet order, whichever step skipped them.
-    state.skipped.sort_by_key(|(subnet, _)| *subnet);
+    state.skipped.sort();
     state
 }
 
-/// A plain route to the peer's subnet via the peer itself on the public interface (host-gw,
-/// and vxlan's direct routing), when the peer is on this host's underlay segment.
-fn direct_route(peer: &Lease, host: &HostNet, kind: RouteKind) -> Option<Route> {
-    host.underlay
-        .contains(&peer.record.public_ip)
-        .then(|| Route {
-            dst: peer.subnet,
-            via: peer.record.public_ip,
-            dev: host.iface.clone(),
-            onlink: false,
-            kind,
-        })
+/// A plain route to the peer's `subnet` via the peer itself on the public interface
+/// (host-gw, and vxlan's direct routing), when the peer has a public address of the
+/// subnet's family on this host's underlay segment of that family.
+fn direct_route(peer: &Lease, subnet: IpNet, host: &HostNet, kind: RouteKind) -> Option<Route> {
+    let v6 = matches!(subnet, IpNet::V6(_));
+    let via = peer.public_addr(v6)?;
+    host.underlay_of(v6)?.contains(&via).then(|| Route {
+        dst: subnet,
+        via,
+        dev: host.iface.clone(),
+        onlink: false,
+        kind,
+    })
 }
 
-fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+fn overlaps(a: IpNet, b: IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }

@@ -81,10 +81,14 @@ impl Netlink {
                 }
             }
         }
-        let message = LinkVxlan::new(name, spec.vni)
+        let builder = LinkVxlan::new(name, spec.vni)
             .dev(spec.underlay_ifindex)
-            .port(spec.port)
-            .local(spec.local)
+            .port(spec.port);
+        let builder = match spec.local {
+            IpAddr::V4(local) => builder.local(local),
+            IpAddr::V6(local) => builder.local6(local),
+        };
+        let message = builder
             .learning(false)
             .mtu(spec.mtu)
             .address(spec.mac.0.to_vec())
@@ -160,8 +164,9 @@ impl Netlink {
         }
     }
 
-    /// The IPv4 addresses of a link, with their prefix length.
-    pub async fn addresses(&self, link: &str) -> Result<Vec<Ipv4Net>, NetlinkError> {
+    /// The addresses of a link (IPv4 and IPv6, not IPv6 link-local), with their prefix
+    /// length.
+    pub async fn addresses(&self, link: &str) -> Result<Vec<IpNet>, NetlinkError> {
         let op = format!("list addresses of {link}");
         let index = self.require_index(&op, link).await?;
         Ok(self
@@ -188,16 +193,16 @@ impl Netlink {
             .map_err(|e| NetlinkError::from_rtnl(op.to_string(), e))?;
         Ok(msgs
             .into_iter()
-            .filter(|m| m.header.family == AddressFamily::Inet)
+            .filter(|m| matches!(m.header.family, AddressFamily::Inet | AddressFamily::Inet6))
             .collect())
     }
 
-    /// Makes `addrs` the only IPv4 addresses of `link`: adds the missing ones and removes
-    /// the others (the agent owns the link). IPv6 addresses are left alone.
+    /// Makes `addrs` the only addresses of `link`: adds the missing ones and removes the
+    /// others (the agent owns the link). IPv6 link-local addresses are left alone.
     pub async fn ensure_addresses(
         &self,
         link: &str,
-        addrs: &[Ipv4Net],
+        addrs: &[IpNet],
     ) -> Result<(), NetlinkError> {
         let op = format!("ensure addresses of {link}");
         let index = self.require_index(&op, link).await?;
@@ -223,7 +228,7 @@ impl Netlink {
                 }
             }
         }
-        let present: Vec<Ipv4Net> = held.iter().filter_map(address_of).collect();
+        let present: Vec<IpNet> = held.iter().filter_map(address_of).collect();
         for addr in addrs {
             if present.contains(addr) {
                 continue;
@@ -231,7 +236,7 @@ impl Netlink {
             self.count_write();
             self.handle
                 .address()
-                .add(index, IpAddr::V4(addr.addr()), addr.prefix_len())
+                .add(index, addr.addr(), addr.prefix_len())
                 .replace()
                 .execute()
                 .await
@@ -261,11 +266,12 @@ impl Netlink {
         }
     }
 
-    /// Our routes in the main table, and the permanent neighbour and FDB entries on the
-    /// VTEP. `underlay_iface` only serves to name the kind of the routes on it.
+    /// Our routes in the main table (both families), and the permanent neighbour and FDB
+    /// entries on the VTEPs. `underlay_iface` only serves to name the kind of the routes
+    /// on it.
     pub async fn observe(
         &self,
-        vtep: Option<&str>,
+        vteps: &[&str],
         underlay_iface: &str,
     ) -> Result<KernelEntries, NetlinkError> {
         let links = self.links().await?;
@@ -273,48 +279,66 @@ impl Netlink {
             links.values().map(|l| (l.index, l.name.as_str())).collect();
         let mut state = KernelEntries::default();
 
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl("list routes", e))?;
-        for msg in &routes {
-            if let Some(route) = parse_route(msg, &names, vtep, underlay_iface) {
-                state.insert_route(route);
+        for request in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let routes: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(request)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| NetlinkError::from_rtnl("list routes", e))?;
+            for msg in &routes {
+                if let Some(route) = parse_route(msg, &names, vteps, underlay_iface) {
+                    state.insert_route(route);
+                }
             }
         }
 
-        let Some((vtep_name, vtep_index)) = vtep.and_then(|v| links.get(v).map(|l| (v, l.index)))
-        else {
+        let vtep_indexes: HashMap<u32, &str> = vteps
+            .iter()
+            .filter_map(|v| links.get(*v).map(|l| (l.index, *v)))
+            .collect();
+        if vtep_indexes.is_empty() {
             return Ok(state);
-        };
+        }
 
-        let neighbours: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| NetlinkError::from_rtnl("list neighbours", e))?;
-        for msg in &neighbours {
-            if msg.header.ifindex != vtep_index || !is_permanent(msg.header.state) {
-                continue;
-            }
-            let ip = msg.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-                _ => None,
-            });
-            if let (Some(ip), Some(mac)) = (ip, lladdr_of(msg)) {
-                state.neighbours.insert(Neighbour {
-                    dev: vtep_name.to_string(),
-                    ip,
-                    mac,
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let neighbours: Vec<NeighbourMessage> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| NetlinkError::from_rtnl("list neighbours", e))?;
+            for msg in &neighbours {
+                let Some(vtep_name) = vtep_indexes.get(&msg.header.ifindex) else {
+                    continue;
+                };
+                if !is_permanent(msg.header.state) {
+                    continue;
+                }
+                let ip = msg.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                        Some(IpAddr::V4(*ip))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                        Some(IpAddr::V6(*ip))
+                    }
+                    _ => None,
                 });
+                if let (Some(ip), Some(mac)) = (ip, lladdr_of(msg)) {
+                    state.neighbours.insert(Neighbour {
+                        dev: vtep_name.to_string(),
+                        ip,
+                        mac,
+                    });
+                }
             }
         }
 
@@ -329,16 +353,25 @@ impl Netlink {
             .map_err(|e| NetlinkError::from_rtnl("list fdb entries", e))?;
         for msg in &fdb {
             let h = &msg.header;
-            if h.ifindex != vtep_index
-                || !h.flags.contains(NeighbourFlags::Own)
-                || !is_permanent(h.state)
-            {
+            let Some(vtep_name) = vtep_indexes.get(&h.ifindex) else {
+                continue;
+            };
+            if !h.flags.contains(NeighbourFlags::Own) || !is_permanent(h.state) {
                 continue;
             }
             let dst = msg.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                    Some(IpAddr::V4(*ip))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                    Some(IpAddr::V6(*ip))
+                }
                 NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
-                    Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                    Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 16 => {
+                    let octets: [u8; 16] = b[..16].try_into().expect("16 bytes");
+                    Some(IpAddr::V6(Ipv6Addr::from(octets)))
                 }
                 _ => None,
             });
@@ -411,7 +444,7 @@ impl Netlink {
             Op::AddNeighbour(n) => {
                 self.handle
                     .neighbours()
-                    .add(index, IpAddr::V4(n.ip))
+                    .add(index, n.ip)
                     .link_layer_address(&n.mac.0)
                     .state(NeighbourState::Permanent)
                     .replace()
@@ -420,12 +453,13 @@ impl Netlink {
             }
             Op::DelNeighbour(n) => {
                 let mut msg = NeighbourMessage::default();
-                msg.header.family = AddressFamily::Inet;
+                msg.header.family = match n.ip {
+                    IpAddr::V4(_) => AddressFamily::Inet,
+                    IpAddr::V6(_) => AddressFamily::Inet6,
+                };
                 msg.header.ifindex = index;
                 msg.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                        n.ip,
-                    )));
+                    .push(NeighbourAttribute::Destination(neighbour_address(n.ip)));
                 self.handle.neighbours().del(msg).execute().await
             }
             Op::AddFdb(f) => {
@@ -434,7 +468,7 @@ impl Netlink {
                     .add_bridge(index, &f.mac.0)
                     .flags(NeighbourFlags::Own)
                     .state(NeighbourState::Permanent)
-                    .destination(IpAddr::V4(f.dst))
+                    .destination(f.dst)
                     .replace()
                     .execute()
                     .await
@@ -448,9 +482,7 @@ impl Netlink {
                 msg.attributes
                     .push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
                 msg.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                        f.dst,
-                    )));
+                    .push(NeighbourAttribute::Destination(neighbour_address(f.dst)));
                 self.handle.neighbours().del(msg).execute().await
             }
         };
@@ -498,32 +530,61 @@ fn lladdr_of(msg: &NeighbourMessage) -> Option<MacAddr> {
     })
 }
 
+fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(a) => NeighbourAddress::Inet(a),
+        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+    }
+}
+
 fn route_message(r: &Route, oif: u32) -> RouteMessage {
-    let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(r.dst.network(), r.dst.prefix_len())
-        .output_interface(oif)
-        .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
-    if !r.via.is_unspecified() {
-        builder = builder.gateway(r.via);
-    } else {
-        builder = builder.scope(RouteScope::Link);
+    let protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+    match (r.dst, r.via) {
+        (IpNet::V6(dst), via) => {
+            let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .output_interface(oif)
+                .protocol(protocol);
+            match via {
+                IpAddr::V6(g) if !g.is_unspecified() => b = b.gateway(g),
+                _ => b = b.scope(RouteScope::Link),
+            }
+            if r.onlink {
+                b = b.onlink();
+            }
+            b.build()
+        }
+        (IpNet::V4(dst), via) => {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .output_interface(oif)
+                .protocol(protocol);
+            match via {
+                IpAddr::V4(g) if !g.is_unspecified() => b = b.gateway(g),
+                _ => b = b.scope(RouteScope::Link),
+            }
+            if r.onlink {
+                b = b.onlink();
+            }
+            b.build()
+        }
     }
-    if r.onlink {
-        builder = builder.onlink();
-    }
-    builder.build()
 }
 
 /// A route of ours in the main table, in the project's terms; `None` for anyone else's.
 fn parse_route(
     msg: &RouteMessage,
     names: &HashMap<u32, &str>,
-    vtep: Option<&str>,
+    vteps: &[&str],
     underlay_iface: &str,
 ) -> Option<Route> {
     let h = &msg.header;
-    if h.address_family != AddressFamily::Inet
-        || h.protocol != RouteProtocol::from(ROUTE_PROTOCOL)
+    let v6 = match h.address_family {
+        AddressFamily::Inet => false,
+        AddressFamily::Inet6 => true,
+        _ => return None,
+    };
+    if h.protocol != RouteProtocol::from(ROUTE_PROTOCOL)
         || h.kind != RouteType::Unicast
     {
         return None;
@@ -531,13 +592,20 @@ fn parse_route(
     if !in_main_table(msg) {
         return None;
     }
-    let mut dst = Ipv4Addr::UNSPECIFIED;
-    let mut via = Ipv4Addr::UNSPECIFIED;
+    let unspecified = if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    let mut dst = unspecified;
+    let mut via = unspecified;
     let mut dev = String::new();
     for a in &msg.attributes {
         match a {
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = *g,
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = IpAddr::V4(*d),
+            RouteAttribute::Destination(RouteAddress::Inet6(d)) => dst = IpAddr::V6(*d),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = IpAddr::V4(*g),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => via = IpAddr::V6(*g),
             RouteAttribute::Oif(i) => {
                 dev = names
                     .get(i)
@@ -546,11 +614,11 @@ fn parse_route(
             _ => {}
         }
     }
-    let dst = Ipv4Net::new(dst, h.destination_prefix_length).ok()?;
+    let dst = IpNet::new(dst, h.destination_prefix_length).ok()?;
     Some(Route {
         dst,
         via,
-        kind: infer_route_kind(&dev, vtep, underlay_iface),
+        kind: infer_route_kind(&dev, vteps, underlay_iface),
         dev,
         onlink: h.flags.contains(RouteFlags::Onlink),
     })
@@ -586,7 +654,7 @@ mod tests {
         assert!(msg.header.flags.contains(RouteFlags::Onlink));
         assert_eq!(msg.header.table, RouteHeader::RT_TABLE_MAIN);
         let names = HashMap::from([(7u32, "ovl.1")]);
-        let back = parse_route(&msg, &names, Some("ovl.1"), "eth0").unwrap();
+        let back = parse_route(&msg, &names, &["ovl.1"], "eth0").unwrap();
         assert_eq!(back, r);
         assert_eq!(back.kind, overlay_core::datapath::RouteKind::Vxlan);
     }

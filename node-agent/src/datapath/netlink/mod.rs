@@ -22,13 +22,13 @@
 //!   [`Netlink::writes`] counts every write request so the agent can prove it.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use overlay_core::datapath::{FdbEntry, KernelEntries, Neighbour, Op, Route};
 use overlay_core::MacAddr;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
@@ -268,7 +268,8 @@ fn parse_vxlan(attrs: &[InfoVxlan]) -> VxlanInfo {
         match a {
             InfoVxlan::Id(id) => v.vni = *id,
             InfoVxlan::Port(p) => v.port = *p,
-            InfoVxlan::Local(l) => v.local = Some(*l),
+            InfoVxlan::Local(l) => v.local = Some(IpAddr::V4(*l)),
+            InfoVxlan::Local6(l) => v.local = Some(IpAddr::V6(*l)),
             InfoVxlan::Link(i) if *i != 0 => v.underlay_ifindex = Some(*i),
             InfoVxlan::Learning(l) => v.learning = *l,
             _ => {}
@@ -277,20 +278,27 @@ fn parse_vxlan(attrs: &[InfoVxlan]) -> VxlanInfo {
     v
 }
 
-fn address_of(msg: &AddressMessage) -> Option<Ipv4Net> {
+/// The address of a message, IPv4 or IPv6; `None` for an IPv6 link-local address (the
+/// kernel makes those per link by itself: never ours to manage).
+fn address_of(msg: &AddressMessage) -> Option<IpNet> {
     // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on
     // point-to-point links, so prefer the former.
     let local = msg.attributes.iter().find_map(|a| match a {
-        AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+        AddressAttribute::Local(ip) => Some(*ip),
         _ => None,
     });
     let addr = local.or_else(|| {
         msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+            AddressAttribute::Address(ip) => Some(*ip),
             _ => None,
         })
     })?;
-    Ipv4Net::new(addr, msg.header.prefix_len).ok()
+    if let IpAddr::V6(v6) = addr {
+        if (v6.segments()[0] & 0xffc0) == 0xfe80 {
+            return None;
+        }
+    }
+    IpNet::new(addr, msg.header.prefix_len).ok()
 }
 
 #[async_trait]
@@ -309,7 +317,7 @@ impl Datapath for Netlink {
         Netlink::link_info(self, name).await
     }
 
-    async fn addresses(&self, link: &str) -> Result<Vec<Ipv4Net>, NetlinkError> {
+    async fn addresses(&self, link: &str) -> Result<Vec<IpNet>, NetlinkError> {
         Netlink::addresses(self, link).await
     }
 
@@ -321,7 +329,7 @@ impl Datapath for Netlink {
         Netlink::ensure_vxlan(self, spec).await
     }
 
-    async fn ensure_addresses(&self, link: &str, addrs: &[Ipv4Net]) -> Result<(), NetlinkError> {
+    async fn ensure_addresses(&self, link: &str, addrs: &[IpNet]) -> Result<(), NetlinkError> {
         Netlink::ensure_addresses(self, link, addrs).await
     }
 
@@ -331,10 +339,10 @@ impl Datapath for Netlink {
 
     async fn observe(
         &self,
-        vtep: Option<&str>,
+        vteps: &[&str],
         underlay_iface: &str,
     ) -> Result<KernelEntries, NetlinkError> {
-        Netlink::observe(self, vtep, underlay_iface).await
+        Netlink::observe(self, vteps, underlay_iface).await
     }
 
     async fn apply(&self, ops: &[Op]) -> ApplyReport {
