@@ -90,7 +90,7 @@ fn invalid_cidr_names_the_argument() {
     assert_one_error_line(&out);
     assert_eq!(
         stderr(&out),
-        "overlayctl: --subnet: \"10.1.2.300/24\" is not an IPv4 CIDR\n"
+        "overlayctl: --subnet: \"10.1.2.300/24\" is not a CIDR\n"
     );
 }
 
